@@ -1,0 +1,295 @@
+"""The configuration file (TOML, design.md section 8) as frozen values.
+
+Rules of this module: parsing is strict (unknown keys and bad values are errors that name the key),
+defaults are the safe ones (fail closed, strict mode, loopback metrics), and nothing here touches
+the network or the clock. `load_config(path)` is the only function that reads a file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from guard.policy import CategoryAction, Mode
+
+CATEGORIES = (
+    "voice",
+    "messaging",
+    "smart-home",
+    "media",
+    "update",
+    "telemetry",
+    "connectivity",
+    "unknown",
+)
+
+# Per category defaults (design.md section 6): messaging is blocked; telemetry and connectivity
+# must stay allowed because blocking them makes Echos fall offline (StevenBlack/hosts#596).
+DEFAULT_CATEGORY_ACTIONS: dict[str, CategoryAction] = {
+    "voice": CategoryAction.INSPECT,
+    "unknown": CategoryAction.INSPECT,
+    "messaging": CategoryAction.BLOCK,
+    "smart-home": CategoryAction.ALLOW,
+    "media": CategoryAction.ALLOW,
+    "update": CategoryAction.ALLOW,
+    "telemetry": CategoryAction.ALLOW,
+    "connectivity": CategoryAction.ALLOW,
+}
+
+_MAC = re.compile(r"^[0-9a-f]{2}([:-][0-9a-f]{2}){5}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class ConfigError(Exception):
+    """A configuration problem, with the key it is about."""
+
+
+def normalize_mac(mac: str) -> str:
+    mac = mac.strip().lower().replace("-", ":")
+    if not _MAC.match(mac):
+        raise ConfigError(f"not a MAC address: {mac!r}")
+    return mac
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    name: str
+    address: str | None = None  # IPv4 or IPv6 address
+    mac: str | None = None  # preferred: survives DHCP changes, resists address spoofing
+    address6: tuple[str, ...] = ()  # extra IPv6 addresses when no MAC is given
+    mode: Mode = Mode.STRICT
+    categories: tuple[tuple[str, CategoryAction], ...] = ()  # per-device overrides
+    quic: str = "hold"  # hold | block (block forces TCP fallback)
+
+    def category_action(self, category: str) -> CategoryAction:
+        for name, action in self.categories:
+            if name == category:
+                return action
+        return DEFAULT_CATEGORY_ACTIONS.get(category, CategoryAction.INSPECT)
+
+    def with_mode(self, mode: Mode) -> DeviceConfig:
+        return DeviceConfig(
+            self.name, self.address, self.mac, self.address6, mode, self.categories, self.quic
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Hook:
+    events: tuple[str, ...]
+    command: tuple[str, ...] = ()
+    url: str | None = None
+    timeout_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class GuardConfig:
+    queue: int = 7
+    queue_count: int = 1
+    fail: str = "closed"  # closed | open
+    hold_timeout_s: float = 20.0  # the cloud gives up on an utterance after ~6-8 s anyway
+    max_turn_s: float = 8.0  # the longest real command seen was 6.9 s (design.md section 6)
+    followup_window_s: float = 10.0
+    window_segments: int = 10  # what a held sender can emit before the decision (IW10)
+    mark_mask: int = 0x00FF0000
+    quic: str = "hold"
+    socket: str = "/run/hushgate/control.sock"
+    socket_group: str | None = None
+    state_db: str = "/var/lib/hushgate/state.db"
+    rules_dir: str | None = None
+    backend: str = "iptables"
+    max_held_packets_per_upload: int = 512
+    max_held_bytes_per_upload: int = 1 << 20
+    max_held_packets_total: int = 4096
+    max_held_bytes_total: int = 8 << 20
+    audit_max_age_s: float = 90 * 86400.0
+    audit_max_rows: int = 20000
+    metrics_listen: str | None = "127.0.0.1:9877"
+    web_listen: str | None = None
+    web_password_hash: str | None = None
+    web_tls: bool = False
+    web_hosts: tuple[str, ...] = ()
+    hooks: tuple[Hook, ...] = ()
+    devices: tuple[DeviceConfig, ...] = field(default_factory=tuple)
+
+    @property
+    def fail_open(self) -> bool:
+        return self.fail == "open"
+
+    def device(self, name: str) -> DeviceConfig | None:
+        for device in self.devices:
+            if device.name == name:
+                return device
+        return None
+
+
+_GUARD_KEYS = {
+    "queue", "queue_count", "fail", "hold_timeout_s", "max_turn_s", "followup_window_s",
+    "window_segments", "mark_mask", "quic", "socket", "socket_group", "state_db", "rules_dir",
+    "backend", "max_held_packets_per_upload", "max_held_bytes_per_upload",
+    "max_held_packets_total", "max_held_bytes_total", "audit_max_age_s", "audit_max_rows",
+}
+_DEVICE_KEYS = {"name", "address", "mac", "address6", "mode", "categories", "quic"}
+
+
+def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+
+
+def _number(table: dict[str, Any], key: str, where: str, minimum: float, default: Any) -> Any:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}.{key}: expected a number, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{where}.{key}: must be at least {minimum}, got {value!r}")
+    return value
+
+
+def _choice(table: dict[str, Any], key: str, where: str, choices: tuple[str, ...], default: str) -> str:
+    value = table.get(key, default)
+    if value not in choices:
+        raise ConfigError(f"{where}.{key}: expected one of {', '.join(choices)}, got {value!r}")
+    return str(value)
+
+
+def _address(value: Any, where: str) -> str:
+    try:
+        return str(ipaddress.ip_address(str(value)))
+    except ValueError:
+        raise ConfigError(f"{where}: not an IP address: {value!r}") from None
+
+
+def _device(table: Any, index: int) -> DeviceConfig:
+    where = f"device[{index}]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table")
+    _check_keys(table, _DEVICE_KEYS, where)
+    name = table.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(f"{where}.name: expected a short name of letters, digits, . _ -")
+    where = f"device {name!r}"
+    address = _address(table["address"], f"{where}.address") if "address" in table else None
+    mac = normalize_mac(str(table["mac"])) if "mac" in table else None
+    if address is None and mac is None:
+        raise ConfigError(f"{where}: needs an address or a mac")
+    address6 = tuple(_address(a, f"{where}.address6") for a in table.get("address6", []))
+    mode = Mode(_choice(table, "mode", where, tuple(m.value for m in Mode), "strict"))
+    overrides = table.get("categories", {})
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{where}.categories: expected a table like {{ telemetry = \"block\" }}")
+    categories = []
+    for category, action in overrides.items():
+        if category not in CATEGORIES:
+            raise ConfigError(f"{where}.categories: unknown category {category!r}")
+        try:
+            categories.append((category, CategoryAction(action)))
+        except ValueError:
+            raise ConfigError(
+                f"{where}.categories.{category}: expected allow, block or inspect"
+            ) from None
+    quic = _choice(table, "quic", where, ("hold", "block"), "hold")
+    return DeviceConfig(name, address, mac, address6, mode, tuple(categories), quic)
+
+
+def parse_config(data: dict[str, Any]) -> GuardConfig:
+    """Validate a parsed TOML document into a GuardConfig."""
+    _check_keys(data, {"guard", "metrics", "web", "hook", "device"}, "config")
+    guard = data.get("guard", {})
+    _check_keys(guard, _GUARD_KEYS, "guard")
+    kw: dict[str, Any] = {}
+    queue = guard.get("queue", 7)
+    if isinstance(queue, str) and re.fullmatch(r"\d+-\d+", queue):
+        first, last = (int(x) for x in queue.split("-"))
+        if last < first:
+            raise ConfigError("guard.queue: range must be ascending, e.g. \"7-8\"")
+        kw["queue"], kw["queue_count"] = first, last - first + 1
+    else:
+        kw["queue"] = int(_number(guard, "queue", "guard", 0, 7))
+        kw["queue_count"] = int(_number(guard, "queue_count", "guard", 1, 1))
+    if kw["queue"] + kw["queue_count"] - 1 > 65535:
+        raise ConfigError("guard.queue: NFQUEUE numbers go up to 65535")
+    kw["fail"] = _choice(guard, "fail", "guard", ("closed", "open"), "closed")
+    kw["quic"] = _choice(guard, "quic", "guard", ("hold", "block"), "hold")
+    kw["backend"] = _choice(guard, "backend", "guard", ("iptables", "nftables"), "iptables")
+    for key in ("hold_timeout_s", "max_turn_s", "followup_window_s", "audit_max_age_s"):
+        if key in guard:
+            kw[key] = float(_number(guard, key, "guard", 0.1, 0))
+    for key in (
+        "window_segments", "max_held_packets_per_upload", "max_held_bytes_per_upload",
+        "max_held_packets_total", "max_held_bytes_total", "audit_max_rows",
+    ):
+        if key in guard:
+            kw[key] = int(_number(guard, key, "guard", 1, 0))
+    if "mark_mask" in guard:
+        raw = guard["mark_mask"]
+        try:
+            mask = int(raw, 0) if isinstance(raw, str) else int(raw)
+        except ValueError:
+            raise ConfigError(f"guard.mark_mask: not a number: {raw!r}") from None
+        if mask <= 0 or mask > 0xFFFFFFFF or bin(mask).count("1") < 2:
+            raise ConfigError("guard.mark_mask: needs at least two bits of a 32-bit mark")
+        kw["mark_mask"] = mask
+    for key in ("socket", "socket_group", "state_db", "rules_dir"):
+        if key in guard:
+            if not isinstance(guard[key], str) or not guard[key]:
+                raise ConfigError(f"guard.{key}: expected a non-empty string")
+            kw[key] = guard[key]
+    metrics = data.get("metrics", {})
+    _check_keys(metrics, {"listen"}, "metrics")
+    if "listen" in metrics:
+        kw["metrics_listen"] = str(metrics["listen"]) or None
+    web = data.get("web", {})
+    _check_keys(web, {"listen", "password_hash", "tls", "hosts"}, "web")
+    if "listen" in web:
+        kw["web_listen"] = str(web["listen"])
+    if "password_hash" in web:
+        kw["web_password_hash"] = str(web["password_hash"])
+    if "tls" in web:
+        kw["web_tls"] = bool(web["tls"])
+    if "hosts" in web:
+        kw["web_hosts"] = tuple(str(h) for h in web["hosts"])
+    hooks = []
+    for index, hook in enumerate(data.get("hook", [])):
+        where = f"hook[{index}]"
+        _check_keys(hook, {"events", "command", "url", "timeout_s"}, where)
+        events = tuple(str(e) for e in hook.get("events", ["upload-held", "upload-decided"]))
+        command = hook.get("command", ())
+        if isinstance(command, str):
+            command = (command,)  # a path, never a shell line
+        url = hook.get("url")
+        if not command and not url:
+            raise ConfigError(f"{where}: needs a command or a url")
+        hooks.append(
+            Hook(events, tuple(str(c) for c in command), url,
+                 float(_number(hook, "timeout_s", where, 0.1, 5.0)))
+        )
+    kw["hooks"] = tuple(hooks)
+    devices = tuple(_device(d, i) for i, d in enumerate(data.get("device", [])))
+    names = [d.name for d in devices]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"device names must be unique: {', '.join(duplicates)}")
+    kw["devices"] = devices
+    return GuardConfig(**kw)
+
+
+def load_config(path: str | Path) -> GuardConfig:
+    """Read and validate a config file; errors name the file."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    try:
+        return parse_config(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

@@ -1,0 +1,109 @@
+"""Is this burst the start of an audio upload? Judged from what a held sender can emit.
+
+Rules of this module: the judge sees only the current run of a flow's upstream payload packets
+(sizes and times), never payload bytes, so it works on TLS, QUIC and shape-only traces alike. It
+never looks past `window_segments` packets: a held TCP or QUIC sender stops after its congestion
+window (about 10 segments after an idle period, RFC 6928 IW10), so the live guard never sees more
+before it must decide, and `analyze` is held to the same limit. Pure: callers pass `now`.
+
+The physics it rests on (design.md section 7):
+- Audio is a stream. A speaker starts an upload by dumping its pre-roll (the buffered audio since
+  the wake word, 8-28 KB of MSS-sized segments within 0.3 s) and then sends a record per codec
+  frame at a constant rate (20-60 records/s). Either way the first window fills fast: ten packets
+  arrive within about half a second even for the slowest speaker seen (HomePod, ~21 pkt/s).
+- Everything else on a voice connection is a message (an event, a state report, a keep-alive):
+  a few records, the last of which often is a bare end-of-stream or control frame, then silence.
+  A record that can carry nothing but a frame header (TLS overhead 22-29 B + a 9-17 B HTTP/2
+  frame: END_STREAM, PING, WINDOW_UPDATE, SETTINGS ack) closes a message: no audio codec emits
+  frames that small while speech is streaming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Judgement(str, Enum):
+    UNDECIDED = "undecided"  # keep holding, keep watching
+    MESSAGE = "message"  # not audio: release in order
+    AUDIO = "audio"  # an upload: the policy decides what happens to it
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorConfig:
+    window_segments: int = 10
+    # A gap this long ends a message. Audio frames are 20-60 ms apart; the longest gap inside the
+    # first window of any real upload seen was 105 ms (HomePod, Echo's first HEADERS record).
+    quiet_s: float = 0.2
+    # Decide within this long whatever happens (design.md section 5 target: under 1 s). A run
+    # that is still going after this long without a quiet gap is a stream.
+    decide_within_s: float = 0.8
+    # The largest record that can only be a control or end-of-stream frame: TLS 1.2 GCM overhead
+    # (29 B) + an HTTP/2 frame header (9 B) + at most 8 B of PING data.
+    tiny_record_bytes: int = 46
+    # QUIC carries ACK-only and control packets of 30-80 B while it downloads: a window made of
+    # those is not an upload. Audio datagrams carry at least one codec frame (>= 100 B).
+    min_mean_datagram_bytes: int = 100
+    # A segment this large is a full one: Ethernet MSS is 1460 (IPv4) or 1440 (IPv6) bytes,
+    # QUIC datagrams are 1200-1350 bytes; PPPoE and VPN links shave off up to ~100 more.
+    full_segment_bytes: int = 1200
+    # Treat a run that stops on a full segment as a sender stalled by our hold (cwnd < window).
+    # Off by default: with IW10 senders (Linux, the default since 3.0) a stall happens at the
+    # window, and in real captures this rule turns ACK-clocked event bursts into prompts.
+    stall_is_audio: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    judgement: Judgement
+    reason: str
+
+
+# Deadlines are sums of floats: compare with a little slack so a timer set for `last + quiet_s`
+# always finds the run quiet when it fires.
+_EPSILON_S = 1e-6
+
+UNDECIDED = Verdict(Judgement.UNDECIDED, "watching")
+
+
+def judge(
+    run: Sequence[tuple[float, int]],
+    tcp: bool,
+    now: float,
+    config: DetectorConfig,
+) -> Verdict:
+    """Judge the current run: (time, payload bytes) of its packets, oldest first.
+
+    Called after each new packet of the run (`now` = that packet's time) and from timers.
+    """
+    if not run:
+        return UNDECIDED
+    last_time, last_size = run[-1]
+    if tcp and last_size <= config.tiny_record_bytes:
+        return Verdict(Judgement.MESSAGE, "end-of-message record")
+    count = len(run)
+    if count >= config.window_segments:
+        if not tcp:
+            mean = sum(size for _, size in run[: config.window_segments]) / config.window_segments
+            if mean < config.min_mean_datagram_bytes:
+                return Verdict(Judgement.MESSAGE, "control datagrams")
+        return Verdict(Judgement.AUDIO, "window filled")
+    if now - last_time >= config.quiet_s - _EPSILON_S:
+        if config.stall_is_audio and last_size >= config.full_segment_bytes:
+            # A run that stops on a full-sized segment was cut off, not finished: its sender
+            # has more to send and is blocked by its congestion window (our hold). A message
+            # ends on a partial segment or an end-of-stream record.
+            return Verdict(Judgement.AUDIO, "stalled on a full segment")
+        return Verdict(Judgement.MESSAGE, "quiet")
+    if now - run[0][0] >= config.decide_within_s - _EPSILON_S:
+        return Verdict(Judgement.AUDIO, "sustained stream")
+    return UNDECIDED
+
+
+def next_deadline(run: Sequence[tuple[float, int]], config: DetectorConfig) -> float | None:
+    """When `judge` may change its mind without a new packet."""
+    if not run:
+        return None
+    return min(run[-1][0] + config.quiet_s, run[0][0] + config.decide_within_s)

@@ -1,0 +1,1116 @@
+"""The engine: parsed packets and `now` in, verdicts and actions out.
+
+Rules of this module: no IO, no clock (every entry point takes `now`, and time that runs
+backwards is clamped, never trusted); the shell calls `receive`, `decide` and `handle_timer`, asks
+`next_timer()` when to call again, and drains `take_actions()`. Held packets are opaque tokens the
+shell gave us: the engine only ever releases them in arrival order or discards them, never
+reorders, alters or partially releases an upload. Flow and upload states and their legal moves
+live in the two tables below; an illegal move raises `IllegalTransition`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from guard.config import DeviceConfig, GuardConfig, normalize_mac
+from guard.detector import DetectorConfig, Judgement, judge, next_deadline
+from guard.names import NameCache
+from guard.packet import ACK, RST, SYN, TCP, UDP, Hint, Malformed, Packet
+from guard.policy import (
+    CategoryAction,
+    Decision,
+    Mode,
+    Outcome,
+    Scope,
+    StandingRule,
+    UploadAction,
+    Verb,
+    Window,
+    WindowKind,
+    standing_decision,
+)
+from guard.ruleset import RuleSet
+from guard.sni import SniAssembler
+
+# A pause under 1 s inside an upload does not start a new turn (design.md section 6).
+UPLOAD_END_GAP_S = 1.0
+# Idle flows are forgotten after these (conntrack's own defaults are longer; we only need the
+# flow long enough to keep its name, category and sequence numbers).
+TCP_IDLE_S = 900.0
+UDP_IDLE_S = 120.0
+MAX_FLOWS = 16384
+# Real-time media from a speaker (calls, Drop-In): STUN and DTLS on UDP (design.md section 7).
+REALTIME_HINTS = frozenset({Hint.STUN, Hint.DTLS})
+# Ports whose UDP is infrastructure, never an upload: DNS, NTP, DHCP, mDNS, SSDP.
+INFRA_UDP_PORTS = frozenset({53, 67, 68, 123, 5353, 1900})
+HOST_MAX = 253
+
+
+class Verdict(str, Enum):
+    ACCEPT = "accept"
+    DROP = "drop"  # silently (a duplicate of a held segment, a denied flow's leftovers)
+    REJECT = "reject"  # drop and tell the sender (TCP reset / ICMP unreachable)
+    HOLD = "hold"  # no verdict yet: the engine keeps the token
+
+
+class FlowState(str, Enum):
+    IDLE = "idle"  # inspected, nothing held
+    PROVISIONAL = "provisional"  # a new burst is held while the detector watches it
+    PENDING = "pending"  # an upload is held, waiting for a decision
+    PASSING = "passing"  # an upload that may pass (allowed, window, monitor, first turn)
+    DENIED = "denied"  # an upload was denied: its leftovers are dropped until it goes quiet
+    ALLOWED = "allowed"  # decided for its lifetime: allowed category
+    BLOCKED = "blocked"  # decided for its lifetime: blocked category
+
+
+_FLOW_MOVES: dict[FlowState, frozenset[FlowState]] = {
+    FlowState.IDLE: frozenset({FlowState.PROVISIONAL, FlowState.ALLOWED, FlowState.BLOCKED,
+                               FlowState.DENIED}),
+    FlowState.PROVISIONAL: frozenset({FlowState.IDLE, FlowState.PENDING, FlowState.PASSING,
+                                      FlowState.DENIED, FlowState.BLOCKED}),
+    FlowState.PENDING: frozenset({FlowState.PASSING, FlowState.DENIED}),
+    FlowState.PASSING: frozenset({FlowState.IDLE, FlowState.PENDING, FlowState.DENIED,
+                                  FlowState.BLOCKED}),
+    FlowState.DENIED: frozenset({FlowState.IDLE}),
+    FlowState.ALLOWED: frozenset({FlowState.BLOCKED}),
+    FlowState.BLOCKED: frozenset(),
+}
+
+
+class UploadState(str, Enum):
+    PENDING = "pending"
+    PASSING = "passing"  # allowed (by anyone) or passed by policy: the rest goes through
+    MONITORED = "monitored"
+    DENIED = "denied"
+    ENDED = "ended"
+
+
+_UPLOAD_MOVES: dict[UploadState, frozenset[UploadState]] = {
+    UploadState.PENDING: frozenset({UploadState.PASSING, UploadState.DENIED}),
+    UploadState.PASSING: frozenset({UploadState.PENDING, UploadState.DENIED, UploadState.ENDED}),
+    UploadState.MONITORED: frozenset({UploadState.ENDED}),
+    UploadState.DENIED: frozenset({UploadState.ENDED}),
+    UploadState.ENDED: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+class UnknownUpload(KeyError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Values
+
+
+@dataclass(frozen=True, slots=True)
+class FlowKey:
+    """A flow seen from its device: (proto, device address/port, remote address/port)."""
+
+    proto: int
+    device_addr: str
+    device_port: int
+    remote_addr: str
+    remote_port: int
+
+    @property
+    def remote(self) -> str:
+        return _join(self.remote_addr, self.remote_port)
+
+
+def _join(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+@dataclass(slots=True)
+class Held:
+    token: Any
+    size: int  # bytes of the packet (IP length): what memory caps count
+    payload: int
+    seq: int
+    time: float
+
+
+@dataclass(slots=True)
+class Upload:
+    id: int
+    device: str
+    device_addr: str
+    key: FlowKey
+    host: str | None
+    category: str
+    start: float
+    end: float
+    decided: float  # when the detector judged it an upload (capture time in analyze)
+    decided_after_packets: int
+    action: UploadAction
+    turn: int
+    bytes: int = 0
+    packets: int = 0
+    leaked_bytes: int = 0
+    state: UploadState = UploadState.PENDING
+    outcome: Outcome | None = None
+    decided_by: str | None = None
+    decision_time: float | None = None
+    expires: float | None = None
+    held: list[Held] = field(default_factory=list)
+    held_bytes: int = 0
+    seqs: set[tuple[int, int]] = field(default_factory=set)
+    reason: str = ""
+
+    def move(self, state: UploadState) -> None:
+        if state is not self.state and state not in _UPLOAD_MOVES[self.state]:
+            raise IllegalTransition(f"upload {self.id}: {self.state.value} -> {state.value}")
+        self.state = state
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "device": self.device,
+            "device_addr": self.device_addr,
+            "remote": self.key.remote,
+            "proto": "tcp" if self.key.proto == TCP else "udp",
+            "host": self.host,
+            "category": self.category,
+            "start": self.start,
+            "end": self.end,
+            "bytes": self.bytes,
+            "packets": self.packets,
+            "held_packets": len(self.held),
+            "held_bytes": self.held_bytes,
+            "action": self.action.value,
+            "state": self.state.value,
+            "outcome": self.outcome.value if self.outcome else None,
+            "decided_by": self.decided_by,
+            "expires": self.expires,
+            "turn": self.turn,
+            "leaked_bytes": self.leaked_bytes,
+            "decided": self.decided,
+            "decided_after_packets": self.decided_after_packets,
+        }
+
+
+@dataclass(slots=True)
+class Flow:
+    key: FlowKey
+    device: DeviceConfig
+    first: float
+    last: float
+    state: FlowState = FlowState.IDLE
+    host: str | None = None
+    category: str = "unknown"
+    midstream: bool = True  # no SYN seen: it predates the guard (or the capture)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    packets_up: int = 0
+    packets_down: int = 0
+    last_up: float = -1.0  # last upstream payload packet
+    marked: bool = False
+    sni: SniAssembler | None = None
+    # exact sequence numbers for resets (kernel-facts: only the latest ACKs are accepted)
+    device_ack: int | None = None  # what the device acknowledged: the seq a RST to it needs
+    remote_ack: int | None = None  # what the remote acknowledged: the seq a RST to it needs
+    device_next: int | None = None
+    # the held burst the detector is watching
+    burst: list[Held] = field(default_factory=list)
+    run: list[tuple[float, int]] = field(default_factory=list)
+    # the current activity: upstream payload with gaps under UPLOAD_END_GAP_S
+    activity_start: float = 0.0
+    activity_bytes: int = 0
+    activity_packets: int = 0
+    activity_passed: int = 0
+    upload: Upload | None = None
+    deadline: float | None = None
+    lost: bool = False  # pending when the guard last stopped: reset at its first packet
+
+    def move(self, state: FlowState) -> None:
+        if state is self.state:
+            return
+        if state not in _FLOW_MOVES[self.state]:
+            raise IllegalTransition(f"flow {self.key}: {self.state.value} -> {state.value}")
+        self.state = state
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "device": self.key.device_addr,
+            "device_name": self.device.name,
+            "remote": self.key.remote,
+            "proto": "tcp" if self.key.proto == TCP else "udp",
+            "host": self.host,
+            "category": self.category,
+            "state": self.state.value,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "packets_up": self.packets_up,
+            "packets_down": self.packets_down,
+            "first": self.first,
+            "last": self.last,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Actions (imperatives) and notifications (past-tense facts), drained by the shell
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    tokens: tuple[Any, ...]
+    upload_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Discard:
+    tokens: tuple[Any, ...]
+    upload_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """Reset a TCP connection toward both ends with exact sequence numbers."""
+
+    key: FlowKey
+    seq_to_device: int | None  # = the device's latest ACK
+    seq_to_remote: int | None  # = the remote's latest ACK
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unreachable:
+    """Tell the device its UDP flow is dead (ICMP port unreachable), so QUIC fails fast."""
+
+    key: FlowKey
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class MarkFlow:
+    """Decide a flow for its lifetime in the kernel (connmark fast path)."""
+
+    key: FlowKey
+    verdict: str  # "allow" | "block"
+
+
+@dataclass(frozen=True, slots=True)
+class UploadHeld:
+    upload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class UploadDecided:
+    upload: dict[str, Any]
+    outcome: Outcome
+    by: str
+
+
+@dataclass(frozen=True, slots=True)
+class UploadSeen:
+    """An upload the policy did not hold (pass, monitor, window, rule): logged all the same."""
+
+    upload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class UploadEnded:
+    upload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class BurstReleased:
+    key: FlowKey
+    device: str
+    host: str | None
+    start: float
+    decided: float
+    delay_s: float
+    bytes: int
+    packets: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class FlowBlocked:
+    key: FlowKey
+    device: str
+    host: str | None
+    category: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeldCapHit:
+    upload_id: int
+    which: str
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Devices:
+    """Which configured device a packet belongs to, and in which direction."""
+
+    def __init__(self, devices: Iterable[DeviceConfig]) -> None:
+        self.by_name: dict[str, DeviceConfig] = {}
+        self.by_mac: dict[str, DeviceConfig] = {}
+        self.by_addr: dict[str, DeviceConfig] = {}
+        self.learned: dict[str, DeviceConfig] = {}  # addresses seen from MAC-configured devices
+        for device in devices:
+            self.add(device)
+
+    def add(self, device: DeviceConfig) -> None:
+        self.by_name[device.name] = device
+        if device.mac:
+            self.by_mac[normalize_mac(device.mac)] = device
+        for addr in (device.address, *device.address6):
+            if addr:
+                self.by_addr[_canon(addr)] = device
+
+    def replace(self, device: DeviceConfig) -> None:
+        self.by_name[device.name] = device
+        for table in (self.by_mac, self.by_addr, self.learned):
+            for key, value in list(table.items()):
+                if value.name == device.name:
+                    table[key] = device
+
+    def upstream(self, pkt: Packet) -> DeviceConfig | None:
+        if pkt.src_mac is not None and self.by_mac:
+            device = self.by_mac.get(pkt.src_mac)
+            if device is not None:
+                if pkt.src not in self.learned and len(self.learned) < 4096:
+                    self.learned[pkt.src] = device
+                return device
+        device = self.by_addr.get(pkt.src)
+        if device is not None:
+            # A device configured by MAC is known only by its MAC: a LAN host that claims its
+            # address from another MAC is somebody else (and gets nothing of its windows).
+            if device.mac and pkt.src_mac is not None and pkt.src_mac != device.mac:
+                return None
+            return device
+        if pkt.src_mac is None:
+            return self.learned.get(pkt.src)  # router-originated paths carry no MAC
+        return None
+
+    def downstream(self, pkt: Packet) -> DeviceConfig | None:
+        return self.by_addr.get(pkt.dst) or self.learned.get(pkt.dst)
+
+
+def _canon(addr: str) -> str:
+    try:
+        return str(ipaddress.ip_address(addr))
+    except ValueError:
+        return addr
+
+
+def _clean_host(name: str | None) -> str | None:
+    """Names come from the speaker (SNI, DNS) and are attacker-controlled: keep them inert."""
+    if not name:
+        return None
+    name = name[:HOST_MAX].lower()
+    return "".join(ch if (ch.isalnum() and ch.isascii()) or ch in "-._" else "?" for ch in name)
+
+
+class Engine:
+    """The facade of the core. One instance per guard (or per `analyze` run)."""
+
+    def __init__(
+        self,
+        config: GuardConfig,
+        rules: RuleSet,
+        *,
+        windows: Iterable[Window] = (),
+        standing: Iterable[StandingRule] = (),
+        next_upload_id: int = 1,
+        expire_on_idle: bool = False,
+        detector: DetectorConfig | None = None,
+    ) -> None:
+        self.config = config
+        self.rules = rules
+        self.devices = Devices(config.devices)
+        self.detector = detector or DetectorConfig(window_segments=config.window_segments)
+        self.names = NameCache()
+        self.flows: dict[FlowKey, Flow] = {}
+        self.uploads: dict[int, Upload] = {}  # pending or passing: the live ones
+        self.windows: list[Window] = list(windows)
+        self.standing: list[StandingRule] = list(standing)
+        self.next_upload_id = next_upload_id
+        # analyze: nobody answers, so a held upload expires when its traffic ends, and what
+        # follows on its flow is inspected as the speaker's reconnection would be.
+        self.expire_on_idle = expire_on_idle
+        self.now = float("-inf")
+        self.actions: list[Any] = []
+        self.last_upload: dict[str, tuple[float, int]] = {}  # device -> (end, turn)
+        self.held_packets = 0
+        self.held_bytes = 0
+        self._decided_after = 1
+        self._timers: list[tuple[float, int, FlowKey]] = []
+        self._timer_seq = 0
+        self._lost: dict[tuple[int, str, int, str, int], int] = {}
+        self.counters: dict[str, int] = {
+            "packets_in": 0, "accepted": 0, "dropped": 0, "rejected": 0, "held": 0,
+            "malformed": 0, "not_ours": 0, "duplicates": 0, "bursts_released": 0,
+            "flows_blocked": 0, "caps_hit": 0, "dns_answers": 0,
+        }
+
+    # -- time ---------------------------------------------------------------------------------
+
+    def _tick(self, now: float) -> float:
+        self.now = max(self.now, now)
+        return self.now
+
+    def next_timer(self) -> float | None:
+        while self._timers:
+            when, _, key = self._timers[0]
+            flow = self.flows.get(key)
+            if flow is None or flow.deadline is None or flow.deadline != when:
+                heapq.heappop(self._timers)
+                continue
+            return when
+        return None
+
+    def _schedule(self, flow: Flow, when: float | None) -> None:
+        if when == flow.deadline:
+            return
+        flow.deadline = when
+        if when is not None:
+            self._timer_seq += 1
+            heapq.heappush(self._timers, (when, self._timer_seq, flow.key))
+
+    def _reschedule(self, flow: Flow) -> None:
+        when: float | None = None
+        if flow.state is FlowState.PROVISIONAL:
+            when = next_deadline(flow.run, self.detector)
+        elif flow.state is FlowState.PENDING and flow.upload is not None:
+            when = flow.upload.expires
+            if self.expire_on_idle:
+                idle = flow.last_up + UPLOAD_END_GAP_S
+                when = idle if when is None else min(when, idle)
+        elif flow.state in (FlowState.PASSING, FlowState.DENIED):
+            when = flow.last_up + UPLOAD_END_GAP_S
+            upload = flow.upload
+            if (upload is not None and upload.action is UploadAction.PASS
+                    and upload.state is UploadState.PASSING and upload.outcome is Outcome.PASSED):
+                when = min(when, upload.start + self.config.max_turn_s)
+        self._schedule(flow, when)
+
+    def handle_timer(self, now: float) -> None:
+        now = self._tick(now)
+        while self._timers and self._timers[0][0] <= now:
+            when, _, key = heapq.heappop(self._timers)
+            flow = self.flows.get(key)
+            if flow is None or flow.deadline != when:
+                continue
+            flow.deadline = None
+            # each deadline is handled at its own time: a virtual clock steps through them
+            self._on_deadline(flow, when)
+            if flow.deadline is None:
+                self._reschedule(flow)
+            if flow.deadline is not None and flow.deadline <= when:
+                # never loop on a deadline that did not move: try again a moment later
+                self._schedule(flow, when + 1e-3)
+
+    def _on_deadline(self, flow: Flow, now: float) -> None:
+        if flow.state is FlowState.PROVISIONAL:
+            verdict = judge(flow.run, flow.key.proto == TCP, now, self.detector)
+            if verdict.judgement is Judgement.MESSAGE:
+                self._release_burst(flow, now, verdict.reason)
+            elif verdict.judgement is Judgement.AUDIO:
+                self._upload_detected(flow, now, verdict.reason)
+        elif flow.state is FlowState.PENDING and flow.upload is not None:
+            upload = flow.upload
+            if upload.expires is not None and now >= upload.expires or self.expire_on_idle and now >= flow.last_up + UPLOAD_END_GAP_S:
+                self._deny(upload, now, Outcome.EXPIRED, "expiry")
+        elif flow.state in (FlowState.PASSING, FlowState.DENIED):
+            upload = flow.upload
+            if now >= flow.last_up + UPLOAD_END_GAP_S:
+                self._end_activity(flow)
+            elif (upload is not None and upload.outcome is Outcome.PASSED
+                  and now >= upload.start + self.config.max_turn_s):
+                self._hold_long_turn(flow, upload, now)
+
+    # -- standing decisions ---------------------------------------------------------------------
+
+    def set_windows(self, windows: Iterable[Window]) -> None:
+        self.windows = list(windows)
+
+    def set_standing(self, rules: Iterable[StandingRule]) -> None:
+        self.standing = list(rules)
+
+    def set_mode(self, device_name: str, mode: Mode) -> None:
+        device = self.devices.by_name[device_name]
+        updated = device.with_mode(mode)
+        self.devices.replace(updated)
+        for flow in self.flows.values():
+            if flow.device.name == device_name:
+                flow.device = updated
+
+    def expect_lost(self, records: Iterable[tuple[int, int, str, int, str, int]]) -> None:
+        """Uploads that were pending when the guard stopped: (id, proto, dev, dport, rem, rport).
+
+        Their connections are reset as `lost-on-restart` at their first packet, and nothing of
+        them is delivered.
+        """
+        for upload_id, proto, dev, dport, rem, rport in records:
+            self._lost[(proto, _canon(dev), dport, _canon(rem), rport)] = upload_id
+
+    # -- the packet path -----------------------------------------------------------------------
+
+    def receive(self, pkt: Packet | Malformed | None, now: float, token: Any = None) -> Verdict:
+        """One packet in; its verdict out (HOLD: the engine keeps `token` for later)."""
+        now = self._tick(now)
+        self.counters["packets_in"] += 1
+        if self._timers and self._timers[0][0] <= now:
+            self.handle_timer(now)
+        if pkt is None or isinstance(pkt, Malformed):
+            self.counters["malformed"] += 1
+            # The shell applies the fail mode to what it could not parse; the core says drop.
+            return self._count(Verdict.DROP)
+        if pkt.dns:
+            for answer in pkt.dns:
+                self.names.learn(answer.address, answer.name, answer.ttl_s, now)
+            self.counters["dns_answers"] += len(pkt.dns)
+        device = self.devices.upstream(pkt)
+        if device is not None:
+            return self._count(self._upstream(pkt, device, now, token))
+        device = self.devices.downstream(pkt)
+        if device is not None:
+            return self._count(self._downstream(pkt, device, now))
+        self.counters["not_ours"] += 1
+        return self._count(Verdict.ACCEPT)
+
+    def _count(self, verdict: Verdict) -> Verdict:
+        name = {"accept": "accepted", "drop": "dropped", "reject": "rejected", "hold": "held"}
+        self.counters[name[verdict.value]] += 1
+        return verdict
+
+    def _flow(self, key: FlowKey, device: DeviceConfig, now: float) -> Flow:
+        flow = self.flows.get(key)
+        if flow is not None:
+            return flow
+        if len(self.flows) >= MAX_FLOWS:
+            self._evict(now)
+        flow = Flow(key, device, now, now)
+        name = self.names.lookup(key.remote_addr, now)
+        if name:
+            self._name_flow(flow, name)
+        lost = self._lost.pop(
+            (key.proto, key.device_addr, key.device_port, key.remote_addr, key.remote_port), None
+        )
+        if lost is not None:
+            flow.lost = True
+            flow.activity_start = now
+            self.actions.append(UploadDecided(
+                {"id": lost, "device": device.name, "device_addr": key.device_addr,
+                 "remote": key.remote, "host": flow.host, "category": flow.category},
+                Outcome.LOST, "restart"))
+        self.flows[key] = flow
+        return flow
+
+    def _name_flow(self, flow: Flow, name: str) -> None:
+        flow.host = _clean_host(name)
+        if flow.host:
+            flow.category = self.rules.category_for_host(flow.host).value
+
+    def _upstream(self, pkt: Packet, device: DeviceConfig, now: float, token: Any) -> Verdict:
+        if device.mode is Mode.OFF or pkt.proto not in (TCP, UDP):
+            return Verdict.ACCEPT
+        if pkt.proto == UDP and (pkt.dport in INFRA_UDP_PORTS or pkt.sport in INFRA_UDP_PORTS):
+            return Verdict.ACCEPT
+        key = FlowKey(pkt.proto, pkt.src, pkt.sport, pkt.dst, pkt.dport)
+        flow = self._flow(key, device, now)
+        flow.device = device
+        flow.last = now
+        flow.packets_up += 1
+        flow.bytes_up += pkt.payload_len
+        if pkt.proto == TCP:
+            if pkt.flags & SYN and not pkt.flags & ACK:
+                flow.midstream = False
+            if pkt.flags & ACK:
+                flow.device_ack = pkt.ack
+            end = (pkt.seq + pkt.payload_len) & 0xFFFFFFFF
+            if flow.device_next is None or _seq_after(end, flow.device_next):
+                flow.device_next = end
+        if flow.lost:
+            return self._lost_packet(flow, pkt, now)
+        if flow.state is FlowState.BLOCKED:
+            return Verdict.REJECT
+        if flow.state is FlowState.ALLOWED:
+            if pkt.payload_len and not flow.marked:
+                self._learn_name(flow, pkt)  # the SNI may name a blocked host after all
+                if flow.device.category_action(flow.category) is CategoryAction.BLOCK:
+                    return self._block(flow, now, f"{flow.category} is blocked")
+                flow.marked = True
+                self.actions.append(MarkFlow(flow.key, "allow"))
+            return Verdict.ACCEPT
+        if pkt.payload_len:
+            self._learn_name(flow, pkt)
+        if pkt.proto == UDP and pkt.hint in REALTIME_HINTS:
+            flow.category = "messaging"
+            flow.host = flow.host or None
+        if pkt.proto == UDP and device.quic == "block" and pkt.dport == 443:
+            return self._block(flow, now, "quic blocked for this device")
+        action = device.category_action(flow.category)
+        if action is CategoryAction.BLOCK:
+            return self._block(flow, now, f"{flow.category} is blocked")
+        if action is CategoryAction.ALLOW and flow.state is FlowState.IDLE:
+            flow.move(FlowState.ALLOWED)
+            if pkt.payload_len and not flow.marked:
+                flow.marked = True
+                self.actions.append(MarkFlow(flow.key, "allow"))
+            return Verdict.ACCEPT
+        if not pkt.payload_len:
+            return Verdict.ACCEPT  # pure ACK, FIN, RST: never held
+        if pkt.proto == TCP and pkt.flags & RST:
+            return Verdict.ACCEPT
+        if _is_handshake(pkt):
+            return Verdict.ACCEPT  # a TLS/QUIC handshake carries no audio, and names the flow
+        return self._payload(flow, pkt, now, token)
+
+    def _learn_name(self, flow: Flow, pkt: Packet) -> None:
+        if flow.sni is not None and flow.sni.done:
+            return
+        if pkt.hint is Hint.TLS_HELLO or (flow.sni is not None and pkt.proto == TCP):
+            flow.sni = flow.sni or SniAssembler()
+            name = flow.sni.feed_tcp(pkt.seq, pkt.payload)
+        elif pkt.hint is Hint.QUIC_INITIAL:
+            flow.sni = flow.sni or SniAssembler()
+            name = flow.sni.feed_quic(pkt.payload)
+        else:
+            return
+        if name:
+            self._name_flow(flow, name)
+
+    def _downstream(self, pkt: Packet, device: DeviceConfig, now: float) -> Verdict:
+        if device.mode is Mode.OFF or pkt.proto not in (TCP, UDP):
+            return Verdict.ACCEPT
+        if pkt.proto == UDP and (pkt.sport in INFRA_UDP_PORTS or pkt.dport in INFRA_UDP_PORTS):
+            return Verdict.ACCEPT
+        key = FlowKey(pkt.proto, pkt.dst, pkt.dport, pkt.src, pkt.sport)
+        flow = self.flows.get(key)
+        if flow is None:
+            if pkt.proto == UDP and pkt.hint in REALTIME_HINTS:
+                flow = self._flow(key, device, now)
+            else:
+                flow = self._flow(key, device, now)
+        flow.last = now
+        flow.packets_down += 1
+        flow.bytes_down += pkt.payload_len
+        if pkt.proto == TCP and pkt.flags & ACK:
+            flow.remote_ack = pkt.ack
+        if flow.state is FlowState.BLOCKED:
+            return Verdict.REJECT
+        if pkt.proto == UDP and pkt.hint in REALTIME_HINTS:
+            flow.category = "messaging"
+            if device.category_action("messaging") is CategoryAction.BLOCK:
+                return self._block(flow, now, "real-time media")
+        return Verdict.ACCEPT  # downstream packets are never held
+
+    def _block(self, flow: Flow, now: float, reason: str) -> Verdict:
+        if flow.state is FlowState.BLOCKED:
+            return Verdict.REJECT
+        if flow.burst:
+            self.actions.append(Discard(tuple(h.token for h in flow.burst)))
+            self._unhold(flow.burst)
+            flow.burst = []
+            flow.run = []
+        if flow.state is FlowState.PENDING and flow.upload is not None:
+            self._deny(flow.upload, now, Outcome.DENIED, "policy")
+        if flow.state is FlowState.DENIED:
+            flow.state = FlowState.IDLE  # a blocked category overrides an upload's leftovers
+        flow.move(FlowState.BLOCKED)
+        self.counters["flows_blocked"] += 1
+        self.actions.append(MarkFlow(flow.key, "block"))
+        self.actions.append(FlowBlocked(flow.key, flow.device.name, flow.host, flow.category,
+                                        reason))
+        self._schedule(flow, None)
+        return Verdict.REJECT
+
+    def _lost_packet(self, flow: Flow, pkt: Packet, now: float) -> Verdict:
+        """The first packet of an upload that was pending across a restart: reset, deliver
+        nothing of it; later packets of the flow (until it goes quiet) are dropped too."""
+        if flow.state is not FlowState.DENIED:
+            flow.move(FlowState.DENIED)
+            self._reset(flow, "lost-on-restart")
+        if pkt.payload_len:
+            flow.last_up = now
+        self._reschedule(flow)
+        return Verdict.DROP
+
+    # -- bursts and uploads ----------------------------------------------------------------------
+
+    def _payload(self, flow: Flow, pkt: Packet, now: float, token: Any) -> Verdict:
+        state = flow.state
+        if state in (FlowState.PASSING, FlowState.DENIED) and now - flow.last_up >= UPLOAD_END_GAP_S:
+            self._end_activity(flow)
+            state = flow.state
+        if now - flow.last_up >= UPLOAD_END_GAP_S or flow.activity_packets == 0:
+            flow.activity_start = now
+            flow.activity_bytes = 0
+            flow.activity_packets = 0
+            flow.activity_passed = 0
+        flow.last_up = now
+        flow.activity_bytes += pkt.payload_len
+        flow.activity_packets += 1
+        if state is FlowState.DENIED:
+            if flow.upload is not None:
+                self._count_into(flow.upload, pkt, now)
+            self._reschedule(flow)
+            return Verdict.DROP
+        if state is FlowState.PASSING:
+            upload = flow.upload
+            if upload is not None:
+                self._count_into(upload, pkt, now)
+                if upload.outcome is Outcome.PASSED and now - upload.start >= self.config.max_turn_s:
+                    self._hold_long_turn(flow, upload, now)
+                    return self._hold_into(flow, upload, pkt, now, token)
+            flow.activity_passed += pkt.payload_len
+            self._reschedule(flow)
+            return Verdict.ACCEPT
+        if state is FlowState.PENDING:
+            upload = flow.upload
+            assert upload is not None
+            self._count_into(upload, pkt, now)
+            verdict = self._hold_into(flow, upload, pkt, now, token)
+            self._reschedule(flow)
+            return verdict
+        # IDLE or PROVISIONAL: the detector watches a held burst
+        if state is FlowState.IDLE:
+            flow.move(FlowState.PROVISIONAL)
+            flow.burst = []
+            flow.run = []
+        held = Held(token, pkt.wire_len, pkt.payload_len, pkt.seq, now)
+        if pkt.proto == TCP and any(h.seq == pkt.seq and h.payload == pkt.payload_len
+                                    for h in flow.burst):
+            self.counters["duplicates"] += 1
+            self._reschedule(flow)
+            return Verdict.DROP  # a retransmission of a held segment: one copy is enough
+        flow.burst.append(held)
+        flow.run.append((now, pkt.payload_len))
+        self._hold(held)
+        monitor = flow.device.mode is Mode.MONITOR
+        verdict = judge(flow.run, flow.key.proto == TCP, now, self.detector)
+        if verdict.judgement is Judgement.MESSAGE:
+            self._release_burst(flow, now, verdict.reason, current=held)
+            return Verdict.ACCEPT
+        if verdict.judgement is Judgement.AUDIO:
+            self._upload_detected(flow, now, verdict.reason, current=held)
+            return Verdict.HOLD if flow.state is FlowState.PENDING else (
+                Verdict.DROP if flow.state in (FlowState.DENIED, FlowState.BLOCKED)
+                else Verdict.ACCEPT)
+        if monitor:
+            # monitor mode holds nothing: the detector still watches the run it let through
+            self._unhold([held])
+            flow.burst.pop()
+            flow.activity_passed += pkt.payload_len
+            self._reschedule(flow)
+            return Verdict.ACCEPT
+        self._reschedule(flow)
+        return Verdict.HOLD
+
+    def _hold(self, held: Held) -> None:
+        self.held_packets += 1
+        self.held_bytes += held.size
+
+    def _unhold(self, held: Iterable[Held]) -> None:
+        for item in held:
+            self.held_packets -= 1
+            self.held_bytes -= item.size
+
+    def _release_burst(self, flow: Flow, now: float, reason: str, current: Held | None = None
+                       ) -> None:
+        """Not audio: release the held burst in order; `current` gets ACCEPT from the caller."""
+        burst = flow.burst
+        tokens = tuple(h.token for h in burst if h is not current)
+        if tokens:
+            self.actions.append(Release(tokens))
+        self._unhold(burst)
+        start = flow.run[0][0] if flow.run else now
+        size = sum(h.payload for h in burst)
+        flow.activity_passed += sum(size for _, size in flow.run) if flow.device.mode is Mode.MONITOR else size
+        if burst:
+            self.counters["bursts_released"] += 1
+            self.actions.append(BurstReleased(
+                flow.key, flow.device.name, flow.host, start, now, now - start, size,
+                len(burst), reason))
+        flow.burst = []
+        flow.run = []
+        flow.move(FlowState.IDLE)
+        self._schedule(flow, None)
+
+    def _new_upload(self, flow: Flow, now: float, action: UploadAction, reason: str) -> Upload:
+        device = flow.device
+        previous = self.last_upload.get(device.name)
+        turn = 1
+        if previous is not None and flow.activity_start - previous[0] <= self.config.followup_window_s:
+            turn = previous[1] + 1
+        upload = Upload(
+            id=self.next_upload_id, device=device.name, device_addr=flow.key.device_addr,
+            key=flow.key, host=flow.host, category=flow.category, start=flow.activity_start,
+            end=now, decided=now, decided_after_packets=self._decided_after, action=action,
+            turn=turn, bytes=flow.activity_bytes, packets=flow.activity_packets,
+            leaked_bytes=flow.activity_passed, reason=reason,
+        )
+        self.next_upload_id += 1
+        self.uploads[upload.id] = upload
+        self.last_upload[device.name] = (now, turn)
+        return upload
+
+    def _upload_detected(self, flow: Flow, now: float, reason: str, current: Held | None = None
+                         ) -> None:
+        device = flow.device
+        burst, flow.burst = flow.burst, []
+        self._decided_after = len(flow.run) or 1
+        flow.run = []
+        if device.mode is Mode.MONITOR:
+            upload = self._new_upload(flow, now, UploadAction.MONITOR, reason)
+            upload.leaked_bytes = 0
+            upload.state = UploadState.MONITORED
+            upload.outcome = Outcome.MONITORED
+            self._pass_burst(flow, burst, current, upload)
+            self.actions.append(UploadSeen(upload.summary()))
+            return
+        standing = standing_decision(device.name, flow.host, flow.category, now,
+                                     tuple(self.windows), tuple(self.standing))
+        followup_free = False
+        if device.mode is Mode.FOLLOWUPS:
+            previous = self.last_upload.get(device.name)
+            followup_free = previous is None or (
+                flow.activity_start - previous[0] > self.config.followup_window_s)
+        if standing is not None and standing[1] is Verb.DENY:
+            upload = self._new_upload(flow, now, UploadAction.BLOCK, reason)
+            self._hold_list(upload, burst)
+            flow.upload = upload
+            flow.move(FlowState.PENDING)
+            self._deny(upload, now, standing[0], "quiet window" if standing[0] is Outcome.QUIET
+                       else "rule")
+            return
+        if standing is not None or followup_free:
+            upload = self._new_upload(flow, now, UploadAction.PASS, reason)
+            upload.state = UploadState.PASSING
+            if standing is not None:
+                upload.outcome, upload.decided_by = standing[0], standing[0].value
+            else:
+                upload.outcome, upload.decided_by = Outcome.PASSED, "followups"
+            upload.decision_time = now
+            self._pass_burst(flow, burst, current, upload)
+            self.actions.append(UploadSeen(upload.summary()))
+            return
+        upload = self._new_upload(flow, now, UploadAction.HOLD, reason)
+        upload.expires = now + self.config.hold_timeout_s
+        self._hold_list(upload, burst)
+        flow.upload = upload
+        flow.move(FlowState.PENDING)
+        self._check_caps(upload, now)
+        if upload.state is UploadState.PENDING:
+            self.actions.append(UploadHeld(upload.summary()))
+        self._reschedule(flow)
+
+    def _hold_list(self, upload: Upload, burst: list[Held]) -> None:
+        upload.held = list(burst)
+        upload.held_bytes = sum(h.size for h in burst)
+        upload.seqs = {(h.seq, h.payload) for h in burst}
+
+    def _pass_burst(self, flow: Flow, burst: list[Held], current: Held | None, upload: Upload
+                    ) -> None:
+        tokens = tuple(h.token for h in burst if h is not current)
+        if tokens:
+            self.actions.append(Release(tokens, upload.id))
+        self._unhold(burst)
+        flow.upload = upload
+        flow.move(FlowState.PASSING)
+        self._reschedule(flow)
+
+    def _count_into(self, upload: Upload, pkt: Packet, now: float) -> None:
+        upload.bytes += pkt.payload_len
+        upload.packets += 1
+        upload.end = max(upload.end, now)
+        previous = self.last_upload.get(upload.device)
+        if previous is not None and previous[1] == upload.turn:
+            self.last_upload[upload.device] = (max(previous[0], now), upload.turn)
+
+    def _hold_into(self, flow: Flow, upload: Upload, pkt: Packet, now: float, token: Any
+                   ) -> Verdict:
+        if pkt.proto == TCP and (pkt.seq, pkt.payload_len) in upload.seqs:
+            self.counters["duplicates"] += 1
+            return Verdict.DROP  # retransmission of a held segment: memory grows with unique bytes
+        held = Held(token, pkt.wire_len, pkt.payload_len, pkt.seq, now)
+        if self._check_caps(upload, now, extra=held):
+            return Verdict.DROP  # the upload was denied at its cap; this packet goes with it
+        upload.held.append(held)
+        upload.held_bytes += held.size
+        upload.seqs.add((pkt.seq, pkt.payload_len))
+        self._hold(held)
+        return Verdict.HOLD
+
+    def _check_caps(self, upload: Upload, now: float, extra: Held | None = None) -> bool:
+        """Deny the upload (fail-closed) when holding `extra` too would pass a cap."""
+        cfg = self.config
+        count, size = (1, extra.size) if extra is not None else (0, 0)
+        which = None
+        if len(upload.held) + count > cfg.max_held_packets_per_upload:
+            which = "packets per upload"
+        elif upload.held_bytes + size > cfg.max_held_bytes_per_upload:
+            which = "bytes per upload"
+        elif self.held_packets + count > cfg.max_held_packets_total:
+            which = "packets in total"
+        elif self.held_bytes + size > cfg.max_held_bytes_total:
+            which = "bytes in total"
+        if which is None:
+            return False
+        self.counters["caps_hit"] += 1
+        self.actions.append(HeldCapHit(upload.id, which))
+        self._deny(upload, now, Outcome.CAPPED, "cap")
+        return True
+
+    def _hold_long_turn(self, flow: Flow, upload: Upload, now: float) -> None:
+        """followups: a single upload longer than max_turn_s is held from that point on."""
+        upload.move(UploadState.PENDING)
+        upload.action = UploadAction.HOLD
+        upload.outcome = None
+        upload.decided_by = None
+        upload.leaked_bytes = upload.bytes
+        upload.expires = now + self.config.hold_timeout_s
+        upload.held = []
+        upload.held_bytes = 0
+        upload.seqs = set()
+        upload.decided = now
+        flow.move(FlowState.PENDING)
+        self.actions.append(UploadHeld(upload.summary()))
+        self._reschedule(flow)
+
+    # -- decisions ----------------------------------------------------------------------------
+
+    def pending(self) -> list[Upload]:
+        return [u for u in self.uploads.values() if u.state is UploadState.PENDING]
+
+    def decide(self, upload_id: int, decision: Decision, now: float) -> Upload:
+        """A person's (or a hook's) decision about a pending upload."""
+        now = self._tick(now)
+        upload = self.uploads.get(upload_id)
+        if upload is None or upload.state is not UploadState.PENDING:
+            raise UnknownUpload(upload_id)
+        if decision.scope is Scope.FOR and decision.duration_s:
+            kind = WindowKind.ALLOW if decision.verb is Verb.ALLOW else WindowKind.QUIET
+            self.windows.append(Window(upload.device, kind, now + decision.duration_s,
+                                       upload.category))
+        elif decision.scope is Scope.ALWAYS:
+            self.standing.append(StandingRule(upload.device, decision.verb, host=upload.host,
+                                              category=None if upload.host else upload.category))
+        if decision.verb is Verb.ALLOW:
+            self._allow(upload, now, Outcome.APPROVED, decision.by)
+        else:
+            self._deny(upload, now, Outcome.DENIED, decision.by)
+        return upload
+
+    def _allow(self, upload: Upload, now: float, outcome: Outcome, by: str) -> None:
+        upload.move(UploadState.PASSING)
+        upload.outcome, upload.decided_by, upload.decision_time = outcome, by, now
+        tokens = tuple(h.token for h in upload.held)
+        if tokens:
+            self.actions.append(Release(tokens, upload.id))
+        self._unhold(upload.held)
+        upload.held = []
+        upload.held_bytes = 0
+        flow = self.flows.get(upload.key)
+        if flow is not None and flow.upload is upload:
+            flow.move(FlowState.PASSING)
+            flow.last_up = max(flow.last_up, now)  # the sender resumes now: the upload goes on
+            self._reschedule(flow)
+        self.actions.append(UploadDecided(upload.summary(), outcome, by))
+
+    def _deny(self, upload: Upload, now: float, outcome: Outcome, by: str) -> None:
+        upload.move(UploadState.DENIED)
+        upload.outcome, upload.decided_by, upload.decision_time = outcome, by, now
+        tokens = tuple(h.token for h in upload.held)
+        if tokens:
+            self.actions.append(Discard(tokens, upload.id))
+        self._unhold(upload.held)
+        upload.held = []
+        upload.held_bytes = 0
+        flow = self.flows.get(upload.key)
+        if flow is not None and flow.upload is upload:
+            flow.move(FlowState.DENIED)
+            flow.last_up = max(flow.last_up, now)  # drop the dead connection's leftovers
+            self._reset(flow, outcome.value)
+            self._reschedule(flow)
+        self.actions.append(UploadDecided(upload.summary(), outcome, by))
+
+    def _reset(self, flow: Flow, reason: str) -> None:
+        if flow.key.proto == TCP:
+            self.actions.append(Reset(flow.key, flow.device_ack, flow.remote_ack, reason))
+        else:
+            self.actions.append(Unreachable(flow.key, reason))
+
+    def _end_activity(self, flow: Flow) -> None:
+        upload = flow.upload
+        if upload is not None:
+            if upload.state in (UploadState.PASSING, UploadState.MONITORED, UploadState.DENIED):
+                upload.move(UploadState.ENDED)
+                self.uploads.pop(upload.id, None)
+                self.actions.append(UploadEnded(upload.summary()))
+            flow.upload = None
+        flow.lost = False
+        if flow.state in (FlowState.PASSING, FlowState.DENIED):
+            flow.move(FlowState.IDLE)
+        self._schedule(flow, None)
+
+    # -- housekeeping ---------------------------------------------------------------------------
+
+    def expire_flows(self, now: float) -> int:
+        """Forget idle flows that hold nothing. Call now and then (the daemon does, each minute)."""
+        now = self._tick(now)
+        self.names.expire(now)
+        self.windows = [w for w in self.windows if w.active(now)]
+        stale = [
+            key for key, flow in self.flows.items()
+            if flow.state in (FlowState.IDLE, FlowState.ALLOWED, FlowState.BLOCKED)
+            and now - flow.last >= (TCP_IDLE_S if key.proto == TCP else UDP_IDLE_S)
+        ]
+        for key in stale:
+            del self.flows[key]
+        return len(stale)
+
+    def _evict(self, now: float) -> None:
+        self.expire_flows(now)
+        if len(self.flows) < MAX_FLOWS:
+            return
+        idle = sorted((f.last, k) for k, f in self.flows.items()
+                      if f.state in (FlowState.IDLE, FlowState.ALLOWED, FlowState.BLOCKED))
+        for _, key in idle[: max(1, len(idle) // 8)]:
+            del self.flows[key]
+
+    def take_actions(self) -> list[Any]:
+        actions, self.actions = self.actions, []
+        return actions
+
+    def iter_flows(self) -> Iterator[Flow]:
+        return iter(self.flows.values())
+
+    def held(self) -> tuple[int, int]:
+        return self.held_packets, self.held_bytes
+
+
+def _seq_after(a: int, b: int) -> bool:
+    return ((a - b) & 0xFFFFFFFF) < 0x80000000 and a != b
+
+
+def _is_handshake(pkt: Packet) -> bool:
+    """TLS handshake / change-cipher-spec / alert records, and QUIC Initial/Handshake packets."""
+    payload = pkt.payload
+    if not payload:
+        return False
+    first = payload[0]
+    if pkt.proto == TCP:
+        return first in (20, 21, 22) and len(payload) >= 3 and payload[1] == 3
+    if pkt.dport == 443 or pkt.sport == 443:
+        # QUIC long header: Initial (0) and Handshake (2) carry no application data; 0-RTT (1)
+        # may, and is inspected like the short-header packets that follow.
+        return bool(first & 0x80) and ((first >> 4) & 0x3) in (0, 2) and pkt.hint in (
+            Hint.QUIC_INITIAL, Hint.QUIC)
+    return False

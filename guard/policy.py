@@ -1,0 +1,171 @@
+"""Policy vocabulary and the pure decisions of section 6 of the design.
+
+Rules of this module: every value that crosses the control socket, the JSON output, the store or a
+rules file is a string Enum defined here, once. Functions are pure: callers pass `now`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Mode(str, Enum):
+    STRICT = "strict"  # every upload waits for a decision
+    FOLLOWUPS = "followups"  # first turn passes, follow-up turns and long turns wait
+    MONITOR = "monitor"  # nothing held; uploads logged as if they were
+    OFF = "off"  # not inspected at all
+
+
+class CategoryAction(str, Enum):
+    ALLOW = "allow"  # decided for the flow's lifetime: fast path in the kernel
+    BLOCK = "block"  # rejected for the flow's lifetime
+    INSPECT = "inspect"  # bursts are watched, uploads held
+
+
+class UploadAction(str, Enum):
+    """What the mode does with a detected upload (the `action` of `analyze --json`)."""
+
+    HOLD = "hold"
+    PASS = "pass"
+    BLOCK = "block"
+    MONITOR = "monitor"
+
+
+class Outcome(str, Enum):
+    """One list of upload outcomes everywhere: metrics, audit log, `hushgate log`."""
+
+    APPROVED = "approved"  # a person allowed it
+    DENIED = "denied"  # a person denied it
+    EXPIRED = "expired"  # nobody answered within hold_timeout_s: a deny, scope once
+    WINDOW = "window"  # an allow window let it pass
+    QUIET = "quiet"  # a quiet window denied it at once
+    RULE = "rule"  # an always-rule (allow or deny) decided it
+    MONITORED = "monitored"  # monitor mode: logged, not held
+    CAPPED = "capped"  # held memory hit a cap: denied, fail-closed
+    LOST = "lost"  # pending when the guard restarted: reset, nothing delivered
+    PASSED = "passed"  # followups mode: a first turn that policy lets through
+
+
+DENYING_OUTCOMES = frozenset(
+    {Outcome.DENIED, Outcome.EXPIRED, Outcome.QUIET, Outcome.CAPPED, Outcome.LOST}
+)
+
+
+class Verb(str, Enum):
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+class Scope(str, Enum):
+    ONCE = "once"  # this upload only
+    FOR = "for"  # device + category for a duration (a window)
+    ALWAYS = "always"  # a persisted rule
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A decision about one pending upload."""
+
+    verb: Verb
+    scope: Scope = Scope.ONCE
+    duration_s: float | None = None  # with Scope.FOR
+    by: str = "cli"  # who decided: "cli:uid", "web", "watch", "rule:3", "expiry", ...
+
+
+class WindowKind(str, Enum):
+    ALLOW = "allow"  # uploads pass, logged (outcome window)
+    QUIET = "quiet"  # uploads denied at once, no prompt (outcome quiet)
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A standing, time-bounded decision for a device (optionally one category)."""
+
+    device: str
+    kind: WindowKind
+    until: float
+    category: str | None = None
+    id: int = 0
+
+    def active(self, now: float) -> bool:
+        return now < self.until
+
+
+@dataclass(frozen=True, slots=True)
+class StandingRule:
+    """An always-rule: allow or deny a device's uploads to a host (or a whole category)."""
+
+    device: str
+    verb: Verb
+    host: str | None = None
+    category: str | None = None
+    id: int = 0
+
+    def matches(self, device: str, host: str | None, category: str) -> bool:
+        if self.device not in (device, "*"):
+            return False
+        if self.host is not None:
+            return host is not None and host == self.host
+        if self.category is not None:
+            return category == self.category
+        return True
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT_S = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """`90s`, `30m`, `2h`, `1d` or plain seconds -> seconds. Raises ValueError."""
+    match = _DURATION.match(text or "")
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 30m, 2h)")
+    value = float(match.group(1)) * _UNIT_S[match.group(2)]
+    if value <= 0:
+        raise ValueError(f"duration must be positive: {text!r}")
+    return value
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def standing_decision(
+    device: str,
+    host: str | None,
+    category: str,
+    now: float,
+    windows: tuple[Window, ...],
+    rules: tuple[StandingRule, ...],
+) -> tuple[Outcome, Verb] | None:
+    """What a standing decision says about a new upload, if anything.
+
+    Deny beats allow (OpenSnitch's lesson): a quiet window or a deny rule wins over an allow
+    window or an allow rule that also matches.
+    """
+    found: list[tuple[Outcome, Verb]] = []
+    for window in windows:
+        if window.device != device or not window.active(now):
+            continue
+        if window.category is not None and window.category != category:
+            continue
+        found.append(
+            (Outcome.QUIET, Verb.DENY) if window.kind is WindowKind.QUIET
+            else (Outcome.WINDOW, Verb.ALLOW)
+        )
+    for rule in rules:
+        if rule.matches(device, host, category):
+            found.append((Outcome.RULE, rule.verb))
+    if not found:
+        return None
+    for item in found:
+        if item[1] is Verb.DENY:
+            return item
+    return found[0]

@@ -1,0 +1,401 @@
+"""The engine scripted with a virtual clock: packets in, verdicts and actions out."""
+
+from __future__ import annotations
+
+import pytest
+
+from guard.engine import (
+    BurstReleased,
+    Discard,
+    FlowBlocked,
+    FlowState,
+    IllegalTransition,
+    MarkFlow,
+    Release,
+    Reset,
+    UnknownUpload,
+    Unreachable,
+    UploadDecided,
+    UploadHeld,
+    UploadSeen,
+    Verdict,
+)
+from guard.packet import ACK, FIN, TCP, Hint, Malformed, Packet
+from guard.policy import Decision, Mode, Outcome, Scope, StandingRule, Verb, Window, WindowKind
+from tests.enginekit import CLOUD, ECHO, ECHO_MAC, Conn, engine, of, udp
+
+T0 = 1_000_000.0
+
+
+def start_burst(conn: Conn, now: float, count: int = 10) -> list[tuple[Verdict, object]]:
+    """An Echo's pre-roll dump: a HEADERS record and MSS-sized segments within a few ms."""
+    out = [conn.up(233, now)]
+    for i in range(count - 1):
+        out.append(conn.up(1460, now + 0.001 * (i + 1)))
+    return out
+
+
+def test_first_payload_of_a_new_burst_is_held() -> None:
+    eng = engine()
+    conn = Conn(eng)
+    verdict, _ = conn.up(233, T0)
+    assert verdict is Verdict.HOLD
+    assert eng.flows[next(iter(eng.flows))].state is FlowState.PROVISIONAL
+
+
+def test_pure_acks_and_downstream_are_never_held() -> None:
+    eng = engine()
+    conn = Conn(eng)
+    assert conn.up(0, T0, flags=ACK)[0] is Verdict.ACCEPT
+    assert conn.down(1400, T0 + 0.01) is Verdict.ACCEPT
+    assert conn.up(0, T0 + 0.02, flags=ACK | FIN)[0] is Verdict.ACCEPT
+
+
+def test_event_burst_then_silence_is_released_in_order_after_quiet() -> None:
+    eng = engine()
+    conn = Conn(eng)
+    tokens = [conn.up(size, T0 + i * 0.002)[1] for i, size in enumerate((233, 136, 1460, 900))]
+    assert eng.take_actions() == []
+    eng.handle_timer(T0 + 0.1)
+    assert eng.take_actions() == []  # still inside the quiet period
+    assert eng.next_timer() == pytest.approx(T0 + 0.006 + eng.detector.quiet_s)
+    eng.handle_timer(T0 + 0.3)
+    actions = eng.take_actions()
+    assert of(actions, Release)[0].tokens == tuple(tokens)
+    released = of(actions, BurstReleased)[0]
+    assert released.reason == "quiet" and released.bytes == 233 + 136 + 1460 + 900
+    assert released.delay_s == pytest.approx(0.006 + eng.detector.quiet_s)
+    assert eng.held() == (0, 0)
+    assert not of(actions, UploadHeld)
+
+
+def test_end_of_stream_record_releases_the_message_at_once() -> None:
+    eng = engine()
+    conn = Conn(eng)
+    held = [conn.up(size, T0 + i * 0.001)[1] for i, size in enumerate((233, 136, 1460, 1120, 82))]
+    verdict, _ = conn.up(38, T0 + 0.006)  # a bare HTTP/2 END_STREAM frame in a TLS record
+    assert verdict is Verdict.ACCEPT
+    actions = eng.take_actions()
+    assert of(actions, Release)[0].tokens == tuple(held)
+    assert of(actions, BurstReleased)[0].reason == "end-of-message record"
+    # the next message starts a new held burst: nothing passes without being watched
+    assert conn.up(234, T0 + 0.09)[0] is Verdict.HOLD
+
+
+def test_start_burst_filling_the_window_becomes_a_pending_upload() -> None:
+    eng = engine()
+    conn = Conn(eng)
+    verdicts = start_burst(conn, T0)
+    assert all(v is Verdict.HOLD for v, _ in verdicts)
+    actions = eng.take_actions()
+    held = of(actions, UploadHeld)
+    assert len(held) == 1
+    upload = held[0].upload
+    assert upload["device"] == "kitchen-echo" and upload["remote"] == f"{CLOUD}:443"
+    assert upload["held_packets"] == 10 and upload["decided_after_packets"] == 10
+    assert upload["expires"] == pytest.approx(T0 + 0.009 + 20)
+    assert [u.id for u in eng.pending()] == [upload["id"]]
+    # the sender's later packets (retransmissions, a tail-loss probe) are held too
+    assert conn.up(118, T0 + 0.2)[0] is Verdict.HOLD
+
+
+def test_allow_releases_everything_held_in_order_then_lets_the_upload_pass() -> None:
+    eng = engine()
+    conn = Conn(eng)
+    tokens = [t for _, t in start_burst(conn, T0)]
+    tokens.append(conn.up(118, T0 + 0.05)[1])
+    upload_id = eng.pending()[0].id
+    eng.take_actions()
+    eng.decide(upload_id, Decision(Verb.ALLOW, by="cli:0"), T0 + 3)
+    actions = eng.take_actions()
+    assert of(actions, Release)[0].tokens == tuple(tokens)
+    decided = of(actions, UploadDecided)[0]
+    assert decided.outcome is Outcome.APPROVED and decided.by == "cli:0"
+    assert conn.up(118, T0 + 3.01)[0] is Verdict.ACCEPT
+    assert eng.held() == (0, 0)
+    with pytest.raises(UnknownUpload):
+        eng.decide(upload_id, Decision(Verb.DENY), T0 + 4)
+
+
+def test_deny_discards_and_resets_both_ends_with_exact_sequence_numbers() -> None:
+    eng = engine()
+    conn = Conn(eng)
+    conn.up(0, T0 - 1, flags=ACK)
+    conn.down(300, T0 - 0.5)  # the cloud's last data: the device will ACK 5300
+    conn.up(0, T0 - 0.49, flags=ACK)
+    tokens = [t for _, t in start_burst(conn, T0)]
+    upload_id = eng.pending()[0].id
+    eng.take_actions()
+    eng.decide(upload_id, Decision(Verb.DENY, by="web"), T0 + 2)
+    actions = eng.take_actions()
+    assert of(actions, Discard)[0].tokens == tuple(tokens)
+    reset = of(actions, Reset)[0]
+    assert reset.seq_to_device == 5300  # the device's latest ACK
+    assert reset.seq_to_remote == 1000  # the cloud's latest ACK: the first held byte
+    assert of(actions, UploadDecided)[0].outcome is Outcome.DENIED
+    # the dead connection's leftovers are dropped, never delivered
+    assert conn.up(118, T0 + 2.1)[0] is Verdict.DROP
+
+
+def test_unanswered_upload_expires_as_deny() -> None:
+    eng = engine(hold_timeout_s=5.0)
+    conn = Conn(eng)
+    start_burst(conn, T0)
+    eng.take_actions()
+    assert eng.next_timer() == pytest.approx(T0 + 0.009 + 5.0)
+    eng.handle_timer(T0 + 6)
+    actions = eng.take_actions()
+    decided = of(actions, UploadDecided)[0]
+    assert decided.outcome is Outcome.EXPIRED and decided.by == "expiry"
+    assert of(actions, Discard) and of(actions, Reset)
+    assert eng.pending() == []
+
+
+def test_retransmitted_segment_is_held_once() -> None:
+    eng = engine()
+    conn = Conn(eng)
+    start_burst(conn, T0)
+    upload = eng.pending()[0]
+    first_seq = 1000
+    for attempt in range(5):  # RTO retransmissions of the first segment
+        verdict, _ = conn.up(233, T0 + 0.3 * (attempt + 1), seq=first_seq)
+        assert verdict is Verdict.DROP
+    assert len(upload.held) == 10
+    assert eng.counters["duplicates"] == 5
+
+
+def test_cap_on_held_packets_denies_the_upload_fail_closed() -> None:
+    eng = engine(max_held_packets_per_upload=12)
+    conn = Conn(eng)
+    start_burst(conn, T0)
+    upload = eng.pending()[0]
+    conn.up(118, T0 + 0.1)
+    conn.up(118, T0 + 0.12)
+    eng.take_actions()
+    verdict, _ = conn.up(118, T0 + 0.14)
+    actions = eng.take_actions()
+    assert verdict is Verdict.DROP
+    assert of(actions, UploadDecided)[0].outcome is Outcome.CAPPED
+    assert len(of(actions, Discard)[0].tokens) == 12
+    assert upload.state.value == "denied" and eng.held() == (0, 0)
+
+
+def test_messaging_host_is_blocked_at_once() -> None:
+    eng = engine()
+    dns = Packet(4, "198.18.10.1", ECHO, 17, 53, 40001, 80, 108,
+                 dns=(_answer("alexa-comms-mobile-service.amazon.com", CLOUD),))
+    assert eng.receive(dns, T0) is Verdict.ACCEPT
+    conn = Conn(eng)
+    assert conn.syn(T0 + 0.01) is Verdict.REJECT
+    actions = eng.take_actions()
+    blocked = of(actions, FlowBlocked)[0]
+    assert blocked.category == "messaging" and blocked.host.startswith("alexa-comms")
+    assert of(actions, MarkFlow)[0].verdict == "block"
+
+
+def test_allowed_category_passes_and_is_fast_pathed_after_its_first_payload() -> None:
+    eng = engine()
+    dns = Packet(4, "198.18.10.1", ECHO, 17, 53, 40001, 80, 108,
+                 dns=(_answer("api.amazonalexa.com", CLOUD),))
+    eng.receive(dns, T0)
+    conn = Conn(eng)
+    assert conn.syn(T0 + 0.01) is Verdict.ACCEPT
+    assert eng.take_actions() == []  # no mark before the first payload (its SNI may differ)
+    for i in range(20):
+        assert conn.up(1460, T0 + 0.02 + i * 0.001)[0] is Verdict.ACCEPT
+    marks = of(eng.take_actions(), MarkFlow)
+    assert [m.verdict for m in marks] == ["allow"]
+
+
+def test_sni_names_the_flow_and_decides_its_category(client_hello) -> None:
+    eng = engine()
+    conn = Conn(eng)
+    verdict, _ = conn.up(len(client_hello), T0, payload=client_hello, hint=Hint.TLS_HELLO)
+    assert verdict is Verdict.ACCEPT  # a handshake record carries no audio
+    flow = next(iter(eng.flows.values()))
+    assert flow.host == "bob-dispatch-prod-na.amazon.com" and flow.category == "voice"
+
+
+def test_followups_first_turn_passes_a_followup_is_held() -> None:
+    eng = engine(mode=Mode.FOLLOWUPS)
+    conn = Conn(eng)
+    start_burst(conn, T0)
+    actions = eng.take_actions()
+    assert of(actions, UploadSeen)[0].upload["action"] == "pass"
+    assert of(actions, Release)  # the first window is released at once
+    for i in range(100):  # 2 s of 118-B Opus records
+        assert conn.up(118, T0 + 0.02 + i * 0.02)[0] is Verdict.ACCEPT
+    eng.handle_timer(T0 + 4)  # the turn ends
+    # "What's the message?" ... the follow-up turn starts 4 s later
+    start_burst(conn, T0 + 6.0)
+    held = of(eng.take_actions(), UploadHeld)
+    assert len(held) == 1 and held[0].upload["turn"] == 2
+
+
+def test_followups_a_turn_longer_than_max_turn_is_held_from_that_point() -> None:
+    eng = engine(mode=Mode.FOLLOWUPS, max_turn_s=8.0)
+    conn = Conn(eng)
+    start_burst(conn, T0)
+    verdicts = [conn.up(118, T0 + 0.02 + i * 0.02)[0] for i in range(500)]  # 10 s of audio
+    passed = verdicts.index(Verdict.HOLD)
+    assert 0.02 + passed * 0.02 == pytest.approx(8.0, abs=0.05)
+    assert all(v is Verdict.HOLD for v in verdicts[passed:])
+    held = of(eng.take_actions(), UploadHeld)
+    assert held and held[-1].upload["action"] == "hold"
+
+
+def test_monitor_mode_holds_nothing_but_logs_the_upload() -> None:
+    eng = engine(mode=Mode.MONITOR)
+    conn = Conn(eng)
+    verdicts = [v for v, _ in start_burst(conn, T0)]
+    assert all(v is Verdict.ACCEPT for v in verdicts)
+    seen = of(eng.take_actions(), UploadSeen)
+    assert seen[0].upload["action"] == "monitor" and seen[0].upload["outcome"] == "monitored"
+
+
+def test_quiet_window_denies_uploads_at_once_while_other_traffic_goes_on() -> None:
+    eng = engine()
+    eng.set_windows([Window("kitchen-echo", WindowKind.QUIET, T0 + 3600)])
+    conn = Conn(eng)
+    start_burst(conn, T0)
+    actions = eng.take_actions()
+    assert of(actions, UploadDecided)[0].outcome is Outcome.QUIET
+    assert not of(actions, UploadHeld)
+    assert of(actions, Reset)
+    # a small event burst on another connection is still released normally
+    other = Conn(eng, sport=40002)
+    other.up(400, T0 + 1)
+    eng.handle_timer(T0 + 2)
+    assert of(eng.take_actions(), BurstReleased)
+
+
+def test_allow_window_lets_uploads_pass_and_logs_them() -> None:
+    eng = engine()
+    eng.set_windows([Window("kitchen-echo", WindowKind.ALLOW, T0 + 1800)])
+    conn = Conn(eng)
+    start_burst(conn, T0)
+    seen = of(eng.take_actions(), UploadSeen)[0]
+    assert seen.upload["outcome"] == "window" and seen.upload["action"] == "pass"
+    eng.set_windows([Window("kitchen-echo", WindowKind.ALLOW, T0 - 1)])  # expired
+    start_burst(Conn(eng, sport=40003), T0 + 100)
+    assert of(eng.take_actions(), UploadHeld)
+
+
+def test_deny_beats_allow_between_standing_decisions() -> None:
+    eng = engine()
+    eng.set_windows([Window("kitchen-echo", WindowKind.ALLOW, T0 + 1800)])
+    eng.set_standing([StandingRule("kitchen-echo", Verb.DENY, category="unknown")])
+    start_burst(Conn(eng), T0)
+    assert of(eng.take_actions(), UploadDecided)[0].outcome is Outcome.RULE
+
+
+def test_allow_always_adds_a_standing_rule() -> None:
+    eng = engine()
+    start_burst(Conn(eng), T0)
+    upload_id = eng.pending()[0].id
+    eng.decide(upload_id, Decision(Verb.ALLOW, Scope.ALWAYS), T0 + 1)
+    assert eng.standing[0].verb is Verb.ALLOW
+    start_burst(Conn(eng, sport=40004), T0 + 60)
+    assert of(eng.take_actions(), UploadSeen)[-1].upload["outcome"] == "rule"
+
+
+def test_upload_pending_across_restart_is_reset_as_lost_and_nothing_delivered() -> None:
+    eng = engine()
+    eng.expect_lost([(41, TCP, ECHO, 40000, CLOUD, 443)])
+    conn = Conn(eng)
+    verdict, _ = conn.up(1460, T0)  # the speaker retransmits into the new guard
+    actions = eng.take_actions()
+    assert verdict is Verdict.DROP
+    assert of(actions, Reset)[0].reason == "lost-on-restart"
+    lost = of(actions, UploadDecided)[0]
+    assert lost.outcome is Outcome.LOST and lost.upload["id"] == 41
+    assert conn.up(1460, T0 + 0.2)[0] is Verdict.DROP
+
+
+def test_quic_upload_deny_answers_unreachable() -> None:
+    eng = engine()
+    for i in range(10):
+        assert udp(eng, 1350, T0 + i * 0.01) is Verdict.HOLD
+    upload_id = eng.pending()[0].id
+    eng.take_actions()
+    eng.decide(upload_id, Decision(Verb.DENY), T0 + 1)
+    actions = eng.take_actions()
+    assert len(of(actions, Discard)[0].tokens) == 10
+    assert of(actions, Unreachable)
+
+
+def test_quic_acks_during_a_download_are_not_an_upload() -> None:
+    eng = engine()
+    for i in range(30):
+        udp(eng, 1350, T0 + i * 0.003, up=False)
+        udp(eng, 40, T0 + i * 0.003 + 0.001)
+    eng.handle_timer(T0 + 2)
+    actions = eng.take_actions()
+    assert not of(actions, UploadHeld) and of(actions, BurstReleased)
+
+
+def test_stun_from_a_speaker_is_messaging_and_blocked() -> None:
+    eng = engine()
+    stun = bytes.fromhex("0001000021122a442a442a442a442a442a442a44")
+    assert udp(eng, 20, T0, dport=3478, hint=Hint.STUN, payload=stun) is Verdict.REJECT
+    assert of(eng.take_actions(), FlowBlocked)[0].category == "messaging"
+
+
+def test_quic_block_device_rejects_udp_443() -> None:
+    eng = engine()
+    device = eng.devices.by_name["kitchen-echo"]
+    from dataclasses import replace
+
+    eng.devices.replace(replace(device, quic="block"))
+    assert udp(eng, 1200, T0, hint=Hint.QUIC_INITIAL) is Verdict.REJECT
+
+
+def test_time_running_backwards_is_tolerated() -> None:
+    eng = engine()
+    conn = Conn(eng)
+    conn.up(233, T0)
+    conn.up(136, T0 - 50)  # a damaged capture
+    eng.handle_timer(T0 - 100)
+    eng.handle_timer(T0 + 1)
+    assert of(eng.take_actions(), BurstReleased)
+
+
+def test_malformed_and_unconfigured_packets() -> None:
+    eng = engine()
+    assert eng.receive(Malformed("truncated"), T0) is Verdict.DROP
+    stranger = Packet(4, "198.18.10.99", CLOUD, TCP, 1234, 443, 500, 540)
+    assert eng.receive(stranger, T0) is Verdict.ACCEPT
+    assert eng.counters["malformed"] == 1 and eng.counters["not_ours"] == 1
+
+
+def test_device_by_mac_ignores_a_spoofer_with_its_address() -> None:
+    from dataclasses import replace
+
+    from guard.config import DeviceConfig, GuardConfig
+    from guard.engine import Engine
+    from tests.enginekit import RULES
+
+    device = DeviceConfig(name="echo", mac=ECHO_MAC)
+    eng = Engine(replace(GuardConfig(), devices=(device,)), RULES)
+    eng.set_windows([Window("echo", WindowKind.ALLOW, T0 + 3600)])
+    real = Conn(eng, mac=ECHO_MAC)
+    assert real.up(233, T0)[0] is Verdict.HOLD
+    spoof = Conn(eng, sport=40009, mac="02:00:00:00:00:01")
+    verdict, _ = spoof.up(233, T0 + 0.1)
+    assert verdict is Verdict.ACCEPT  # treated as an unconfigured host, not as the speaker
+    assert all(f.key.device_port != 40009 for f in eng.flows.values())
+
+
+def test_illegal_transition_raises() -> None:
+    eng = engine()
+    conn = Conn(eng)
+    conn.up(233, T0)
+    flow = next(iter(eng.flows.values()))
+    with pytest.raises(IllegalTransition):
+        flow.move(FlowState.ALLOWED)
+
+
+def _answer(name: str, address: str):
+    from guard.packet import DnsAnswer
+
+    return DnsAnswer(name, address, 300)
