@@ -1,0 +1,60 @@
+"""Fixtures for the namespace-based end-to-end suite: the simulated home of guard.sim.topology.
+
+Rules of this file: kernel-level tests run in CI (as root) and must pass there. They are skipped
+only when not root AND $CI is not "true"; in CI a missing privilege or tool FAILS them, so a green
+CI never hides an untested kernel path. All addresses are in 198.18.0.0/15 and 2001:2::/48.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from guard.sim.topology import Topology, cleanup_stale, missing_tools
+
+IS_ROOT = os.geteuid() == 0
+IN_CI = os.environ.get("CI") == "true"
+
+# The speakers every module's topology has, with their vendors' real OUIs (the Echo Dot's and the
+# HomePod's MACs are the ones in ../shared/captures/smart-speakers-study; the Nest has a Google OUI)
+# so OUI-based discovery sees what it would at home.
+SPEAKERS: tuple[tuple[str, str | None, str | None, str | None], ...] = (
+    ("echo", "198.18.10.10", "2001:2:0:10::10", "68:db:f5:90:19:64"),
+    ("homepod", "198.18.10.11", "2001:2:0:10::11", "d4:a3:3d:6b:1e:97"),
+    ("nest", "198.18.10.12", "2001:2:0:10::12", "f4:f5:d8:0a:00:12"),
+)
+
+
+def require_kernel_world() -> None:
+    """Skip (only off CI, only without root) or fail when the namespace world cannot be built."""
+    if not IS_ROOT:
+        if IN_CI:
+            pytest.fail("end-to-end tests need root in CI (run .ci/run as root)")
+        pytest.skip("end-to-end tests need root (they run, and must pass, in CI)")
+    missing = missing_tools()
+    if missing:
+        pytest.fail(
+            f"missing commands for the end-to-end suite: {', '.join(missing)} "
+            "(apt-get install iproute2 iptables dnsmasq-base coreutils)"
+        )
+
+
+@pytest.fixture(scope="session")
+def kernel_world() -> None:
+    """Root and tools are there; leftovers of crashed earlier runs are removed (once)."""
+    require_kernel_world()
+    cleanup_stale("hg")
+
+
+@pytest.fixture(scope="module")
+def topology(kernel_world: None) -> Iterator[Topology]:
+    """A fresh simulated home per test module: lan/gw/wan, the three speakers, dnsmasq and the
+    cloud. Deleted (namespaces and every process) when the module ends, pass or fail."""
+    topo = Topology(speakers=SPEAKERS)
+    try:
+        topo.start()
+        yield topo
+    finally:
+        topo.close()
