@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 import ipaddress
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -165,6 +165,7 @@ class Upload:
     held_bytes: int = 0
     seqs: set[tuple[int, int]] = field(default_factory=set)
     reason: str = ""
+    first_turn: bool = False  # followups: passed as a first turn, held if it runs too long
 
     def move(self, state: UploadState) -> None:
         if state is not self.state and state not in _UPLOAD_MOVES[self.state]:
@@ -429,6 +430,7 @@ class Engine:
         next_upload_id: int = 1,
         expire_on_idle: bool = False,
         detector: DetectorConfig | None = None,
+        id_source: Callable[[], int] | None = None,
     ) -> None:
         self.config = config
         self.rules = rules
@@ -440,6 +442,8 @@ class Engine:
         self.windows: list[Window] = list(windows)
         self.standing: list[StandingRule] = list(standing)
         self.next_upload_id = next_upload_id
+        # the daemon passes the store's durable sequence: ids are never reused across restarts
+        self.id_source = id_source
         # analyze: nobody answers, so a held upload expires when its traffic ends, and what
         # follows on its flow is inspected as the speaker's reconnection would be.
         self.expire_on_idle = expire_on_idle
@@ -495,7 +499,7 @@ class Engine:
             when = flow.last_up + UPLOAD_END_GAP_S
             upload = flow.upload
             if (upload is not None and upload.action is UploadAction.PASS
-                    and upload.state is UploadState.PASSING and upload.outcome is Outcome.PASSED):
+                    and upload.state is UploadState.PASSING and upload.first_turn):
                 when = min(when, upload.start + self.config.max_turn_s)
         self._schedule(flow, when)
 
@@ -530,7 +534,7 @@ class Engine:
             upload = flow.upload
             if now >= flow.last_up + UPLOAD_END_GAP_S:
                 self._end_activity(flow)
-            elif (upload is not None and upload.outcome is Outcome.PASSED
+            elif (upload is not None and upload.first_turn
                   and now >= upload.start + self.config.max_turn_s):
                 self._hold_long_turn(flow, upload, now)
 
@@ -766,7 +770,7 @@ class Engine:
             upload = flow.upload
             if upload is not None:
                 self._count_into(upload, pkt, now)
-                if upload.outcome is Outcome.PASSED and now - upload.start >= self.config.max_turn_s:
+                if upload.first_turn and now - upload.start >= self.config.max_turn_s:
                     self._hold_long_turn(flow, upload, now)
                     return self._hold_into(flow, upload, pkt, now, token)
             flow.activity_passed += pkt.payload_len
@@ -849,14 +853,15 @@ class Engine:
         turn = 1
         if previous is not None and flow.activity_start - previous[0] <= self.config.followup_window_s:
             turn = previous[1] + 1
+        upload_id = self.id_source() if self.id_source is not None else self.next_upload_id
+        self.next_upload_id = max(self.next_upload_id, upload_id) + 1
         upload = Upload(
-            id=self.next_upload_id, device=device.name, device_addr=flow.key.device_addr,
+            id=upload_id, device=device.name, device_addr=flow.key.device_addr,
             key=flow.key, host=flow.host, category=flow.category, start=flow.activity_start,
             end=now, decided=now, decided_after_packets=self._decided_after, action=action,
             turn=turn, bytes=flow.activity_bytes, packets=flow.activity_packets,
             leaked_bytes=flow.activity_passed, reason=reason,
         )
-        self.next_upload_id += 1
         self.uploads[upload.id] = upload
         self.last_upload[device.name] = (now, turn)
         return upload
@@ -896,7 +901,9 @@ class Engine:
             if standing is not None:
                 upload.outcome, upload.decided_by = standing[0], standing[0].value
             else:
-                upload.outcome, upload.decided_by = Outcome.PASSED, "followups"
+                # the mode is the standing rule that lets a first turn through
+                upload.outcome, upload.decided_by = Outcome.RULE, "followups"
+                upload.first_turn = True
             upload.decision_time = now
             self._pass_burst(flow, burst, current, upload)
             self.actions.append(UploadSeen(upload.summary()))
@@ -974,6 +981,7 @@ class Engine:
         upload.action = UploadAction.HOLD
         upload.outcome = None
         upload.decided_by = None
+        upload.first_turn = False
         upload.leaked_bytes = upload.bytes
         upload.expires = now + self.config.hold_timeout_s
         upload.held = []
@@ -1027,6 +1035,9 @@ class Engine:
     def _deny(self, upload: Upload, now: float, outcome: Outcome, by: str) -> None:
         upload.move(UploadState.DENIED)
         upload.outcome, upload.decided_by, upload.decision_time = outcome, by, now
+        # The remote has everything before the first held byte and nothing after it: that is
+        # exactly the sequence number its side of the connection will accept a reset at.
+        first_held = upload.held[0].seq if upload.held else None
         tokens = tuple(h.token for h in upload.held)
         if tokens:
             self.actions.append(Discard(tokens, upload.id))
@@ -1037,13 +1048,17 @@ class Engine:
         if flow is not None and flow.upload is upload:
             flow.move(FlowState.DENIED)
             flow.last_up = max(flow.last_up, now)  # drop the dead connection's leftovers
-            self._reset(flow, outcome.value)
+            self._reset(flow, outcome.value, first_held)
             self._reschedule(flow)
         self.actions.append(UploadDecided(upload.summary(), outcome, by))
 
-    def _reset(self, flow: Flow, reason: str) -> None:
+    def _reset(self, flow: Flow, reason: str, seq_to_remote: int | None = None) -> None:
         if flow.key.proto == TCP:
-            self.actions.append(Reset(flow.key, flow.device_ack, flow.remote_ack, reason))
+            if seq_to_remote is None:
+                # nothing held: the remote expects the device's next byte (downstream packets,
+                # and so the remote's own ACKs, are usually not queued to userspace)
+                seq_to_remote = flow.remote_ack if flow.remote_ack is not None else flow.device_next
+            self.actions.append(Reset(flow.key, flow.device_ack, seq_to_remote, reason))
         else:
             self.actions.append(Unreachable(flow.key, reason))
 

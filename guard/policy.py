@@ -45,7 +45,6 @@ class Outcome(str, Enum):
     MONITORED = "monitored"  # monitor mode: logged, not held
     CAPPED = "capped"  # held memory hit a cap: denied, fail-closed
     LOST = "lost"  # pending when the guard restarted: reset, nothing delivered
-    PASSED = "passed"  # followups mode: a first turn that policy lets through
 
 
 DENYING_OUTCOMES = frozenset(

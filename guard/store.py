@@ -18,9 +18,10 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any, Self
+
+from guard.policy import Outcome, Verb, WindowKind
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x48534754  # "HSGT": marks the file as ours (PRAGMA application_id)
@@ -42,28 +43,8 @@ __all__ = [
 ]
 
 
-class Outcome(str, Enum):
-    """How an upload ended: one list everywhere (metrics, audit log, `hushgate log`)."""
-
-    APPROVED = "approved"
-    DENIED = "denied"
-    EXPIRED = "expired"
-    WINDOW = "window"
-    QUIET = "quiet"
-    RULE = "rule"
-    MONITORED = "monitored"
-    CAPPED = "capped"
-    LOST = "lost"
-
-
-class Action(str, Enum):
-    ALLOW = "allow"
-    DENY = "deny"
-
-
-class WindowKind(str, Enum):
-    ALLOW = "allow"  # uploads pass, logged
-    QUIET = "quiet"  # uploads denied at once, no prompt (the network-level mute button)
+# One vocabulary: outcomes, verbs and window kinds are defined once, in the core.
+Action = Verb
 
 
 class StoreError(RuntimeError):

@@ -1,0 +1,459 @@
+"""`hushgate run`: the composition root, and the one place that reads the clock.
+
+Rules of this module: it wires the shell around the engine and makes no decisions of its own.
+One thread owns the packet loop; the control server's thread reaches the engine only under the
+same lock, and every action the engine emits is carried out before the lock is released (so a
+decision is acted on and persisted before its reply is sent). Start-up order keeps the guard
+closed: store first (a corrupt one is moved aside, never silently reset), then the persistent
+safety net, then the queue rules, then traffic.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from guard import __version__
+from guard.config import GuardConfig
+from guard.engine import (
+    BurstReleased,
+    Discard,
+    Engine,
+    FlowBlocked,
+    HeldCapHit,
+    MarkFlow,
+    Release,
+    Reset,
+    UnknownUpload,
+    Unreachable,
+    UploadDecided,
+    UploadEnded,
+    UploadHeld,
+    UploadSeen,
+)
+from guard.firewall import DeviceMatch, FirewallSpec, IptablesBackend, compose_mark
+from guard.inject import Injector
+from guard.nfqueue import COPY_RANGE, QueueHandler, late_verdict
+from guard.packet import TCP
+from guard.policy import (
+    Decision,
+    Outcome,
+    Scope,
+    StandingRule,
+    Verb,
+    Window,
+    WindowKind,
+)
+from guard.ruleset import load_rules
+from guard.store import PendingUpload, Store, StoreCorrupt, StoreError
+
+
+def log(message: str) -> None:
+    print(f"hushgate: {message}", file=sys.stderr, flush=True)
+
+
+def firewall_spec(config: GuardConfig) -> FirewallSpec:
+    devices = []
+    for d in config.devices:
+        if d.mode.value == "off":
+            continue
+        v4 = d.address if d.address and ":" not in d.address else None
+        v6 = tuple(a for a in (d.address, *d.address6) if a and ":" in a)
+        devices.append(DeviceMatch(d.name, address=v4, mac=d.mac, address6=v6))
+    quic_block = tuple(d.name for d in config.devices
+                       if d.mode.value != "off" and (d.quic == "block" or config.quic == "block"))
+    return FirewallSpec(tuple(devices), config.queue, config.queue_count,
+                        fail_open=config.fail_open, mark_mask=config.mark_mask,
+                        quic_block_devices=quic_block)
+
+
+class Daemon:
+    def __init__(self, config: GuardConfig, *, backend: IptablesBackend | None = None) -> None:
+        self.config = config
+        self.lock = threading.RLock()
+        self.stopping = threading.Event()
+        self.started = time.time()
+        self.rules = load_rules([config.rules_dir] if config.rules_dir else [])
+        self.spec = firewall_spec(config)
+        self.marks = self.spec.marks
+        self.firewall = backend or IptablesBackend(self.spec)
+        self.injector = Injector()
+        self.store = self._open_store()
+        self.engine = self._engine()
+        self.queues: list[Any] = []
+        self.handler: QueueHandler | None = None
+        self.control: Any = None
+        self.errors: dict[str, int] = {"store": 0, "reset": 0, "conntrack": 0}
+        self._current_key: Any = None
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    def _open_store(self) -> Store:
+        now = time.time()
+        try:
+            return Store.open(self.config.state_db, now)
+        except StoreCorrupt as exc:
+            log(f"state database {exc.path} is corrupt ({exc.reason}); moved aside to "
+                f"{exc.moved_to}; starting with an empty one, fail-closed")
+            return Store.open(self.config.state_db, now, upload_id_floor=exc.next_id_floor)
+
+    def _engine(self) -> Engine:
+        now = time.time()
+        engine = Engine(self.config, self.rules, id_source=self.store.next_upload_id)
+        self._load_standing(engine, now)
+        lost = self.store.lost_pending()
+        engine.expect_lost(
+            (p.id, TCP if p.proto == "tcp" else 17, p.src, p.sport, p.dst, p.dport) for p in lost)
+        if lost:
+            log(f"{len(lost)} upload(s) were pending when the guard stopped: their connections "
+                "will be reset as lost, nothing of them delivered")
+        return engine
+
+    def _load_standing(self, engine: Engine, now: float) -> None:
+        engine.set_windows(
+            Window(w.device, WindowKind(w.kind), w.until, w.category, w.id)
+            for w in self.store.active_windows(now))
+        engine.set_standing(
+            StandingRule(r.device, Verb(r.action), r.host, r.category, r.id)
+            for r in self.store.rules())
+
+    def start(self) -> None:
+        from netfilterqueue import COPY_PACKET, NetfilterQueue
+
+        from guard.control import ControlServer
+
+        self.firewall.apply_safety_net()
+        self.handler = QueueHandler(self.engine.receive, self._after_packet, self.config.fail_open)
+        max_len = self.config.max_held_packets_total + 1024  # a full queue drops other flows
+        for number in range(self.config.queue, self.config.queue + self.config.queue_count):
+            queue = NetfilterQueue()
+            queue.bind(number, self._callback, max_len=max_len, mode=COPY_PACKET,
+                       range=COPY_RANGE)
+            self.queues.append(queue)
+        self.firewall.install_dynamic()
+        self.control = ControlServer(self.config.socket, self.handle_request,
+                                     group=self.config.socket_group)
+        self.control.start()
+        log(f"guarding {len(self.config.devices)} device(s) on queue {self.config.queue}, "
+            f"fail-{'open' if self.config.fail_open else 'closed'}, control {self.config.socket}")
+
+    def _callback(self, nfpkt: Any) -> None:
+        with self.lock:
+            assert self.handler is not None
+            self.handler(nfpkt)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        selector = selectors.DefaultSelector()
+        for queue in self.queues:
+            selector.register(queue.get_fd(), selectors.EVENT_READ, queue)
+        last_housekeeping = time.time()
+        while not self.stopping.is_set():
+            with self.lock:
+                deadline = self.engine.next_timer()
+            timeout = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.time()))
+            for key, _ in selector.select(timeout):
+                try:
+                    key.data.run(block=False)
+                except OSError as exc:  # ENOBUFS and friends: counted, survived
+                    self.errors["queue"] = self.errors.get("queue", 0) + 1
+                    log(f"queue read error: {exc}")
+            now = time.time()
+            with self.lock:
+                self.engine.handle_timer(now)
+                self._apply(self.engine.take_actions())
+                if now - last_housekeeping >= 60:
+                    last_housekeeping = now
+                    self.engine.expire_flows(now)
+                    self._housekeeping(now)
+        selector.close()
+
+    def _housekeeping(self, now: float) -> None:
+        try:
+            self.store.prune(now, self.config.audit_max_age_s, self.config.audit_max_rows)
+            self._load_standing(self.engine, now)
+        except StoreError as exc:
+            self.errors["store"] += 1
+            log(f"store: {exc}")
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def close(self) -> None:
+        """Leave the kernel as the fail mode says: closed keeps the safety net, open removes all."""
+        if self.control is not None:
+            self.control.stop()
+        for queue in self.queues:
+            try:
+                queue.unbind()
+            except Exception:  # noqa: BLE001
+                pass
+        self.queues = []
+        try:
+            if self.config.fail_open:
+                self.firewall.remove_all()
+            else:
+                self.firewall.remove_dynamic()
+        finally:
+            self.injector.close()
+            self.store.close()
+
+    # -- actions ------------------------------------------------------------------------------
+
+    def _after_packet(self, nfpkt: Any) -> int | None:
+        """Carry out the actions the current packet caused; the mark for its own verdict."""
+        mark = None
+        for action in self.engine.take_actions():
+            if isinstance(action, MarkFlow):
+                kind = "allow" if action.verdict == "allow" else "block"
+                mark = compose_mark(nfpkt.get_mark(), kind, self.config.mark_mask)
+            else:
+                self._apply([action])
+        return mark
+
+    def _apply(self, actions: list[Any]) -> None:
+        stats = self.handler.stats if self.handler is not None else None
+        for action in actions:
+            if isinstance(action, Release):
+                for token in action.tokens:
+                    if token is not None and stats is not None:
+                        late_verdict(token, True, stats)
+            elif isinstance(action, Discard):
+                for token in action.tokens:
+                    if token is not None and stats is not None:
+                        late_verdict(token, False, stats)
+            elif isinstance(action, Reset):
+                key = action.key
+                sent = self.injector.reset_both(key.device_addr, key.device_port, key.remote_addr,
+                                                key.remote_port, action.seq_to_device,
+                                                action.seq_to_remote)
+                if sent == 0:
+                    self.errors["reset"] += 1
+                    log(f"could not reset {key.remote}: {self.injector.last_error}")
+            elif isinstance(action, Unreachable):
+                self._conntrack_block(action.key)
+            elif isinstance(action, MarkFlow):
+                if action.verdict == "block":
+                    self._conntrack_block(action.key)
+            elif isinstance(action, UploadHeld):
+                self._persist_pending(action.upload)
+                log(f"upload {action.upload['id']} held: {action.upload['device']} -> "
+                    f"{action.upload['host'] or action.upload['remote']}")
+            elif isinstance(action, UploadDecided):
+                self._persist_decision(action.upload, action.outcome, action.by)
+            elif isinstance(action, UploadSeen):
+                upload = action.upload
+                if upload.get("outcome"):
+                    self._persist_decision(upload, Outcome(upload["outcome"]),
+                                           upload.get("decided_by") or upload["outcome"])
+            elif isinstance(action, (UploadEnded, BurstReleased, FlowBlocked, HeldCapHit)):
+                pass
+
+    def _conntrack_block(self, key: Any) -> None:
+        proto = "tcp" if key.proto == TCP else "udp"
+        argv = self.firewall.conntrack_mark_argv(proto, key.device_addr, key.remote_addr,
+                                                 key.device_port, key.remote_port, "block")
+        try:
+            subprocess.run(argv, capture_output=True, timeout=5, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            self.errors["conntrack"] += 1
+
+    def _persist_pending(self, upload: dict[str, Any]) -> None:
+        flow = self.engine.flows.get(self.engine.uploads[upload["id"]].key) \
+            if upload["id"] in self.engine.uploads else None
+        key = self.engine.uploads[upload["id"]].key if upload["id"] in self.engine.uploads else None
+        if key is None:
+            return
+        try:
+            self.store.record_upload_start(PendingUpload(
+                upload["id"], upload["device"], upload["proto"], key.device_addr, key.device_port,
+                key.remote_addr, key.remote_port, upload["decided"], upload["host"],
+                upload["category"],
+                seq_up=flow.device_next if flow else None,
+                ack_up=flow.device_ack if flow else None))
+        except StoreError as exc:
+            self.errors["store"] += 1
+            log(f"store: could not record pending upload {upload['id']}: {exc}")
+
+    def _persist_decision(self, upload: dict[str, Any], outcome: Outcome, by: str) -> None:
+        kwargs = dict(device=upload["device"], outcome=outcome, decided_by=by,
+                      decided_at=time.time(), host=upload.get("host"),
+                      remote=upload.get("remote"), category=upload.get("category"),
+                      upload_bytes=upload.get("bytes", 0), packets=upload.get("packets", 0),
+                      started=upload.get("start"))
+        try:
+            self.store.record_decision(upload["id"], **kwargs)
+        except StoreError:
+            try:  # a first turn that was logged as passed and later held: log it again
+                self.store.record_decision(None, **kwargs)
+            except StoreError as exc:
+                self.errors["store"] += 1
+                log(f"store: could not record decision for upload {upload['id']}: {exc}")
+
+    # -- control requests ------------------------------------------------------------------------
+
+    def handle_request(self, request: dict[str, Any], peer: Any) -> dict[str, Any]:
+        cmd = request.get("cmd")
+        handler = getattr(self, f"_cmd_{cmd}", None) if isinstance(cmd, str) else None
+        if handler is None:
+            return {"ok": False, "error": f"unknown command {cmd!r}"}
+        try:
+            with self.lock:
+                result = handler(request, peer)
+                self._apply(self.engine.take_actions())
+        except UnknownUpload as exc:
+            return {"ok": False, "error": f"no pending upload {exc.args[0]}"}
+        except (KeyError, TypeError, ValueError) as exc:
+            return {"ok": False, "error": f"bad request: {exc}"}
+        except StoreError as exc:
+            return {"ok": False, "error": f"store: {exc}"}
+        return {"ok": True, "result": result}
+
+    def _cmd_ping(self, request: dict[str, Any], peer: Any) -> str:
+        return "pong"
+
+    def _cmd_status(self, request: dict[str, Any], peer: Any) -> dict[str, Any]:
+        packets, held = self.engine.held()
+        stats = self.handler.stats if self.handler else None
+        return {
+            "version": __version__,
+            "fail_mode": "open" if self.config.fail_open else "closed",
+            "devices": [{"name": d.name, "address": d.address, "mac": d.mac, "mode": d.mode.value}
+                        for d in self.engine.devices.by_name.values()],
+            "pending": len(self.engine.pending()),
+            "held_bytes": held,
+            "held_packets": packets,
+            "uptime_s": round(time.time() - self.started, 1),
+            "queue": self.config.queue,
+            "backend": self.firewall.backend_name(),
+            "packets": stats.packets if stats else 0,
+            "errors": {**self.errors, "packet": stats.errors if stats else 0},
+            "counters": dict(self.engine.counters),
+        }
+
+    def _cmd_pending(self, request: dict[str, Any], peer: Any) -> list[dict[str, Any]]:
+        out = []
+        for upload in sorted(self.engine.pending(), key=lambda u: u.id):
+            out.append({
+                "id": upload.id, "device": upload.device, "remote": upload.key.remote,
+                "host": upload.host, "category": upload.category,
+                "held_packets": len(upload.held), "held_bytes": upload.held_bytes,
+                "started": upload.decided, "expires": upload.expires,
+            })
+        return out
+
+    def _cmd_decide(self, request: dict[str, Any], peer: Any) -> dict[str, Any]:
+        upload_id = int(request["id"])
+        verb = Verb(request["verb"])
+        scope = Scope(request.get("scope") or "once")
+        duration = request.get("duration_s")
+        by = str(request.get("by") or f"cli:{getattr(peer, 'uid', '?')}")[:64]
+        now = time.time()
+        upload = self.engine.uploads.get(upload_id)
+        if upload is None:
+            raise UnknownUpload(upload_id)
+        if scope is Scope.FOR:
+            if not duration or float(duration) <= 0:
+                raise ValueError("scope 'for' needs a positive duration_s")
+            kind = WindowKind.ALLOW if verb is Verb.ALLOW else WindowKind.QUIET
+            self.store.add_window(upload.device, kind, now + float(duration), now,
+                                  category=upload.category, source=by)
+        elif scope is Scope.ALWAYS:
+            if upload.host:
+                self.store.add_rule(upload.device, verb, now, host=upload.host, source=by)
+            else:
+                self.store.add_rule(upload.device, verb, now, category=upload.category,
+                                    source=by)
+        self.engine.decide(upload_id, Decision(verb, scope, duration, by), now)
+        return upload.summary()
+
+    def _cmd_window(self, request: dict[str, Any], peer: Any) -> dict[str, Any]:
+        device = str(request["device"])
+        if device not in self.engine.devices.by_name:
+            raise ValueError(f"no device named {device!r}")
+        kind = WindowKind(request["kind"])
+        duration = float(request["duration_s"])
+        if duration <= 0:
+            raise ValueError("duration_s must be positive")
+        now = time.time()
+        by = str(request.get("by") or f"cli:{getattr(peer, 'uid', '?')}")[:64]
+        window = self.store.add_window(device, kind, now + duration, now, source=by)
+        self._load_standing(self.engine, now)
+        return {"device": device, "kind": kind.value, "until": window.until}
+
+    def _cmd_devices(self, request: dict[str, Any], peer: Any) -> list[dict[str, Any]]:
+        flows: dict[str, int] = {}
+        for flow in self.engine.iter_flows():
+            flows[flow.device.name] = flows.get(flow.device.name, 0) + 1
+        return [{"name": d.name, "address": d.address, "mac": d.mac, "mode": d.mode.value,
+                 "flows": flows.get(d.name, 0),
+                 "uploads": sum(1 for u in self.engine.uploads.values() if u.device == d.name)}
+                for d in self.engine.devices.by_name.values()]
+
+    def _cmd_flows(self, request: dict[str, Any], peer: Any) -> list[dict[str, Any]]:
+        device = request.get("device")
+        out = []
+        for flow in self.engine.iter_flows():
+            if device and flow.device.name != device:
+                continue
+            item = flow.summary()
+            item["device"] = item.pop("device_name")
+            out.append(item)
+        return out
+
+    def _cmd_log(self, request: dict[str, Any], peer: Any) -> list[dict[str, Any]]:
+        records = self.store.log(device=request.get("device"), since=request.get("since"),
+                                 outcome=request.get("outcome"),
+                                 limit=int(request.get("limit") or 100))
+        return [{"id": r.upload_id, "device": r.device, "host": r.host, "remote": r.remote,
+                 "category": r.category, "bytes": r.upload_bytes, "packets": r.packets,
+                 "started": r.started, "decided_at": r.decided_at, "outcome": r.outcome.value,
+                 "decided_by": r.decided_by} for r in records]
+
+
+def run(config: GuardConfig) -> int:
+    """Run the guard in the foreground until SIGTERM/SIGINT. Returns the exit code."""
+    if os.geteuid() != 0:
+        log("run needs root (NFQUEUE, iptables, raw sockets)")
+        return 1
+    daemon = Daemon(config)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        daemon.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        daemon.start()
+        daemon.serve()
+    finally:
+        daemon.close()
+    log("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from guard.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(prog="hushgate-run")
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        log(str(exc))
+        return 1
+    return run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
