@@ -211,6 +211,12 @@ def format_table(result: dict[str, Any]) -> str:
                 f"{to:<40} {u['category']:<10} {u['bytes'] / 1000:6.1f} {u['action']:<8} "
                 f"{u['leaked_bytes']:5d} {u['turn']:4d} "
                 f"{(u['decided'] - u['start']) * 1000:6.0f}ms")
+    blocked = [f for f in result["flows"] if f["category"] == "messaging"]
+    if blocked:
+        lines.append("")
+        for f in blocked:
+            lines.append(f"blocked (messaging): {f['device']} -> {f['host'] or f['remote']}, "
+                         f"{f['packets_up']} packet(s) refused")
     if result["releases"]:
         delays = sorted(r["delay_s"] for r in result["releases"])
         p95 = delays[min(len(delays) - 1, int(0.95 * len(delays)))]

@@ -101,6 +101,8 @@ class GuardConfig:
     state_db: str = "/var/lib/hushgate/state.db"
     rules_dir: str | None = None
     backend: str = "iptables"
+    # reset connections that predate the guard (when quiet) so they reconnect with their SNI
+    reset_midstream: bool = True
     max_held_packets_per_upload: int = 512
     max_held_bytes_per_upload: int = 1 << 20
     max_held_packets_total: int = 4096
@@ -131,6 +133,7 @@ _GUARD_KEYS = {
     "window_segments", "mark_mask", "quic", "socket", "socket_group", "state_db", "rules_dir",
     "backend", "max_held_packets_per_upload", "max_held_bytes_per_upload",
     "max_held_packets_total", "max_held_bytes_total", "audit_max_age_s", "audit_max_rows",
+    "reset_midstream",
 }
 _DEVICE_KEYS = {"name", "address", "mac", "address6", "mode", "categories", "quic"}
 
@@ -234,6 +237,10 @@ def parse_config(data: dict[str, Any]) -> GuardConfig:
         if mask <= 0 or mask > 0xFFFFFFFF or bin(mask).count("1") < 2:
             raise ConfigError("guard.mark_mask: needs at least two bits of a 32-bit mark")
         kw["mark_mask"] = mask
+    if "reset_midstream" in guard:
+        if not isinstance(guard["reset_midstream"], bool):
+            raise ConfigError("guard.reset_midstream: expected true or false")
+        kw["reset_midstream"] = guard["reset_midstream"]
     for key in ("socket", "socket_group", "state_db", "rules_dir"):
         if key in guard:
             if not isinstance(guard[key], str) or not guard[key]:

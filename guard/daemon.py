@@ -50,7 +50,7 @@ from guard.policy import (
     Window,
     WindowKind,
 )
-from guard.ruleset import load_rules
+from guard.ruleset import RuleError, load_rules
 from guard.store import PendingUpload, Store, StoreCorrupt, StoreError
 
 
@@ -90,7 +90,7 @@ class Daemon:
         self.handler: QueueHandler | None = None
         self.control: Any = None
         self.errors: dict[str, int] = {"store": 0, "reset": 0, "conntrack": 0}
-        self._current_key: Any = None
+        self.reload_requested = threading.Event()
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -105,7 +105,8 @@ class Daemon:
 
     def _engine(self) -> Engine:
         now = time.time()
-        engine = Engine(self.config, self.rules, id_source=self.store.next_upload_id)
+        engine = Engine(self.config, self.rules, id_source=self.store.next_upload_id,
+                        reset_midstream=self.config.reset_midstream)
         self._load_standing(engine, now)
         lost = self.store.lost_pending()
         engine.expect_lost(
@@ -156,6 +157,9 @@ class Daemon:
             selector.register(queue.get_fd(), selectors.EVENT_READ, queue)
         last_housekeeping = time.time()
         while not self.stopping.is_set():
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.reload()
             with self.lock:
                 deadline = self.engine.next_timer()
             timeout = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.time()))
@@ -185,6 +189,20 @@ class Daemon:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    def reload(self) -> bool:
+        """Re-read the rule files (SIGHUP). A broken rule set is reported and the last good
+        one stays in force."""
+        try:
+            rules = load_rules([self.config.rules_dir] if self.config.rules_dir else [])
+        except RuleError as exc:
+            log(f"reload refused, keeping the rules in force: {exc}")
+            return False
+        with self.lock:
+            self.rules = rules
+            self.engine.rules = rules
+        log("rules reloaded")
+        return True
 
     def close(self) -> None:
         """Leave the kernel as the fail mode says: closed keeps the safety net, open removes all."""
@@ -423,13 +441,26 @@ def run(config: GuardConfig) -> int:
     if os.geteuid() != 0:
         log("run needs root (NFQUEUE, iptables, raw sockets)")
         return 1
-    daemon = Daemon(config)
+    try:
+        daemon = Daemon(config)
+    except RuleError as exc:
+        log(f"refusing to start: {exc}")
+        return 1
+    except StoreError as exc:
+        log(f"refusing to start: state database: {exc}")
+        return 1
+    reload_requested = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
         daemon.stop()
 
+    def on_hup(signum: int, frame: Any) -> None:
+        reload_requested.set()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hup)
+    daemon.reload_requested = reload_requested
     try:
         daemon.start()
         daemon.serve()

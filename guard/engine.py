@@ -20,7 +20,7 @@ from typing import Any
 from guard.config import DeviceConfig, GuardConfig, normalize_mac
 from guard.detector import DetectorConfig, Judgement, judge, next_deadline
 from guard.names import NameCache
-from guard.packet import ACK, RST, SYN, TCP, UDP, Hint, Malformed, Packet
+from guard.packet import ACK, FIN, RST, SYN, TCP, UDP, Hint, Malformed, Packet
 from guard.policy import (
     CategoryAction,
     Decision,
@@ -216,6 +216,7 @@ class Flow:
     last_up: float = -1.0  # last upstream payload packet
     marked: bool = False
     sni: SniAssembler | None = None
+    syn_seq: int | None = None
     # exact sequence numbers for resets (kernel-facts: only the latest ACKs are accepted)
     device_ack: int | None = None  # what the device acknowledged: the seq a RST to it needs
     remote_ack: int | None = None  # what the remote acknowledged: the seq a RST to it needs
@@ -431,6 +432,7 @@ class Engine:
         expire_on_idle: bool = False,
         detector: DetectorConfig | None = None,
         id_source: Callable[[], int] | None = None,
+        reset_midstream: bool = False,
     ) -> None:
         self.config = config
         self.rules = rules
@@ -444,6 +446,8 @@ class Engine:
         self.next_upload_id = next_upload_id
         # the daemon passes the store's durable sequence: ids are never reused across restarts
         self.id_source = id_source
+        # live only: connections that predate the guard are reset when quiet (design.md 4)
+        self.reset_midstream = reset_midstream
         # analyze: nobody answers, so a held upload expires when its traffic ends, and what
         # follows on its flow is inspected as the speaker's reconnection would be.
         self.expire_on_idle = expire_on_idle
@@ -459,7 +463,7 @@ class Engine:
         self.counters: dict[str, int] = {
             "packets_in": 0, "accepted": 0, "dropped": 0, "rejected": 0, "held": 0,
             "malformed": 0, "not_ours": 0, "duplicates": 0, "bursts_released": 0,
-            "flows_blocked": 0, "caps_hit": 0, "dns_answers": 0,
+            "flows_blocked": 0, "caps_hit": 0, "dns_answers": 0, "midstream_resets": 0,
         }
 
     # -- time ---------------------------------------------------------------------------------
@@ -635,6 +639,7 @@ class Engine:
         if pkt.proto == TCP:
             if pkt.flags & SYN and not pkt.flags & ACK:
                 flow.midstream = False
+                flow.syn_seq = pkt.seq
             if pkt.flags & ACK:
                 flow.device_ack = pkt.ack
             end = (pkt.seq + pkt.payload_len) & 0xFFFFFFFF
@@ -669,6 +674,11 @@ class Engine:
                 self.actions.append(MarkFlow(flow.key, "allow"))
             return Verdict.ACCEPT
         if not pkt.payload_len:
+            if (self.reset_midstream and flow.midstream and pkt.proto == TCP
+                    and flow.host is None and flow.state is FlowState.IDLE
+                    and not pkt.flags & (SYN | RST | FIN) and pkt.flags & ACK
+                    and device.mode in (Mode.STRICT, Mode.FOLLOWUPS)):
+                return self._reset_midstream(flow, pkt, now)
             return Verdict.ACCEPT  # pure ACK, FIN, RST: never held
         if pkt.proto == TCP and pkt.flags & RST:
             return Verdict.ACCEPT
@@ -680,8 +690,11 @@ class Engine:
         if flow.sni is not None and flow.sni.done:
             return
         if pkt.hint is Hint.TLS_HELLO or (flow.sni is not None and pkt.proto == TCP):
-            flow.sni = flow.sni or SniAssembler()
-            name = flow.sni.feed_tcp(pkt.seq, pkt.payload)
+            if flow.sni is None:
+                flow.sni = SniAssembler()
+                if flow.syn_seq is not None:
+                    flow.sni.syn(flow.syn_seq)
+            name = flow.sni.feed_tcp(pkt.seq, pkt.payload, pkt.payload_len)
         elif pkt.hint is Hint.QUIC_INITIAL:
             flow.sni = flow.sni or SniAssembler()
             name = flow.sni.feed_quic(pkt.payload)
@@ -734,6 +747,17 @@ class Engine:
                                         reason))
         self._schedule(flow, None)
         return Verdict.REJECT
+
+    def _reset_midstream(self, flow: Flow, pkt: Packet, now: float) -> Verdict:
+        """A connection that predates the guard, quiet now: reset it with the exact numbers of
+        this packet, so the speaker reconnects through the guard and names the host (SNI)."""
+        flow.midstream = False
+        flow.move(FlowState.DENIED)
+        flow.last_up = now
+        self.actions.append(Reset(flow.key, pkt.ack, pkt.seq, "midstream"))
+        self.counters["midstream_resets"] += 1
+        self._reschedule(flow)
+        return Verdict.DROP
 
     def _lost_packet(self, flow: Flow, pkt: Packet, now: float) -> Verdict:
         """The first packet of an upload that was pending across a restart: reset, deliver

@@ -63,7 +63,8 @@ class QueueHandler:
         direction = "up"
         try:
             self.stats.packets += 1
-            parsed = parse_ip(nfpkt.get_payload(), mac_of(nfpkt.get_hw()))
+            # the whole payload (<= MTU): a ClientHello that spans segments is named too
+            parsed = parse_ip(nfpkt.get_payload(), mac_of(nfpkt.get_hw()), keep_payload=2048)
             if isinstance(parsed, Malformed) or parsed is None:
                 self.stats.malformed += 1
                 # a packet we cannot read is never let through in fail-closed mode

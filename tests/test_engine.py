@@ -399,3 +399,38 @@ def _answer(name: str, address: str):
     from guard.packet import DnsAnswer
 
     return DnsAnswer(name, address, 300)
+
+
+def test_quiet_connection_that_predates_the_guard_is_reset_with_exact_numbers() -> None:
+    from dataclasses import replace
+
+    from guard.config import DeviceConfig, GuardConfig
+    from guard.engine import Engine
+    from tests.enginekit import RULES
+
+    device = DeviceConfig(name="kitchen-echo", address=ECHO)
+    eng = Engine(replace(GuardConfig(), devices=(device,)), RULES, reset_midstream=True)
+    conn = Conn(eng)  # no SYN seen, no name: it predates the guard
+    verdict, _ = conn.up(0, T0, flags=ACK)
+    assert verdict is Verdict.DROP
+    reset = of(eng.take_actions(), Reset)[0]
+    assert (reset.reason, reset.seq_to_device, reset.seq_to_remote) == ("midstream", 5000, 1000)
+    # a connection that opened through the guard is never reset that way
+    fresh = Conn(eng, sport=40100)
+    fresh.syn(T0)
+    assert fresh.up(0, T0 + 0.1, flags=ACK)[0] is Verdict.ACCEPT
+
+
+def test_predating_connection_that_uploads_first_is_inspected_by_shape() -> None:
+    from dataclasses import replace
+
+    from guard.config import DeviceConfig, GuardConfig
+    from guard.engine import Engine
+    from tests.enginekit import RULES
+
+    device = DeviceConfig(name="kitchen-echo", address=ECHO)
+    eng = Engine(replace(GuardConfig(), devices=(device,)), RULES, reset_midstream=True)
+    conn = Conn(eng)
+    start_burst(conn, T0)
+    assert of(eng.take_actions(), UploadHeld)
+    assert not of(eng.take_actions(), Reset)
