@@ -2,8 +2,9 @@
 
 Rules of this module: imports are lazy (`hushgate --help` must stay fast on a router), every
 handled error is one line on stderr with exit 1, usage errors exit 2 (click's own), and listings
-take `--json`. Commands that talk to the daemon take `--socket` (default from the config, or the
-HUSHGATE_SOCKET environment variable).
+take `--json`. Commands that talk to the daemon take `--socket` (else $HUSHGATE_SOCKET, else
+`--config`'s guard.socket, else /run/hushgate/control.sock). Text from the daemon goes through
+`printable()` before it reaches a terminal: host names come from speakers.
 """
 
 from __future__ import annotations
@@ -105,6 +106,536 @@ def rules_check(directory: str | None, no_builtin: bool) -> None:
     ruleset = load_rules(dirs, builtin=not no_builtin)
     click.echo(f"ok: {len(ruleset.hosts)} host patterns, {len(ruleset.ouis)} OUIs, "
                f"{len(ruleset.hints)} address hints, vendors: {', '.join(sorted(ruleset.vendors))}")
+
+
+# ------------------------------------------------------------------------ talking to the daemon
+
+DEFAULT_SOCKET = "/run/hushgate/control.sock"
+HOST_WIDTH = 48  # host names come from speakers: capped before they reach a terminal
+NAME_WIDTH = 24
+
+
+def printable(value: Any, width: int | None = None) -> str:
+    """Text from the daemon (host names are attacker-controlled) made inert for a terminal:
+    anything but printable ASCII becomes '?', so no escape sequence survives; then capped."""
+    if value is None:
+        return "-"
+    text = "".join(c if " " <= c <= "~" else "?" for c in str(value))
+    if width is not None and len(text) > width:
+        text = text[: max(width - 3, 1)] + "..."
+    return text
+
+
+def daemon_options(func: Any) -> Any:
+    """`--socket PATH` and `--config FILE`, accepted after the subcommand."""
+    func = click.option(
+        "--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE",
+        help="Take the socket path from this config file's guard.socket.",
+    )(func)
+    return click.option(
+        "--socket", "socket_path", metavar="PATH",
+        help=f"Control socket. Default: $HUSHGATE_SOCKET, else --config's guard.socket, "
+             f"else {DEFAULT_SOCKET}.",
+    )(func)
+
+
+def socket_for(socket_path: str | None, config_path: str | None) -> str:
+    import os
+
+    if socket_path:
+        return socket_path
+    if os.environ.get("HUSHGATE_SOCKET"):
+        return os.environ["HUSHGATE_SOCKET"]
+    if config_path:
+        from guard.config import ConfigError, load_config
+
+        try:
+            return load_config(config_path).socket
+        except ConfigError as exc:
+            fail(str(exc))
+    return DEFAULT_SOCKET
+
+
+def call(socket_path: str | None, config_path: str | None, payload: dict[str, Any]) -> Any:
+    """One request to the daemon; every failure is one line on stderr and exit 1."""
+    from guard.control import ControlError, request
+
+    path = socket_for(socket_path, config_path)
+    try:
+        return request(path, payload)
+    except ControlError as exc:
+        fail(printable(str(exc)))
+
+
+def rendered(render: Any, value: Any) -> str:
+    """A table from a daemon reply; a reply of the wrong shape is a one-line error."""
+    try:
+        return str(render(value))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        fail(f"unexpected reply from hushgate ({type(exc).__name__}: {printable(exc, 80)})")
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+             for row in [headers, *rows]]
+    return "\n".join(lines)
+
+
+def human_bytes(n: Any) -> str:
+    n = int(n or 0)
+    if n < 1000:
+        return f"{n} B"
+    if n < 1_000_000:
+        return f"{n / 1000:.0f} KB"
+    if n < 1_000_000_000:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e9:.1f} GB"
+
+
+def human_age(seconds: float) -> str:
+    seconds = max(0.0, float(seconds))
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} d"
+
+
+def clock(ts: Any) -> str:
+    import time
+
+    if ts is None:
+        return "-"
+    ts = float(ts)
+    fmt = "%H:%M:%S" if abs(time.time() - ts) < 43200 else "%Y-%m-%d %H:%M"
+    return time.strftime(fmt, time.localtime(ts))
+
+
+def target(item: dict[str, Any]) -> str:
+    """TO: the host name when one is known, else the remote address."""
+    return printable(item.get("host") or item.get("remote"), HOST_WIDTH)
+
+
+def duration_option(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    from guard.policy import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def whoami() -> str:
+    """`by` for decisions made here. The daemon also sees the caller's uid (SO_PEERCRED)."""
+    import os
+    import pwd
+
+    try:
+        return f"cli:{pwd.getpwuid(os.getuid()).pw_name}"
+    except KeyError:
+        return f"cli:{os.getuid()}"
+
+
+# ------------------------------------------------------------------------------- the listings
+
+
+def format_status(status: dict[str, Any]) -> str:
+    uptime = status.get("uptime_s")
+    head = [f"hushgate {printable(status.get('version'))}"]
+    if uptime is not None:
+        head.append(f"up {human_age(uptime)}")
+    head.append(f"fail mode: {printable(status.get('fail_mode'))}")
+    if status.get("queue") is not None:
+        head.append(f"queue {printable(status['queue'])}")
+    if status.get("backend"):
+        head.append(f"backend {printable(status['backend'])}")
+    pending = int(status["pending"])
+    held = (f"{int(status.get('held_packets') or 0)} pkt/"
+            f"{human_bytes(status.get('held_bytes'))} held")
+    lines = [", ".join(head),
+             f"pending uploads: {pending}" + (f" ({held})" if pending else "")]
+    devices = status.get("devices") or []
+    if devices:
+        lines.append("")
+        lines.append(table(
+            ["DEVICE", "MODE", "MAC", "ADDRESS"],
+            [[printable(d["name"], NAME_WIDTH), printable(d.get("mode")), printable(d.get("mac")),
+              printable(d.get("address"), 40)] for d in devices],
+        ))
+    else:
+        lines.append("no devices configured")
+    return "\n".join(lines)
+
+
+def format_pending(uploads: list[dict[str, Any]], now: float) -> str:
+    if not uploads:
+        return "no pending uploads"
+    rows = []
+    for u in uploads:
+        category = u.get("category")
+        what = "audio upload" if category in (None, "voice") else f"upload ({printable(category, 16)})"
+        rows.append([
+            printable(u["id"], 12),
+            printable(u.get("device"), NAME_WIDTH),
+            target(u),
+            what,
+            f"{int(u.get('held_packets') or 0)} pkt/{human_bytes(u.get('held_bytes'))}",
+            human_age(now - float(u["started"])),
+        ])
+    return table(["ID", "DEVICE", "TO", "WHAT", "HELD", "WAITING"], rows)
+
+
+def format_devices(devices: list[dict[str, Any]]) -> str:
+    if not devices:
+        return "no devices configured"
+    return table(
+        ["DEVICE", "MODE", "MAC", "ADDRESS", "FLOWS", "UPLOADS"],
+        [[printable(d["name"], NAME_WIDTH), printable(d.get("mode")), printable(d.get("mac")),
+          printable(d.get("address"), 40), printable(d.get("flows", 0)),
+          printable(d.get("uploads", 0))] for d in devices],
+    )
+
+
+def format_flows(flows: list[dict[str, Any]], now: float) -> str:
+    if not flows:
+        return "no flows"
+    return table(
+        ["DEVICE", "TO", "PROTO", "CATEGORY", "STATE", "UP", "DOWN", "IDLE"],
+        [[printable(f.get("device"), NAME_WIDTH), target(f), printable(f.get("proto"), 5),
+          printable(f.get("category"), 14), printable(f.get("state"), 12),
+          human_bytes(f.get("bytes_up")), human_bytes(f.get("bytes_down")),
+          human_age(now - float(f["last"])) if f.get("last") is not None else "-"]
+         for f in flows],
+    )
+
+
+def format_log(records: list[dict[str, Any]]) -> str:
+    if not records:
+        return "no audit records"
+    return table(
+        ["TIME", "DEVICE", "TO", "CATEGORY", "SIZE", "OUTCOME", "BY"],
+        [[clock(r.get("decided_at")), printable(r.get("device"), NAME_WIDTH), target(r),
+          printable(r.get("category"), 14),
+          f"{int(r.get('packets') or 0)} pkt/{human_bytes(r.get('bytes'))}",
+          printable(r.get("outcome"), 12), printable(r.get("decided_by"), 20)]
+         for r in records],
+    )
+
+
+@main.command(short_help="Fail mode, devices and what is held.")
+@click.option("--json", "as_json", is_flag=True, help="Print the daemon's status object.")
+@daemon_options
+def status(as_json: bool, socket_path: str | None, config_path: str | None) -> None:
+    """Fail mode, devices, pending uploads and held bytes of the running guard."""
+    result = call(socket_path, config_path, {"cmd": "status"})
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(rendered(format_status, result))
+
+
+@main.command(short_help="Uploads waiting for a decision.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of uploads.")
+@daemon_options
+def pending(as_json: bool, socket_path: str | None, config_path: str | None) -> None:
+    """Uploads held for a decision (answer with `allow ID` or `deny ID`)."""
+    import time
+
+    result = call(socket_path, config_path, {"cmd": "pending"})
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(rendered(lambda r: format_pending(r, time.time()), result))
+
+
+def decide_or_window(verb: str, upload_id: int | None, for_s: float | None, always: bool,
+                     device: str | None, socket_path: str | None,
+                     config_path: str | None) -> None:
+    if device is not None:
+        if upload_id is not None:
+            raise click.UsageError("give an upload ID or --device NAME, not both")
+        if always:
+            raise click.UsageError("--always decides one upload's host; with --device use --for")
+        if for_s is None:
+            raise click.UsageError(f"{verb} --device NAME needs --for DURATION (e.g. 30m)")
+        kind = "allow" if verb == "allow" else "quiet"
+        window = call(socket_path, config_path, {
+            "cmd": "window", "device": device, "kind": kind, "duration_s": for_s, "by": whoami(),
+        })
+        from guard.policy import format_duration
+
+        what = ("uploads pass, logged" if kind == "allow"
+                else "uploads denied at once, no prompt")
+        click.echo(rendered(lambda w: (
+            f"{kind} window for {printable(w['device'], NAME_WIDTH)} until {clock(w['until'])} "
+            f"({format_duration(for_s)}): {what}"), window))
+        return
+    if upload_id is None:
+        raise click.UsageError(
+            "give an upload ID (see `hushgate pending`), or --device NAME --for DURATION"
+        )
+    if always and for_s is not None:
+        raise click.UsageError("--for and --always are exclusive")
+    scope = "always" if always else "for" if for_s is not None else "once"
+    upload = call(socket_path, config_path, {
+        "cmd": "decide", "id": upload_id, "verb": verb, "scope": scope, "duration_s": for_s,
+        "by": whoami(),
+    })
+
+    def say(u: dict[str, Any]) -> str:
+        held = f"{int(u.get('held_packets') or 0)} pkt/{human_bytes(u.get('held_bytes'))}"
+        done = "released" if verb == "allow" else "discarded, connection reset"
+        past = "allowed" if verb == "allow" else "denied"
+        line = (f"{past} {printable(u.get('id', upload_id), 12)}: "
+                f"{printable(u.get('device'), NAME_WIDTH)} to {target(u)} ({held} {done})")
+        if scope == "for":
+            from guard.policy import format_duration
+
+            line += (f"; the same for {printable(u.get('device'), NAME_WIDTH)}'s "
+                     f"{printable(u.get('category') or 'unknown', 14)} uploads for "
+                     f"{format_duration(for_s or 0)}")
+        elif scope == "always":
+            line += "; always, as a standing rule"
+        return line
+
+    click.echo(rendered(say, upload))
+
+
+@main.command(short_help="Release a held upload, or open an allow window.")
+@click.argument("upload_id", metavar="[ID]", required=False, type=click.IntRange(min=0))
+@click.option("--for", "for_s", metavar="DURATION", callback=duration_option,
+              help="Also allow the device's uploads of this category for a while (90s, 30m, "
+                   "2h); with --device, an allow window.")
+@click.option("--always", is_flag=True, help="Also allow this device and host from now on.")
+@click.option("--device", metavar="NAME", help="Open an allow window for a device (with --for).")
+@daemon_options
+def allow(upload_id: int | None, for_s: float | None, always: bool, device: str | None,
+          socket_path: str | None, config_path: str | None) -> None:
+    """Release a held upload, in order; or open an allow window for a device."""
+    decide_or_window("allow", upload_id, for_s, always, device, socket_path, config_path)
+
+
+@main.command(short_help="Discard a held upload, or mute a device.")
+@click.argument("upload_id", metavar="[ID]", required=False, type=click.IntRange(min=0))
+@click.option("--for", "for_s", metavar="DURATION", callback=duration_option,
+              help="With --device: a quiet window (uploads denied at once, no prompt). With an "
+                   "ID: also deny the device's uploads of this category for a while.")
+@click.option("--always", is_flag=True, help="Also deny this device and host from now on.")
+@click.option("--device", metavar="NAME", help="Mute a device's uploads (with --for).")
+@daemon_options
+def deny(upload_id: int | None, for_s: float | None, always: bool, device: str | None,
+         socket_path: str | None, config_path: str | None) -> None:
+    """Discard a held upload and reset its connection; or open a quiet window for a device."""
+    decide_or_window("deny", upload_id, for_s, always, device, socket_path, config_path)
+
+
+@main.group(invoke_without_command=True, short_help="Configured devices; `devices discover`.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of devices.")
+@daemon_options
+@click.pass_context
+def devices(ctx: click.Context, as_json: bool, socket_path: str | None,
+            config_path: str | None) -> None:
+    """Configured devices with their mode, flows and uploads (or: `devices discover`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    result = call(socket_path, config_path, {"cmd": "devices"})
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(rendered(format_devices, result))
+
+
+@devices.command("discover", short_help="Find speakers on the LAN.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of hosts found.")
+@click.option("--leases", "leases", multiple=True, type=click.Path(dir_okay=False),
+              metavar="FILE", help="A dnsmasq or odhcpd lease file (repeatable). Default: "
+              "/tmp/dhcp.leases, /var/lib/misc/dnsmasq.leases, /tmp/hosts/odhcpd.")
+@click.option("--neigh/--no-neigh", default=True, show_default=True,
+              help="Also read the neighbour table (`ip -j neigh`).")
+@click.option("--rules-dir", type=click.Path(file_okay=False), help="Extra rules directory.")
+def devices_discover(as_json: bool, leases: tuple[str, ...], neigh: bool,
+                     rules_dir: str | None) -> None:
+    """Find speakers on the LAN (vendor MAC OUIs in DHCP leases and the neighbour table) and
+    print [[device]] tables to paste into the config. Needs no running guard."""
+    from guard.discover import find_speakers, read_sources, toml_snippet
+    from guard.ruleset import RuleError, load_rules
+
+    try:
+        rules = load_rules([rules_dir] if rules_dir else [])
+        sightings, read = read_sources(list(leases), neigh=neigh)
+    except RuleError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{printable(exc.filename)}: {exc.strerror or exc}")
+    found = find_speakers(sightings, rules.vendor_for_mac)
+    if as_json:
+        emit_json([f.as_dict() for f in found])
+        return
+    where = ", ".join(printable(r, 60) for r in read) or "nothing (no lease file, no neighbours)"
+    if not found:
+        hosts = len({s.mac for s in sightings})
+        click.echo(f"no speakers among {hosts} hosts in {where}")
+        return
+    click.echo(f"{len(found)} speaker(s) in {where}:\n")
+    click.echo(table(
+        ["MAC", "VENDOR", "ADDRESS", "HOSTNAME"],
+        [[f.mac, f.vendor, printable(", ".join(f.addresses), 40), printable(f.hostname, 32)]
+         for f in found],
+    ))
+    click.echo("\n# Paste into the config (mode: strict | followups | monitor | off):\n")
+    click.echo(toml_snippet(found), nl=False)
+
+
+@main.command(short_help="Connections of the configured devices.")
+@click.option("--device", metavar="NAME", help="Only this device's flows.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of flows.")
+@daemon_options
+def flows(device: str | None, as_json: bool, socket_path: str | None,
+          config_path: str | None) -> None:
+    """Connections of the configured devices, with host, category and state."""
+    import time
+
+    result = call(socket_path, config_path, {"cmd": "flows", "device": device})
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(rendered(lambda r: format_flows(r, time.time()), result))
+
+
+def outcome_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    from guard.policy import Outcome
+
+    names = [o.value for o in Outcome]
+    if value.lower() not in names:
+        raise click.BadParameter(f"{value!r} is not one of {', '.join(names)}")
+    return value.lower()
+
+
+@main.command(short_help="The audit log, newest first.")
+@click.option("--device", metavar="NAME", help="Only this device's uploads.")
+@click.option("--since", "since_s", metavar="DURATION", callback=duration_option,
+              help="Only decisions of the last DURATION (90s, 30m, 2h, 1d).")
+@click.option("--outcome", metavar="OUTCOME", callback=outcome_option,
+              help="approved, denied, expired, window, quiet, rule, monitored, capped or lost.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
+              help="At most this many records, newest first.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of audit records.")
+@daemon_options
+def log(device: str | None, since_s: float | None, outcome: str | None, limit: int,
+        as_json: bool, socket_path: str | None, config_path: str | None) -> None:
+    """The audit log: every upload and how it ended, newest first."""
+    import time
+
+    since = time.time() - since_s if since_s is not None else None
+    result = call(socket_path, config_path, {
+        "cmd": "log", "device": device, "since": since, "outcome": outcome, "limit": limit,
+    })
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(rendered(format_log, result))
+
+
+@main.command(short_help="Run the guard in the foreground.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE",
+              required=True, help="The guard's config file.")
+def run(config_path: str) -> None:
+    """Run the guard in the foreground: installs its queue rules (and the safety net if absent),
+    serves the control socket, and removes its own dynamic rules on exit."""
+    from guard.config import ConfigError, load_config
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        fail(str(exc))
+    from guard.daemon import run as run_daemon
+
+    sys.exit(run_daemon(config))
+
+
+# ------------------------------------------------------------------------------------ firewall
+
+
+def config_or_default(config_path: str | None) -> Any:
+    from guard.config import ConfigError, GuardConfig, load_config
+
+    if config_path is None:
+        return GuardConfig()
+    try:
+        return load_config(config_path)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+@main.group(short_help="Show, apply or remove the kernel rules.")
+def firewall() -> None:
+    """The kernel rules: show them, install the persistent part, or remove everything."""
+
+
+@firewall.command("show")
+@click.option("--backend", type=click.Choice(["iptables", "nftables"]), default=None,
+              help="Default: the config's guard.backend.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Devices, queue, fail mode and mark mask from this config.")
+def firewall_show(backend: str | None, config_path: str | None) -> None:
+    """Print the rules for the config's devices (queue rules included) without applying them."""
+    from guard.firewall import IptablesBackend, NftablesBackend
+    from guard.fwspec import spec_from_config
+
+    config = config_or_default(config_path)
+    try:
+        spec = spec_from_config(config)
+    except ValueError as exc:
+        fail(str(exc))
+    if (backend or config.backend) == "nftables":
+        click.echo(NftablesBackend(spec).render(), nl=False)
+    else:
+        click.echo(IptablesBackend(spec).render())
+
+
+@firewall.command("apply")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE",
+              required=True, help="The guard's config file.")
+def firewall_apply(config_path: str) -> None:
+    """Install the persistent rules: device dispatch, fast path and the fail-closed safety net.
+
+    They stay until `firewall remove`; queue rules are `hushgate run`'s own.
+    """
+    from guard.firewall import FirewallError
+    from guard.fwspec import apply_persistent
+
+    config = config_or_default(config_path)
+    try:
+        spec = apply_persistent(config)
+    except (FirewallError, ValueError) as exc:
+        fail(printable(str(exc)))
+    for warning in spec.warnings():
+        click.echo(f"hushgate: warning: {printable(warning)}", err=True)
+    click.echo(f"applied {config.backend} rules for {len(spec.devices)} device(s), "
+               f"fail mode {spec.fail_mode}")
+
+
+@firewall.command("remove")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="The guard's config file (for its backend).")
+def firewall_remove(config_path: str | None) -> None:
+    """Remove every hushgate rule, IPv4 and IPv6, the safety net included."""
+    from guard.firewall import FirewallError
+    from guard.fwspec import remove_everything
+
+    config = config_or_default(config_path)
+    try:
+        done = remove_everything(config)
+    except (FirewallError, ValueError) as exc:
+        fail(printable(str(exc)))
+    click.echo(f"removed hushgate rules: {', '.join(done)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -37,7 +37,8 @@ from guard.engine import (
     UploadHeld,
     UploadSeen,
 )
-from guard.firewall import DeviceMatch, FirewallSpec, IptablesBackend, compose_mark
+from guard.firewall import IptablesBackend, compose_mark
+from guard.fwspec import spec_from_config
 from guard.inject import Injector
 from guard.nfqueue import COPY_RANGE, QueueHandler, late_verdict
 from guard.packet import TCP
@@ -58,21 +59,6 @@ def log(message: str) -> None:
     print(f"hushgate: {message}", file=sys.stderr, flush=True)
 
 
-def firewall_spec(config: GuardConfig) -> FirewallSpec:
-    devices = []
-    for d in config.devices:
-        if d.mode.value == "off":
-            continue
-        v4 = d.address if d.address and ":" not in d.address else None
-        v6 = tuple(a for a in (d.address, *d.address6) if a and ":" in a)
-        devices.append(DeviceMatch(d.name, address=v4, mac=d.mac, address6=v6))
-    quic_block = tuple(d.name for d in config.devices
-                       if d.mode.value != "off" and (d.quic == "block" or config.quic == "block"))
-    return FirewallSpec(tuple(devices), config.queue, config.queue_count,
-                        fail_open=config.fail_open, mark_mask=config.mark_mask,
-                        quic_block_devices=quic_block)
-
-
 class Daemon:
     def __init__(self, config: GuardConfig, *, backend: IptablesBackend | None = None) -> None:
         self.config = config
@@ -80,7 +66,7 @@ class Daemon:
         self.stopping = threading.Event()
         self.started = time.time()
         self.rules = load_rules([config.rules_dir] if config.rules_dir else [])
-        self.spec = firewall_spec(config)
+        self.spec = spec_from_config(config)
         self.marks = self.spec.marks
         self.firewall = backend or IptablesBackend(self.spec)
         self.injector = Injector()
@@ -372,7 +358,7 @@ class Daemon:
         verb = Verb(request["verb"])
         scope = Scope(request.get("scope") or "once")
         duration = request.get("duration_s")
-        by = str(request.get("by") or f"cli:{getattr(peer, 'uid', '?')}")[:64]
+        by = _by(request, peer)
         now = time.time()
         upload = self.engine.uploads.get(upload_id)
         if upload is None:
@@ -401,7 +387,7 @@ class Daemon:
         if duration <= 0:
             raise ValueError("duration_s must be positive")
         now = time.time()
-        by = str(request.get("by") or f"cli:{getattr(peer, 'uid', '?')}")[:64]
+        by = _by(request, peer)
         window = self.store.add_window(device, kind, now + duration, now, source=by)
         self._load_standing(self.engine, now)
         return {"device": device, "kind": kind.value, "until": window.until}
@@ -434,6 +420,13 @@ class Daemon:
                  "category": r.category, "bytes": r.upload_bytes, "packets": r.packets,
                  "started": r.started, "decided_at": r.decided_at, "outcome": r.outcome.value,
                  "decided_by": r.decided_by} for r in records]
+
+
+def _by(request: dict[str, Any], peer: Any) -> str:
+    """Who decided, for the audit log: what the client says, and the uid the kernel vouches for."""
+    said = "".join(ch for ch in str(request.get("by") or "cli") if ch.isprintable())[:48]
+    uid = getattr(peer, "uid", None)
+    return f"{said} (uid {uid})" if uid is not None else said
 
 
 def run(config: GuardConfig) -> int:
