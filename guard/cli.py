@@ -560,6 +560,27 @@ def run(config_path: str) -> None:
     sys.exit(run_daemon(config))
 
 
+@main.command(short_help="Answer prompts in this terminal.")
+@daemon_options
+def watch(socket_path: str | None, config_path: str | None) -> None:
+    """An interactive prompt: each held upload appears with its device, host, bytes held and
+    time left. Keys: a = allow once, d = deny, w = allow for 30 minutes, s = skip, q = quit."""
+    from guard.watch import run_watch
+
+    sys.exit(run_watch(socket_for(socket_path, config_path), stdin=sys.stdin, stdout=sys.stdout,
+                       stderr=sys.stderr))
+
+
+@main.command(short_help="A guided tour in a throw-away network (root).")
+def demo() -> None:
+    """Build a throw-away network of namespaces (a speaker, a router running the real guard, a
+    cloud), and walk through a held upload, an allow, a deny, a blocked message and an untouched
+    smart-home request. Needs root; cleans up after itself."""
+    from guard.demo import run_demo
+
+    sys.exit(run_demo())
+
+
 # ------------------------------------------------------------------------------------ firewall
 
 

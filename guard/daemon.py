@@ -19,6 +19,8 @@ import threading
 import time
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from guard import __version__
 from guard.config import GuardConfig
 from guard.engine import (
@@ -39,9 +41,11 @@ from guard.engine import (
 )
 from guard.firewall import IptablesBackend, compose_mark
 from guard.fwspec import spec_from_config
+from guard.hooks import Hooks
 from guard.inject import Injector
+from guard.metrics import GuardCollector, Metrics, serve_metrics
 from guard.nfqueue import COPY_RANGE, QueueHandler, late_verdict
-from guard.packet import TCP
+from guard.packet import TCP, Malformed
 from guard.policy import (
     Decision,
     Outcome,
@@ -77,6 +81,13 @@ class Daemon:
         self.control: Any = None
         self.errors: dict[str, int] = {"store": 0, "reset": 0, "conntrack": 0}
         self.reload_requested = threading.Event()
+        self.metrics = Metrics(devices=[d.name for d in config.devices])
+        self.registry = CollectorRegistry()
+        GuardCollector(self.metrics, "open" if config.fail_open else "closed", __version__,
+                       registry=self.registry)
+        self.metrics.set_gauges_source(self._gauges)
+        self.metrics_server: Any = None
+        self.hooks = Hooks(config.hooks)
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -115,8 +126,10 @@ class Daemon:
 
         from guard.control import ControlServer
 
+        self.metrics_server = serve_metrics(self.config.metrics_listen or "", self.registry)
         self.firewall.apply_safety_net()
-        self.handler = QueueHandler(self.engine.receive, self._after_packet, self.config.fail_open)
+        self.handler = QueueHandler(self._receive, self._after_packet, self.config.fail_open,
+                                    observe=self.metrics.packet)
         max_len = self.config.max_held_packets_total + 1024  # a full queue drops other flows
         for number in range(self.config.queue, self.config.queue + self.config.queue_count):
             queue = NetfilterQueue()
@@ -129,6 +142,20 @@ class Daemon:
         self.control.start()
         log(f"guarding {len(self.config.devices)} device(s) on queue {self.config.queue}, "
             f"fail-{'open' if self.config.fail_open else 'closed'}, control {self.config.socket}")
+
+    def _receive(self, pkt: Any, now: float, token: Any) -> Any:
+        if pkt is None or isinstance(pkt, Malformed):
+            self.metrics.malformed()
+        return self.engine.receive(pkt, now, token)
+
+    def _gauges(self) -> dict[str, Any]:
+        with self.lock:
+            packets, held = self.engine.held()
+            flows: dict[str, int] = {}
+            for flow in self.engine.iter_flows():
+                flows[flow.state.value] = flows.get(flow.state.value, 0) + 1
+            return {"pending": len(self.engine.pending()), "held_packets": packets,
+                    "held_bytes": held, "flows": flows}
 
     def _callback(self, nfpkt: Any) -> None:
         with self.lock:
@@ -194,6 +221,9 @@ class Daemon:
         """Leave the kernel as the fail mode says: closed keeps the safety net, open removes all."""
         if self.control is not None:
             self.control.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+        self.hooks.close(2.0)
         for queue in self.queues:
             try:
                 queue.unbind()
@@ -248,16 +278,35 @@ class Daemon:
                     self._conntrack_block(action.key)
             elif isinstance(action, UploadHeld):
                 self._persist_pending(action.upload)
+                self.hooks.emit("upload-held", action.upload)
                 log(f"upload {action.upload['id']} held: {action.upload['device']} -> "
                     f"{action.upload['host'] or action.upload['remote']}")
             elif isinstance(action, UploadDecided):
-                self._persist_decision(action.upload, action.outcome, action.by)
+                upload = action.upload
+                self._persist_decision(upload, action.outcome, action.by)
+                held_since = upload.get("decided")
+                self.metrics.upload_outcome(
+                    upload["device"], upload.get("category") or "unknown", action.outcome,
+                    time.time() - held_since if held_since is not None else None)
+                self.hooks.emit("upload-decided",
+                                {**upload, "outcome": action.outcome.value, "decided_by": action.by})
             elif isinstance(action, UploadSeen):
                 upload = action.upload
                 if upload.get("outcome"):
                     self._persist_decision(upload, Outcome(upload["outcome"]),
                                            upload.get("decided_by") or upload["outcome"])
-            elif isinstance(action, (UploadEnded, BurstReleased, FlowBlocked, HeldCapHit)):
+                    self.metrics.upload_outcome(upload["device"], upload.get("category") or
+                                                "unknown", upload["outcome"], None)
+            elif isinstance(action, BurstReleased):
+                self.metrics.released(action.delay_s)
+            elif isinstance(action, FlowBlocked):
+                self.metrics.blocked_flow(action.device, action.category)
+                self.hooks.emit("flow-blocked", {"device": action.device,
+                                                 "remote": action.key.remote,
+                                                 "host": action.host,
+                                                 "category": action.category,
+                                                 "reason": action.reason})
+            elif isinstance(action, (UploadEnded, HeldCapHit)):
                 pass
 
     def _conntrack_block(self, key: Any) -> None:
@@ -340,6 +389,8 @@ class Daemon:
             "packets": stats.packets if stats else 0,
             "errors": {**self.errors, "packet": stats.errors if stats else 0},
             "counters": dict(self.engine.counters),
+            "hooks": self.hooks.stats(),
+            "metrics": self.metrics_server.url if self.metrics_server is not None else None,
         }
 
     def _cmd_pending(self, request: dict[str, Any], peer: Any) -> list[dict[str, Any]]:

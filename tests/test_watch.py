@@ -1,0 +1,239 @@
+"""`hushgate watch` in a real pseudo-terminal against a real control socket (design.md 8, 10)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import termios
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from guard.control import ControlServer, reply_error, reply_ok
+from guard.watch import clean, run_watch
+
+REPO = Path(__file__).resolve().parents[1]
+HOSTILE_HOST = "<b>x</b>\x1b[2J\x1b]0;pwn\x07" + "A" * 255
+
+
+class FakeDaemon:
+    """Serves one pending upload until it is decided; records every decide."""
+
+    def __init__(self, host: str | None = HOSTILE_HOST) -> None:
+        now = time.time()
+        self.upload = {"id": 7, "device": "kitchen-echo", "remote": "52.94.233.109:443",
+                       "host": host, "category": "voice", "held_packets": 11,
+                       "held_bytes": 14336, "started": now - 3, "expires": now + 17}
+        self.decided: list[dict[str, Any]] = []
+        self.refuse = False
+        self.lock = threading.Lock()
+
+    def handle(self, request: dict[str, Any], peer: Any) -> dict[str, Any]:
+        with self.lock:
+            if request["cmd"] == "pending":
+                return reply_ok([] if self.decided else [self.upload])
+            if request["cmd"] == "decide":
+                if self.refuse or self.decided or request.get("id") != 7:
+                    return reply_error(f"no pending upload {request.get('id')}")
+                self.decided.append(request)
+                return reply_ok(self.upload)
+        return reply_error("unknown command")
+
+
+@pytest.fixture
+def daemon() -> Iterator[tuple[str, FakeDaemon]]:
+    # AF_UNIX paths are limited to 108 bytes: pytest's tmp_path can be longer
+    directory = tempfile.mkdtemp(prefix="hg-watch-", dir="/tmp")
+    path = os.path.join(directory, "control.sock")
+    fake = FakeDaemon()
+    server = ControlServer(path, fake.handle)
+    server.start()
+    try:
+        yield path, fake
+    finally:
+        server.stop()
+        os.rmdir(directory)
+
+
+class Terminal:
+    """`run_watch` in a child process whose stdin/stdout/stderr are a pseudo-terminal."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.master, self.slave = os.openpty()
+        self.before = termios.tcgetattr(self.slave)
+        code = ("import sys; from guard.watch import run_watch; "
+                f"sys.exit(run_watch({socket_path!r}, poll_s=0.1))")
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=self.slave,
+                                     stdout=self.slave, stderr=self.slave, cwd=REPO, env=env,
+                                     start_new_session=True)
+        self.screen = b""
+
+    def read_until(self, condition: Callable[[bytes], bool], timeout_s: float = 10.0) -> bytes:
+        deadline = time.monotonic() + timeout_s
+        while not condition(self.screen):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"screen never matched; it shows {self.screen!r}")
+            ready, _, _ = select.select([self.master], [], [], min(remaining, 0.2))
+            if ready:
+                try:
+                    self.screen += os.read(self.master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    time.sleep(0.05)
+        return self.screen
+
+    def press(self, key: bytes) -> None:
+        os.write(self.master, key)
+
+    def wait(self, timeout_s: float = 10.0) -> int:
+        code = self.proc.wait(timeout=timeout_s)
+        with contextlib.suppress(AssertionError):
+            self.read_until(lambda s: False, 0.2)  # whatever it printed last
+        return code
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        os.close(self.master)
+        os.close(self.slave)
+
+
+@pytest.fixture
+def terminal(daemon: tuple[str, FakeDaemon]) -> Iterator[Terminal]:
+    term = Terminal(daemon[0])
+    try:
+        yield term
+    finally:
+        term.close()
+
+
+def shows_the_upload(screen: bytes) -> bool:
+    return b"upload 7 from kitchen-echo" in screen and b"expires in" in screen
+
+
+def wait_decided(fake: FakeDaemon, timeout_s: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while not fake.decided:
+        assert time.monotonic() < deadline, "no decide arrived"
+        time.sleep(0.02)
+    return fake.decided[0]
+
+
+def test_hostile_host_is_shown_inert(daemon, terminal: Terminal) -> None:
+    screen = terminal.read_until(shows_the_upload)
+    assert clean(HOSTILE_HOST).encode() in screen
+    assert b"<b>x</b>??AAAA" in screen
+    assert b"\x1b" not in screen and b"\x07" not in screen and b"pwn" not in screen
+    assert b"A" * 81 not in screen  # capped at 80 characters
+    assert b"11 pkt/14 KB held" in screen
+    terminal.press(b"q")
+    assert terminal.wait() == 0
+    assert daemon[1].decided == []
+
+
+@pytest.mark.parametrize(("key", "verb", "scope", "duration_s"), [
+    (b"a", "allow", "once", None),
+    (b"d", "deny", "once", None),
+    (b"w", "allow", "for", 1800.0),
+])
+def test_a_key_sends_its_decision(daemon, terminal: Terminal, key: bytes, verb: str, scope: str,
+                                  duration_s: float | None) -> None:
+    terminal.read_until(shows_the_upload)
+    terminal.press(key)
+    decided = wait_decided(daemon[1])
+    assert decided == {"cmd": "decide", "id": 7, "verb": verb, "scope": scope,
+                       "duration_s": duration_s, "by": "watch"}
+    terminal.read_until(lambda s: b"no uploads pending" in s)
+    terminal.press(b"q")
+    assert terminal.wait() == 0
+    assert termios.tcgetattr(terminal.slave) == terminal.before  # the terminal is restored
+
+
+def test_other_keys_and_escape_sequences_decide_nothing(daemon, terminal: Terminal) -> None:
+    terminal.read_until(shows_the_upload)
+    terminal.press(b"xz\x1b[A\x1bOA\x1b[D")  # arrow keys end in letters: they are not keys
+    time.sleep(0.5)
+    assert daemon[1].decided == []
+    terminal.press(b"s")  # skip: with one upload it stays the current one
+    time.sleep(0.3)
+    terminal.press(b"q")
+    assert terminal.wait() == 0
+    assert daemon[1].decided == []
+
+
+def test_sigint_restores_the_terminal(daemon, terminal: Terminal) -> None:
+    terminal.read_until(shows_the_upload)
+    assert not termios.tcgetattr(terminal.slave)[3] & termios.ICANON  # cbreak while running
+    terminal.proc.send_signal(signal.SIGINT)
+    assert terminal.wait() == 130
+    assert termios.tcgetattr(terminal.slave) == terminal.before
+
+
+def test_sigterm_restores_the_terminal(daemon, terminal: Terminal) -> None:
+    terminal.read_until(shows_the_upload)
+    terminal.proc.send_signal(signal.SIGTERM)
+    assert terminal.wait() == 130
+    assert termios.tcgetattr(terminal.slave) == terminal.before
+
+
+def test_unreachable_daemon_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    code = run_watch(str(tmp_path / "nobody.sock"), stdin=io.StringIO("a\n"), stdout=out,
+                     stderr=err)
+    assert code == 1
+    assert out.getvalue() == ""
+    assert err.getvalue().startswith("hushgate: cannot reach hushgate at ")
+    assert err.getvalue().count("\n") == 1
+
+
+def test_line_mode_without_a_terminal(daemon) -> None:
+    path, fake = daemon
+    out = io.StringIO()
+    code = run_watch(path, stdin=io.StringIO("d\n"), stdout=out, poll_s=0.05)
+    assert code == 0
+    assert fake.decided[0]["verb"] == "deny" and fake.decided[0]["id"] == 7
+    assert "\x1b" not in out.getvalue() and "denied" in out.getvalue()
+
+
+def test_once_returns_after_the_first_decision(daemon) -> None:
+    path, fake = daemon
+    code = run_watch(path, stdin=io.StringIO("a\nd\n"), stdout=io.StringIO(), poll_s=0.05,
+                     once=True)
+    assert code == 0 and [d["verb"] for d in fake.decided] == ["allow"]
+
+
+def test_a_refused_decision_is_one_line_and_watch_goes_on(daemon) -> None:
+    path, fake = daemon
+    fake.refuse = True  # e.g. it expired between the screen and the key
+    out = io.StringIO()
+    code = run_watch(path, stdin=io.StringIO("a\nq\n"), stdout=out, poll_s=0.05)
+    assert code == 0 and fake.decided == []
+    assert "could not decide upload 7 (kitchen-echo): no pending upload 7\n" in out.getvalue()
+
+
+@pytest.mark.parametrize("text", [
+    "\x1b[31mred\x1b[0m", "\x1b]0;title\x07x", "\x1bPdcs\x1b\\y", "a\x9bb", "tab\there",
+    "nul\x00", "\u202eevil", "\r\nline",
+])
+def test_clean_leaves_printable_ascii_only(text: str) -> None:
+    shown = clean(text)
+    assert all(" " <= c <= "~" for c in shown) and len(shown) <= 80
+
+
+def test_clean_caps_long_names() -> None:
+    assert clean("A" * 255) == "A" * 77 + "..."
+    assert clean("bob-dispatch-prod-na.amazon.com") == "bob-dispatch-prod-na.amazon.com"
+    assert json.dumps(clean(None)) == '""'
