@@ -426,8 +426,10 @@ class Daemon:
             else:
                 self.store.add_rule(upload.device, verb, now, category=upload.category,
                                     source=by)
+        before = upload.summary()  # what was held, before the decision releases or drops it
         self.engine.decide(upload_id, Decision(verb, scope, duration, by), now)
-        return upload.summary()
+        return {**upload.summary(), "held_packets": before["held_packets"],
+                "held_bytes": before["held_bytes"]}
 
     def _cmd_window(self, request: dict[str, Any], peer: Any) -> dict[str, Any]:
         device = str(request["device"])

@@ -53,6 +53,10 @@ class DetectorConfig:
     # Off by default: with IW10 senders (Linux, the default since 3.0) a stall happens at the
     # window, and in real captures this rule turns ACK-clocked event bursts into prompts.
     stall_is_audio: bool = False
+    # QUIC counts its handshake datagrams against the same window (RFC 9002 7.2: 14,720 B), so a
+    # held QUIC sender can stop a datagram or two short of the window, on a full datagram. A
+    # QUIC request ends on a partial one; a run of full datagrams that stops was cut off.
+    stall_is_audio_udp: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +95,8 @@ def judge(
                 return Verdict(Judgement.MESSAGE, "control datagrams")
         return Verdict(Judgement.AUDIO, "window filled")
     if now - last_time >= config.quiet_s - _EPSILON_S:
-        if config.stall_is_audio and last_size >= config.full_segment_bytes:
+        stall_rule = config.stall_is_audio if tcp else config.stall_is_audio_udp
+        if stall_rule and last_size >= config.full_segment_bytes:
             # A run that stops on a full-sized segment was cut off, not finished: its sender
             # has more to send and is blocked by its congestion window (our hold). A message
             # ends on a partial segment or an end-of-stream record.

@@ -434,3 +434,22 @@ def test_predating_connection_that_uploads_first_is_inspected_by_shape() -> None
     start_burst(conn, T0)
     assert of(eng.take_actions(), UploadHeld)
     assert not of(eng.take_actions(), Reset)
+
+
+def test_quic_run_cut_off_on_a_full_datagram_is_an_upload() -> None:
+    """A held QUIC sender may stop short of the window (its handshake counts against it)."""
+    eng = engine()
+    for i in range(8):
+        assert udp(eng, 1350, T0 + i * 0.01) is Verdict.HOLD
+    eng.handle_timer(T0 + 1)
+    actions = eng.take_actions()
+    assert of(actions, UploadHeld) and not of(actions, Release)
+
+
+def test_quic_request_ending_on_a_partial_datagram_is_released() -> None:
+    eng = engine()
+    for i, size in enumerate((1350, 1350, 420)):
+        udp(eng, size, T0 + i * 0.01)
+    eng.handle_timer(T0 + 1)
+    actions = eng.take_actions()
+    assert of(actions, BurstReleased) and not of(actions, UploadHeld)
