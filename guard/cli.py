@@ -581,6 +581,42 @@ def demo() -> None:
     sys.exit(run_demo())
 
 
+@main.group()
+def web() -> None:
+    """The LAN web prompt."""
+
+
+@web.command("token")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE",
+              required=True, help="The guard's config file.")
+def web_token_cmd(config_path: str) -> None:
+    """Print the web prompt's login token (created on first use) and, with TLS, the
+    fingerprint of its certificate to check on your phone."""
+    import os
+
+    from guard.config import ConfigError, load_config
+    from guard.daemon import web_state_dir
+    from guard.web import WebError, web_token
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        fail(str(exc))
+    state_dir = web_state_dir(config)
+    names = tuple(h for h in (config.web_listen or "").rsplit(":", 1)[:1] if h) + config.web_hosts
+    try:
+        info = web_token(os.path.join(state_dir, "web-token"), state_dir, tls=config.web_tls,
+                         names=names)
+    except (WebError, OSError) as exc:
+        fail(str(exc))
+    click.echo(f"token: {info['token']}")
+    if info.get("fingerprint"):
+        click.echo(f"certificate SHA-256 fingerprint: {info['fingerprint']}")
+    if config.web_listen:
+        scheme = "https" if config.web_tls else "http"
+        click.echo(f"open: {scheme}://{config.web_listen}/#token={info['token']}")
+
+
 # ------------------------------------------------------------------------------------ firewall
 
 

@@ -87,6 +87,7 @@ class Daemon:
                        registry=self.registry)
         self.metrics.set_gauges_source(self._gauges)
         self.metrics_server: Any = None
+        self.web: Any = None
         self.hooks = Hooks(config.hooks)
 
     # -- start-up ---------------------------------------------------------------------------
@@ -140,6 +141,17 @@ class Daemon:
         self.control = ControlServer(self.config.socket, self.handle_request,
                                      group=self.config.socket_group)
         self.control.start()
+        if self.config.web_listen:
+            from guard.web import WebPrompt
+
+            state_dir = web_state_dir(self.config)
+            self.web = WebPrompt(self.config.web_listen, self.handle_request,
+                                 secret_file=os.path.join(state_dir, "web-token"),
+                                 password_hash=self.config.web_password_hash,
+                                 allowed_hosts=self.config.web_hosts, tls=self.config.web_tls,
+                                 state_dir=state_dir)
+            self.web.start()
+            log(f"web prompt on {self.web.url}")
         log(f"guarding {len(self.config.devices)} device(s) on queue {self.config.queue}, "
             f"fail-{'open' if self.config.fail_open else 'closed'}, control {self.config.socket}")
 
@@ -221,6 +233,8 @@ class Daemon:
         """Leave the kernel as the fail mode says: closed keeps the safety net, open removes all."""
         if self.control is not None:
             self.control.stop()
+        if self.web is not None:
+            self.web.stop()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         self.hooks.close(2.0)
@@ -473,6 +487,12 @@ class Daemon:
                  "category": r.category, "bytes": r.upload_bytes, "packets": r.packets,
                  "started": r.started, "decided_at": r.decided_at, "outcome": r.outcome.value,
                  "decided_by": r.decided_by} for r in records]
+
+
+def web_state_dir(config: GuardConfig) -> str:
+    """Where the web prompt keeps its token and certificate: beside the state database, so on
+    OpenWrt (state_db under /etc/hushgate) they survive reboots and the fingerprint stays."""
+    return os.path.dirname(os.path.abspath(config.state_db)) or "."
 
 
 def _by(request: dict[str, Any], peer: Any) -> str:

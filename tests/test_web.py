@@ -1,0 +1,731 @@
+"""The LAN web prompt (guard/web.py): login, sessions, CSRF, Host allowlist, escaping, TLS, and a
+real headless Chromium that signs in, sees a held upload appear and answers it.
+
+Every server here listens on 127.0.0.1 with an ephemeral port and talks to a fake handler that
+speaks the control protocol (guard/control.py) and records what the page asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import re
+import socket
+import ssl
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from guard.web import (
+    HOST_MAX_CHARS,
+    LoginLimiter,
+    Sessions,
+    WebError,
+    WebPrompt,
+    display_text,
+    hash_password,
+    verify_password,
+    web_token,
+)
+from tests.browser.chromium import chromium, png_size, wait_for
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+BOB = "bob-dispatch-prod-na.amazon.com"
+# A host name as a hostile speaker could claim it in SNI or DNS: markup, a script, terminal
+# escapes, an entity, a bidi override, and more than 255 characters.
+HOSTILE = ('<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
+           '\x1b[2J\x1b]0;owned\x07&amp;\u202egnp.exe' + "a" * 300)
+SHOWN_HOSTILE = display_text(HOSTILE, HOST_MAX_CHARS)
+
+
+class FakeGuard:
+    """A control-protocol handler with pending uploads, an audit log, and a record of requests."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pending: dict[int, dict[str, Any]] = {}
+        self.log: list[dict[str, Any]] = []
+        self.requests: list[tuple[dict[str, Any], Any]] = []
+        self.fail_with: str | None = None
+        self.crash = False
+
+    def add(self, upload_id: int, device: str = "kitchen-echo", host: str | None = BOB, *,
+            held_packets: int = 11, held_bytes: int = 14_336, waiting_s: float = 3.0,
+            timeout_s: float = 20.0) -> None:
+        now = time.time()
+        with self.lock:
+            self.pending[upload_id] = {
+                "id": upload_id, "device": device, "remote": "52.94.233.109:443", "host": host,
+                "category": "voice", "held_packets": held_packets, "held_bytes": held_bytes,
+                "started": now - waiting_s, "expires": now - waiting_s + timeout_s,
+                # Fields the page must never see, whatever the daemon may one day return:
+                "payload": "RAW-PACKET-BYTES", "proto": "tcp", "tokens": [1, 2, 3],
+            }
+
+    def logged(self, upload_id: int, outcome: str, device: str, host: str | None,
+               ago_s: float, by: str) -> None:
+        now = time.time()
+        with self.lock:
+            self.log.insert(0, {"id": upload_id, "device": device, "host": host,
+                                "remote": "52.94.233.109:443", "category": "voice",
+                                "bytes": 9120, "packets": 9, "started": now - ago_s - 4,
+                                "decided_at": now - ago_s, "outcome": outcome,
+                                "decided_by": by, "raw": "RAW-PACKET-BYTES"})
+
+    def decisions(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [r for r, _ in self.requests if r.get("cmd") == "decide"]
+
+    def __call__(self, request: dict[str, Any], peer: Any) -> dict[str, Any]:
+        with self.lock:
+            self.requests.append((dict(request), peer))
+            if self.crash:
+                raise RuntimeError("handler bug")
+            if self.fail_with:
+                return {"ok": False, "error": self.fail_with}
+            cmd = request.get("cmd")
+            if cmd == "pending":
+                return {"ok": True, "result": [dict(u) for u in self.pending.values()]}
+            if cmd == "log":
+                return {"ok": True, "result": [dict(r) for r in self.log[: request["limit"]]]}
+            if cmd == "decide":
+                upload = self.pending.pop(request["id"], None)
+                if upload is None:
+                    return {"ok": False, "error": f"no pending upload {request['id']}"}
+                outcome = "approved" if request["verb"] == "allow" else "denied"
+                self.log.insert(0, {**upload, "bytes": upload["held_bytes"],
+                                    "packets": upload["held_packets"], "outcome": outcome,
+                                    "decided_at": time.time(), "decided_by": request["by"]})
+                return {"ok": True, "result": upload}
+            return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+
+class Reply:
+    def __init__(self, response: http.client.HTTPResponse, elapsed_s: float) -> None:
+        self.status = response.status
+        self.headers = {k.lower(): v for k, v in response.getheaders()}
+        self.body = response.read()
+        self.elapsed_s = elapsed_s
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Client:
+    """A browser stand-in: keeps the session cookie and CSRF token, sends same-origin headers."""
+
+    def __init__(self, prompt: WebPrompt, *, source: str | None = None,
+                 context: ssl.SSLContext | None = None) -> None:
+        self.prompt = prompt
+        self.source = source
+        self.context = context
+        self.host = f"127.0.0.1:{prompt.port}"
+        self.origin = f"{prompt.scheme}://{self.host}"
+        self.cookie: str | None = None
+        self.csrf: str | None = None
+        self.replies: list[Reply] = []
+
+    def connection(self) -> http.client.HTTPConnection:
+        source = (self.source, 0) if self.source else None
+        if self.context is not None:
+            return http.client.HTTPSConnection("127.0.0.1", self.prompt.port, timeout=5,
+                                               source_address=source, context=self.context)
+        return http.client.HTTPConnection("127.0.0.1", self.prompt.port, timeout=5,
+                                          source_address=source)
+
+    def request(self, method: str, path: str, body: Any = None, *,
+                headers: dict[str, str] | None = None, cookie: bool = True, csrf: bool = True,
+                origin: str | None | bool = True) -> Reply:
+        sent = {"Host": self.host}
+        data = None
+        if body is not None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            sent["Content-Type"] = "application/json"
+        if method == "POST" and origin:
+            sent["Origin"] = self.origin if origin is True else str(origin)
+        if cookie and self.cookie:
+            sent["Cookie"] = self.cookie
+        if csrf and self.csrf and method == "POST":
+            sent["X-CSRF-Token"] = self.csrf
+        sent.update(headers or {})
+        conn = self.connection()
+        started = time.monotonic()
+        try:
+            conn.request(method, path, body=data if data is not None else
+                         (b"" if method == "POST" else None), headers=sent)
+            reply = Reply(conn.getresponse(), time.monotonic() - started)
+        finally:
+            conn.close()
+        self.replies.append(reply)
+        return reply
+
+    def login(self, secret: str) -> Reply:
+        reply = self.request("POST", "/api/login", {"secret": secret})
+        if reply.status == 200:
+            self.cookie = reply.headers["set-cookie"].split(";")[0]
+            self.csrf = reply.json()["csrf"]
+        return reply
+
+    def decide(self, upload_id: int, verb: str = "allow", scope: str = "once",
+               duration_s: float | None = None, **kw: Any) -> Reply:
+        return self.request("POST", "/api/decide", {"id": upload_id, "verb": verb,
+                                                    "scope": scope, "duration_s": duration_s},
+                            **kw)
+
+
+@pytest.fixture
+def fake() -> FakeGuard:
+    guard = FakeGuard()
+    guard.add(7)
+    guard.logged(5, "approved", "kitchen-echo", BOB, 120, "cli:0")
+    return guard
+
+
+@pytest.fixture
+def secrets_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "state"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def prompt(fake: FakeGuard, secrets_dir: Path):
+    server = WebPrompt("127.0.0.1:0", fake, secret_file=str(secrets_dir / "web.token"),
+                       state_dir=str(secrets_dir))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def token(prompt: WebPrompt, secrets_dir: Path) -> str:
+    return web_token(prompt.secret_file, str(secrets_dir), tls=False)["token"]
+
+
+@pytest.fixture
+def client(prompt: WebPrompt, token: str) -> Client:
+    c = Client(prompt)
+    assert c.login(token).status == 200
+    return c
+
+
+# -- login and sessions -------------------------------------------------------------------------
+
+
+def test_wrong_secret_is_refused_without_a_cookie(prompt: WebPrompt, token: str) -> None:
+    reply = Client(prompt).login("not-the-token-" + "x" * 40)
+    assert reply.status == 403
+    assert "set-cookie" not in reply.headers
+
+
+def test_token_login_sets_a_strict_httponly_session_cookie(prompt: WebPrompt, token: str) -> None:
+    c = Client(prompt)
+    reply = c.login(token)
+    assert reply.status == 200
+    cookie = reply.headers["set-cookie"]
+    assert cookie.startswith("hushgate_session=")
+    attributes = {a.strip().split("=")[0].lower() for a in cookie.split(";")[1:]}
+    assert {"httponly", "samesite", "path", "max-age"} <= attributes
+    assert "SameSite=Strict" in cookie and "Max-Age=43200" in cookie
+    assert "secure" not in attributes  # plain HTTP: a Secure cookie would never come back
+    session = c.request("GET", "/api/session").json()
+    assert session["csrf"] == c.csrf
+    assert c.request("GET", "/api/pending").status == 200
+
+
+def test_password_from_config_signs_in(fake: FakeGuard, secrets_dir: Path) -> None:
+    stored = hash_password("correct horse battery")
+    server = WebPrompt("127.0.0.1:0", fake, secret_file=str(secrets_dir / "web.token"),
+                       password_hash=stored, state_dir=str(secrets_dir))
+    with server:
+        assert Client(server).login("correct horse").status == 403
+        assert Client(server).login("correct horse battery").status == 200
+
+
+def test_password_hash_round_trip_and_formats() -> None:
+    stored = hash_password("s3cret")
+    assert stored.startswith("scrypt$16384$8$1$")
+    assert verify_password("s3cret", stored)
+    assert not verify_password("s3cret ", stored)
+    assert hash_password("s3cret") != stored  # salted
+    salt = b"0123456789abcdef"
+    digest = hashlib.pbkdf2_hmac("sha256", b"pw", salt, 1000)
+    import base64
+    pbkdf2 = f"pbkdf2_sha256$1000${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+    assert verify_password("pw", pbkdf2) and not verify_password("pW", pbkdf2)
+    for broken in ("", "plain", "scrypt$3$8$1$AAAA$AAAA", "md5$abc$def"):
+        with pytest.raises(WebError):
+            verify_password("pw", broken)
+    with pytest.raises(ValueError):
+        hash_password("")
+
+
+def test_a_broken_password_hash_fails_at_construction(fake: FakeGuard, secrets_dir: Path) -> None:
+    with pytest.raises(WebError, match="password_hash"):
+        WebPrompt("127.0.0.1:0", fake, secret_file=str(secrets_dir / "t"),
+                  password_hash="scrypt$nope", state_dir=str(secrets_dir))
+
+
+def test_sixth_bad_login_is_slowed_and_other_clients_are_not(prompt: WebPrompt,
+                                                             token: str) -> None:
+    attacker = Client(prompt)
+    for _ in range(5):
+        assert attacker.login("wrong-" + "x" * 40).status == 403
+    sixth = attacker.login("wrong-" + "x" * 40)
+    assert sixth.status == 429 or sixth.elapsed_s >= 1.0
+    assert sixth.status == 429 and int(sixth.headers["retry-after"]) >= 1
+    # While slowed, even the right secret is not checked: guessing gains nothing by speed.
+    assert attacker.login(token).status == 429
+    # Another address on the LAN is its own bucket.
+    assert Client(prompt, source="127.0.0.2").login(token).status == 200
+
+
+def test_login_limiter_doubles_the_wait_and_forgets() -> None:
+    limiter = LoginLimiter(free_failures=5, window_s=900, max_delay_s=300)
+    now = 1000.0
+    waits = [limiter.failed("a", now + i) for i in range(4)]
+    assert waits == [0, 0, 0, 0]
+    assert limiter.retry_after("a", now + 4) == 0
+    # From the fifth mistake on, each one makes the next attempt wait twice as long.
+    waits = []
+    t = now + 4
+    for _ in range(12):
+        waits.append(limiter.failed("a", t))
+        t += waits[-1]
+    assert waits[:5] == [1, 2, 4, 8, 16] and max(waits) == 300
+    assert limiter.retry_after("a", t - 1) == 1
+    assert limiter.retry_after("b", t) == 0
+    assert limiter.retry_after("a", t + 901) == 0  # forgotten after the window
+    limiter.failed("c", 0)
+    limiter.succeeded("c")
+    assert limiter.retry_after("c", 0) == 0
+
+
+def test_sessions_expire_after_twelve_hours() -> None:
+    sessions = Sessions()
+    cookie, session = sessions.create(now=0.0)
+    assert sessions.get(cookie, 43199.0) is session
+    assert sessions.get(cookie, 43200.0) is None
+    assert sessions.get("forged", 1.0) is None and sessions.get(None, 1.0) is None
+
+
+def test_logout_ends_the_session(client: Client) -> None:
+    assert client.request("POST", "/api/logout", {}).status == 200
+    assert client.request("GET", "/api/pending").status == 401
+
+
+# -- CSRF and GET --------------------------------------------------------------------------------
+
+
+def test_decide_with_session_csrf_and_origin_reaches_the_handler_as_web(
+        client: Client, fake: FakeGuard) -> None:
+    reply = client.decide(7, "allow", "once")
+    assert reply.status == 200 and reply.json()["upload"]["id"] == 7
+    assert fake.decisions() == [{"cmd": "decide", "id": 7, "verb": "allow", "scope": "once",
+                                 "duration_s": None, "by": "web"}]
+    fake.add(8)
+    assert client.decide(8, "allow", "for", 1800).status == 200
+    assert fake.decisions()[-1]["scope"] == "for"
+    assert fake.decisions()[-1]["duration_s"] == 1800.0
+    peer = fake.requests[-1][1]
+    assert peer.address == "127.0.0.1"
+
+
+def test_decide_without_cookie_is_401(client: Client, fake: FakeGuard) -> None:
+    assert client.decide(7, cookie=False).status == 401
+    assert fake.decisions() == []
+
+
+def test_decide_without_csrf_token_is_403(client: Client, fake: FakeGuard) -> None:
+    assert client.decide(7, csrf=False).status == 403
+    assert client.decide(7, headers={"X-CSRF-Token": "guessed"}).status == 403
+    assert fake.decisions() == []
+
+
+def test_decide_with_a_foreign_origin_is_403(client: Client, fake: FakeGuard) -> None:
+    port = client.prompt.port
+    for origin in ("http://evil.example", f"http://evil.example:{port}", "null",
+                   f"https://127.0.0.1:{port}"):
+        assert client.decide(7, origin=origin).status == 403, origin
+    # No Origin: a same-origin Referer will do, a foreign one or none will not.
+    assert client.decide(7, origin=False).status == 403
+    assert client.decide(7, origin=False,
+                         headers={"Referer": "http://evil.example/x"}).status == 403
+    assert client.decide(7, headers={"Sec-Fetch-Site": "cross-site"}).status == 403
+    assert fake.decisions() == []
+    assert client.decide(7, origin=False,
+                         headers={"Referer": f"{client.origin}/"}).status == 200
+
+
+def test_login_from_a_foreign_origin_is_refused(prompt: WebPrompt, token: str) -> None:
+    c = Client(prompt)
+    assert c.request("POST", "/api/login", {"secret": token}, origin="http://evil.example"
+                     ).status == 403
+    assert c.request("POST", "/api/login", {"secret": token},
+                     headers={"Content-Type": "application/x-www-form-urlencoded"}).status == 415
+
+
+def test_get_never_changes_state(client: Client, fake: FakeGuard) -> None:
+    for path in ("/api/decide", "/api/login", "/api/logout", "/api/decide?id=7&verb=allow"):
+        assert client.request("GET", path).status == 405
+    assert client.request("GET", "/api/pending").status == 200
+    assert fake.decisions() == []
+    assert client.request("GET", "/api/session").status == 200  # still signed in
+
+
+def test_decide_refuses_bad_arguments_and_permanent_rules(client: Client,
+                                                          fake: FakeGuard) -> None:
+    for body in ({"id": "7", "verb": "allow"}, {"id": True, "verb": "allow"},
+                 {"id": 7, "verb": "maybe"}, {"id": 7, "verb": "allow", "scope": "for"},
+                 {"id": 7, "verb": "allow", "scope": "for", "duration_s": 10 ** 9},
+                 {"id": 7, "verb": "allow", "scope": "always"}, [7]):
+        assert client.request("POST", "/api/decide", body).status == 400, body
+    assert client.request("POST", "/api/decide", b"{not json").status == 400
+    assert client.request("POST", "/api/decide", b"x" * 20000).status == 413
+    assert fake.decisions() == []
+
+
+def test_handler_errors_are_answered_not_raised(client: Client, fake: FakeGuard) -> None:
+    assert client.decide(99).status == 409
+    assert client.decide(99).json()["error"] == "no pending upload 99"
+    fake.crash = True
+    assert client.request("GET", "/api/pending").status == 500
+    fake.crash = False
+    assert client.request("GET", "/api/pending").status == 200
+
+
+# -- Host allowlist ------------------------------------------------------------------------------
+
+
+def test_foreign_host_header_is_refused(client: Client, fake: FakeGuard,
+                                        token: str) -> None:
+    before = len(fake.requests)
+    for host in ("evil.example", f"evil.example:{client.prompt.port}", "127.0.0.1.evil.example",
+                 "", "192.168.1.1", "localhost:1:2"):
+        for method, path, body in (("GET", "/", None), ("GET", "/api/pending", None),
+                                   ("POST", "/api/decide", {"id": 7, "verb": "allow"}),
+                                   ("POST", "/api/login", {"secret": token})):
+            reply = client.request(method, path, body, headers={"Host": host})
+            assert reply.status == 421, (host, path)
+    assert len(fake.requests) == before
+    # Loopback names are fine when the prompt listens on loopback.
+    assert client.request("GET", "/", headers={"Host": f"localhost:{client.prompt.port}"}
+                          ).status == 200
+
+
+def test_configured_host_names_are_allowed(fake: FakeGuard, secrets_dir: Path) -> None:
+    server = WebPrompt("127.0.0.1:0", fake, secret_file=str(secrets_dir / "t"),
+                       allowed_hosts=("Hushgate.LAN", "fd00::1"), state_dir=str(secrets_dir))
+    with server:
+        c = Client(server)
+        assert c.request("GET", "/", headers={"Host": "hushgate.lan:8787"}).status == 200
+        assert c.request("GET", "/", headers={"Host": "[fd00::1]:8787"}).status == 200
+        assert c.request("GET", "/", headers={"Host": "other.lan"}).status == 421
+
+
+# -- listening ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:8787", "[::]:8787", "8.8.8.8:8787",
+                                    "[2001:4860::1]:8787", "[::ffff:8.8.8.8]:8787",
+                                    "224.0.0.1:8787"])
+def test_binding_every_interface_or_a_public_address_is_refused(
+        listen: str, fake: FakeGuard, secrets_dir: Path) -> None:
+    with pytest.raises(WebError, match="refusing to listen"):
+        WebPrompt(listen, fake, secret_file=str(secrets_dir / "t"), state_dir=str(secrets_dir))
+
+
+def test_listen_must_be_an_address_and_port(fake: FakeGuard, secrets_dir: Path) -> None:
+    for listen in ("router.lan:8787", "192.168.1.1", "fd00::1:8787", "192.168.1.1:99999"):
+        with pytest.raises(WebError, match="ADDRESS:PORT"):
+            WebPrompt(listen, fake, secret_file=str(secrets_dir / "t"),
+                      state_dir=str(secrets_dir))
+
+
+def test_lan_addresses_are_accepted_and_public_only_when_allowed(
+        fake: FakeGuard, secrets_dir: Path) -> None:
+    kw: dict[str, Any] = {"secret_file": str(secrets_dir / "t"), "state_dir": str(secrets_dir)}
+    for listen in ("192.168.1.1:8787", "10.0.0.1:80", "[fd00::1]:8787", "[fe80::1]:8787"):
+        assert WebPrompt(listen, fake, **kw).port in (8787, 80)
+    with pytest.raises(WebError, match="web.hosts"):
+        WebPrompt("0.0.0.0:8787", fake, allow_public=True, **kw)
+    everywhere = WebPrompt("0.0.0.0:8787", fake, allow_public=True,
+                           allowed_hosts=("router.lan",), **kw)
+    assert "router.lan" in everywhere.allowed_hosts
+
+
+# -- what a browser receives ----------------------------------------------------------------------
+
+
+def test_every_response_is_no_store_with_security_headers(client: Client, prompt: WebPrompt,
+                                                          token: str) -> None:
+    client.request("GET", "/")
+    client.request("GET", "/app.js")
+    client.request("GET", "/app.css")
+    client.request("GET", "/api/pending")
+    client.request("GET", "/api/log")
+    client.request("GET", "/nope")
+    client.decide(7, csrf=False)
+    client.request("GET", "/", headers={"Host": "evil.example"})
+    anonymous = Client(prompt)
+    anonymous.request("GET", "/api/pending")
+    for _ in range(6):
+        anonymous.login("wrong-" + "x" * 40)
+    statuses = {r.status for r in client.replies + anonymous.replies}
+    assert {200, 401, 403, 404, 421, 429} <= statuses
+    for reply in client.replies + anonymous.replies:
+        h = reply.headers
+        assert h["cache-control"] == "no-store", reply.status
+        assert h["x-frame-options"] == "DENY"
+        assert h["x-content-type-options"] == "nosniff"
+        assert h["referrer-policy"] == "no-referrer"
+        csp = h["content-security-policy"]
+        assert "default-src 'self'" in csp and "unsafe-inline" not in csp
+        assert h["server"] == "hushgate"
+    # The stdlib's own error path (a request it cannot parse) carries them too.
+    for line, status in ((b"GARBAGE / HTTP/1.1 extra", "400"), (b"BREW / HTTP/1.1", "501")):
+        with socket.create_connection(("127.0.0.1", prompt.port), timeout=5) as sock:
+            sock.sendall(line + b"\r\nHost: " + client.host.encode() + b"\r\n\r\n")
+            raw = sock.recv(65536).decode("latin-1").lower()
+        assert raw.startswith("http/1.") and raw.split()[1] == status, raw[:60]
+        assert "cache-control: no-store" in raw and "x-frame-options: deny" in raw
+
+
+def test_page_loads_its_script_and_style_from_files_not_inline(client: Client) -> None:
+    page = client.request("GET", "/")
+    assert page.headers["content-type"].startswith("text/html")
+    html = page.body.decode()
+    assert '<script src="/app.js"' in html
+    assert re.search(r"<script(?![^>]*\bsrc=)[^>]*>", html) is None  # no inline script
+    assert "<style" not in html and " style=" not in html and "onclick" not in html.lower()
+    script = client.request("GET", "/app.js")
+    assert script.headers["content-type"].startswith("text/javascript")
+    js = script.body.decode()
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
+                 "new Function"):
+        assert sink not in js, sink
+    assert "textContent" in js
+
+
+def test_only_listed_fields_reach_the_browser(client: Client) -> None:
+    pending = client.request("GET", "/api/pending")
+    assert b"RAW-PACKET-BYTES" not in pending.body and b"tokens" not in pending.body
+    item = pending.json()["pending"][0]
+    assert set(item) == {"id", "device", "remote", "host", "category", "held_packets",
+                         "held_bytes", "started", "expires"}
+    assert item["held_packets"] == 11 and item["held_bytes"] == 14_336
+    log = client.request("GET", "/api/log")
+    assert b"RAW-PACKET-BYTES" not in log.body
+    assert "raw" not in log.json()["log"][0]
+
+
+def test_display_text_makes_hostile_text_inert() -> None:
+    shown = display_text(HOSTILE)
+    assert len(shown) <= HOST_MAX_CHARS and shown.endswith("\u2026")
+    assert "\x1b" not in shown and "\x07" not in shown and "\u202e" not in shown
+    assert "\\x1b[2J" in shown and "\\u202e" in shown
+    assert shown.startswith('<img src=x onerror="window.__pwned=1">')  # text, shown as text
+    assert display_text("bob.amazon.com") == "bob.amazon.com"
+
+
+def test_hostile_host_name_is_escaped_in_every_response(fake: FakeGuard, client: Client) -> None:
+    fake.add(9, device="den-echo", host=HOSTILE)
+    fake.logged(6, "denied", "den-echo", HOSTILE, 30, "web")
+    bodies = [client.request("GET", "/api/pending"), client.request("GET", "/api/log"),
+              client.decide(9, "deny")]
+    fake.fail_with = f"no pending upload for {HOSTILE}"
+    bodies += [client.decide(7), client.request("GET", "/api/pending")]
+    for reply in bodies:
+        assert reply.status in (200, 409, 502)
+        raw = reply.body
+        assert b"<" not in raw and b">" not in raw and b"&" not in raw, raw[:200]
+        assert b"\x1b" not in raw and b"\x07" not in raw
+        assert b"\\u003cimg src=x onerror=" in raw  # the JSON escape, not the markup
+    assert any(p["host"] == SHOWN_HOSTILE for p in bodies[0].json()["pending"])
+    assert bodies[1].json()["log"][0]["host"] == SHOWN_HOSTILE
+    assert bodies[2].json()["upload"]["host"] == SHOWN_HOSTILE
+
+
+# -- secrets on disk and TLS ----------------------------------------------------------------------
+
+
+def test_token_is_created_once_with_mode_0600(tmp_path: Path) -> None:
+    secret_file = tmp_path / "etc" / "web.token"
+    first = web_token(str(secret_file), str(tmp_path), tls=False)
+    assert first["fingerprint"] is None
+    assert len(first["token"]) >= 43 and re.fullmatch(r"[A-Za-z0-9_-]+", first["token"])
+    assert stat.S_IMODE(os.stat(secret_file).st_mode) == 0o600
+    assert web_token(str(secret_file), str(tmp_path), tls=False)["token"] == first["token"]
+    os.chmod(secret_file, 0o644)
+    with pytest.raises(WebError, match="chmod 600"):
+        web_token(str(secret_file), str(tmp_path), tls=False)
+
+
+def test_tls_serves_the_certificate_whose_fingerprint_web_token_reports(
+        fake: FakeGuard, secrets_dir: Path) -> None:
+    secret_file = str(secrets_dir / "web.token")
+    server = WebPrompt("127.0.0.1:0", fake, secret_file=secret_file, tls=True,
+                       state_dir=str(secrets_dir))
+    with server:
+        info = web_token(secret_file, str(secrets_dir))
+        assert re.fullmatch(r"([0-9A-F]{2}:){31}[0-9A-F]{2}", info["fingerprint"])
+        assert stat.S_IMODE(os.stat(secrets_dir / "web-key.pem").st_mode) == 0o600
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # pinned by fingerprint below, as a phone would
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            with context.wrap_socket(raw) as tls:
+                der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        served = ":".join(f"{b:02X}" for b in hashlib.sha256(der).digest())
+        assert served == info["fingerprint"]
+        c = Client(server, context=context)
+        assert c.origin.startswith("https://")
+        reply = c.login(info["token"])
+        assert reply.status == 200
+        cookie = reply.headers["set-cookie"]
+        assert cookie.startswith("__Host-hushgate_session=") and "; Secure" in cookie
+        assert c.request("GET", "/api/pending").status == 200
+        # Plain HTTP to the TLS port gets nothing useful.
+        plain = Client(server)
+        with pytest.raises((http.client.HTTPException, OSError)):
+            plain.request("GET", "/")
+    # The certificate survives restarts: a phone that pinned it keeps trusting it.
+    assert web_token(secret_file, str(secrets_dir))["fingerprint"] == info["fingerprint"]
+
+
+# -- a real browser -------------------------------------------------------------------------------
+
+
+def _sign_in(driver: Any, url: str, token: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.get(url)
+    secret = wait_for(lambda: _visible(driver, "secret"), "the sign-in form")
+    secret.send_keys(token)
+    driver.find_element(By.CSS_SELECTOR, "#login-form button[type=submit]").click()
+    wait_for(lambda: _visible(driver, "empty") or _visible(driver, "pending"),
+             "the list after signing in")
+
+
+def _visible(driver: Any, element_id: str) -> Any:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    try:
+        element = driver.find_element(By.ID, element_id)
+        return element if element.is_displayed() else None
+    except (NoSuchElementException, StaleElementReferenceException):
+        return None
+
+
+def _card(driver: Any, upload_id: int) -> Any:
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    try:
+        cards = driver.find_elements(By.CSS_SELECTOR, f'li.card[data-id="{upload_id}"]')
+        return cards[0] if cards and cards[0].is_displayed() else None
+    except StaleElementReferenceException:  # removed between finding and asking: gone
+        return None
+
+
+def _texts(driver: Any, selector: str) -> list[str]:
+    """textContent of every match, read in one step (the log list is rebuilt every few s)."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map(e => e.textContent)", selector)
+
+
+def _click(driver: Any, upload_id: int, action: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    card = wait_for(lambda: _card(driver, upload_id), f"upload {upload_id} on the page")
+    card.find_element(By.CSS_SELECTOR, f'button[data-action="{action}"]').click()
+
+
+def _csp_errors(driver: Any) -> list[str]:
+    return [e["message"] for e in driver.get_log("browser")
+            if "Content Security Policy" in e["message"] or "Refused to" in e["message"]]
+
+
+def test_browser_shows_a_held_upload_live_and_sends_the_decisions(
+        tmp_path: Path, fake: FakeGuard, prompt: WebPrompt, token: str) -> None:
+    fake.pending.clear()
+    fake.log.clear()
+    fake.logged(3, "expired", "living-room-echo", "avs-alexa-4-na.amazon.com", 900, "expired")
+    fake.logged(4, "denied", "kitchen-echo", BOB, 420, "web")
+    fake.logged(5, "approved", "kitchen-echo", BOB, 120, "cli:0")
+    with chromium(tmp_path) as driver:
+        _sign_in(driver, prompt.url, token)
+        assert _visible(driver, "empty") is not None  # nothing held yet
+        # The upload is held after the page loaded: it must appear without a reload.
+        fake.add(7, "kitchen-echo", BOB, held_packets=11, held_bytes=14_336, waiting_s=4)
+        card = wait_for(lambda: _card(driver, 7), "the held upload to appear")
+        text = card.text
+        assert "kitchen-echo" in text and BOB in text
+        assert "11 packets" in text and "14 KB held" in text
+        assert "left, then denied" in text and "Allow once" in text
+        wait_for(lambda: driver.title == "(1) hushgate", "the title to count the upload")
+        wait_for(lambda: "living-room-echo" in _texts(driver, "#log .device"),
+                 "the recent decisions")
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "web-prompt.png"
+        assert driver.save_screenshot(str(shot))
+        png = shot.read_bytes()
+        width, height = png_size(png)
+        assert width >= 400 and height >= 800 and len(png) > 20_000
+        dom = driver.execute_script("return document.body.innerText")
+        assert "kitchen-echo" in dom and BOB in dom
+
+        _click(driver, 7, "allow-once")
+        wait_for(lambda: fake.decisions(), "the handler to receive the decision")
+        assert fake.decisions() == [{"cmd": "decide", "id": 7, "verb": "allow",
+                                     "scope": "once", "duration_s": None, "by": "web"}]
+        wait_for(lambda: _card(driver, 7) is None and _visible(driver, "empty"),
+                 "the answered upload to leave the list")
+
+        fake.add(8, "kitchen-echo", BOB)
+        _click(driver, 8, "deny")
+        wait_for(lambda: len(fake.decisions()) == 2, "the deny to reach the handler")
+        assert fake.decisions()[1] == {"cmd": "decide", "id": 8, "verb": "deny",
+                                       "scope": "once", "duration_s": None, "by": "web"}
+
+        fake.add(9, "kitchen-echo", BOB)
+        _click(driver, 9, "allow-30min")
+        wait_for(lambda: len(fake.decisions()) == 3, "the 30 min allow to reach the handler")
+        assert fake.decisions()[2]["scope"] == "for"
+        assert fake.decisions()[2]["duration_s"] == 1800.0
+        assert _csp_errors(driver) == []
+
+
+def test_browser_shows_a_hostile_host_name_as_inert_text(
+        tmp_path: Path, fake: FakeGuard, prompt: WebPrompt, token: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    fake.pending.clear()
+    fake.add(11, "den-echo", HOSTILE)
+    fake.logged(10, "denied", "den-echo", HOSTILE, 60, "web")
+    with chromium(tmp_path) as driver:
+        _sign_in(driver, prompt.url, token)
+        card = wait_for(lambda: _card(driver, 11), "the hostile upload to appear")
+        host = card.find_element(By.CSS_SELECTOR, ".host")
+        assert host.get_attribute("textContent") == SHOWN_HOSTILE
+        wait_for(lambda: _texts(driver, "#log .host"), "the log entry")
+        assert SHOWN_HOSTILE in _texts(driver, "#log .host")
+        assert driver.execute_script("return document.querySelectorAll('img').length") == 0
+        assert driver.execute_script("return document.scripts.length") == 1
+        assert driver.execute_script("return window.__pwned === undefined") is True
+        assert driver.title == "(1) hushgate"
+        ARTIFACTS.mkdir(exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "web-prompt-hostile.png"))
+        _click(driver, 11, "deny")
+        wait_for(lambda: fake.decisions(), "the deny to reach the handler")
+        assert fake.decisions()[0]["id"] == 11 and fake.decisions()[0]["verb"] == "deny"
