@@ -8,6 +8,7 @@ the network or the clock. `load_config(path)` is the only function that reads a 
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -138,18 +139,59 @@ _GUARD_KEYS = {
 _DEVICE_KEYS = {"name", "address", "mac", "address6", "mode", "categories", "quic"}
 
 
+def _table(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
+    return value
+
+
+def _tables(value: Any, where: str) -> list[dict[str, Any]]:
+    """An array of tables (`[[device]]`, `[[hook]]`)."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected [[{where}]] tables, got {type(value).__name__}")
+    return [_table(item, f"{where}[{i}]") for i, item in enumerate(value)]
+
+
 def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
 
 
-def _number(table: dict[str, Any], key: str, where: str, minimum: float, default: Any) -> Any:
+def _number(table: dict[str, Any], key: str, where: str, minimum: float, default: Any,
+            integer: bool = False) -> Any:
     value = table.get(key, default)
+    kind = "a whole number" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where}.{key}: expected a number, got {value!r}")
+        raise ConfigError(f"{where}.{key}: expected {kind}, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{where}.{key}: expected a finite number, got {value!r}")
+    if integer and value != int(value):
+        raise ConfigError(f"{where}.{key}: expected {kind}, got {value!r}")
     if value < minimum:
         raise ConfigError(f"{where}.{key}: must be at least {minimum}, got {value!r}")
+    return int(value) if integer else value
+
+
+def _string(table: dict[str, Any], key: str, where: str) -> str:
+    value = table[key]
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}.{key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _strings(table: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
+    value = table[key]
+    if isinstance(value, str) or not isinstance(value, list) \
+            or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where}.{key}: expected a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _boolean(table: dict[str, Any], key: str, where: str) -> bool:
+    value = table[key]
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}.{key}: expected true or false, got {value!r}")
     return value
 
 
@@ -169,18 +211,25 @@ def _address(value: Any, where: str) -> str:
 
 def _device(table: Any, index: int) -> DeviceConfig:
     where = f"device[{index}]"
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: expected a table")
+    table = _table(table, where)
     _check_keys(table, _DEVICE_KEYS, where)
     name = table.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
         raise ConfigError(f"{where}.name: expected a short name of letters, digits, . _ -")
     where = f"device {name!r}"
     address = _address(table["address"], f"{where}.address") if "address" in table else None
-    mac = normalize_mac(str(table["mac"])) if "mac" in table else None
+    mac = None
+    if "mac" in table:
+        if not isinstance(table["mac"], str):
+            raise ConfigError(f"{where}.mac: expected a MAC address string, got {table['mac']!r}")
+        try:
+            mac = normalize_mac(table["mac"])
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.mac: {exc}") from None
     if address is None and mac is None:
         raise ConfigError(f"{where}: needs an address or a mac")
-    address6 = tuple(_address(a, f"{where}.address6") for a in table.get("address6", []))
+    address6 = tuple(_address(a, f"{where}.address6")
+                     for a in (_strings(table, "address6", where) if "address6" in table else ()))
     mode = Mode(_choice(table, "mode", where, tuple(m.value for m in Mode), "strict"))
     overrides = table.get("categories", {})
     if not isinstance(overrides, dict):
@@ -202,7 +251,7 @@ def _device(table: Any, index: int) -> DeviceConfig:
 def parse_config(data: dict[str, Any]) -> GuardConfig:
     """Validate a parsed TOML document into a GuardConfig."""
     _check_keys(data, {"guard", "metrics", "web", "hook", "device"}, "config")
-    guard = data.get("guard", {})
+    guard = _table(data.get("guard", {}), "guard")
     _check_keys(guard, _GUARD_KEYS, "guard")
     kw: dict[str, Any] = {}
     queue = guard.get("queue", 7)
@@ -211,9 +260,11 @@ def parse_config(data: dict[str, Any]) -> GuardConfig:
         if last < first:
             raise ConfigError("guard.queue: range must be ascending, e.g. \"7-8\"")
         kw["queue"], kw["queue_count"] = first, last - first + 1
+    elif isinstance(queue, str):
+        raise ConfigError(f"guard.queue: expected a number or a range like \"7-8\", got {queue!r}")
     else:
-        kw["queue"] = int(_number(guard, "queue", "guard", 0, 7))
-        kw["queue_count"] = int(_number(guard, "queue_count", "guard", 1, 1))
+        kw["queue"] = _number(guard, "queue", "guard", 0, 7, integer=True)
+        kw["queue_count"] = _number(guard, "queue_count", "guard", 1, 1, integer=True)
     if kw["queue"] + kw["queue_count"] - 1 > 65535:
         raise ConfigError("guard.queue: NFQUEUE numbers go up to 65535")
     kw["fail"] = _choice(guard, "fail", "guard", ("closed", "open"), "closed")
@@ -227,15 +278,21 @@ def parse_config(data: dict[str, Any]) -> GuardConfig:
         "max_held_packets_total", "max_held_bytes_total", "audit_max_rows",
     ):
         if key in guard:
-            kw[key] = int(_number(guard, key, "guard", 1, 0))
+            kw[key] = _number(guard, key, "guard", 1, 0, integer=True)
     if "mark_mask" in guard:
         raw = guard["mark_mask"]
         try:
-            mask = int(raw, 0) if isinstance(raw, str) else int(raw)
+            if isinstance(raw, str):
+                mask = int(raw, 0)
+            elif isinstance(raw, int) and not isinstance(raw, bool):
+                mask = raw
+            else:
+                raise ValueError
         except ValueError:
-            raise ConfigError(f"guard.mark_mask: not a number: {raw!r}") from None
-        if mask <= 0 or mask > 0xFFFFFFFF or bin(mask).count("1") < 2:
-            raise ConfigError("guard.mark_mask: needs at least two bits of a 32-bit mark")
+            raise ConfigError(f"guard.mark_mask: not a 32-bit mask: {raw!r}") from None
+        # three bits: allow, block, and "belongs to a configured device" (guard/firewall.py)
+        if mask <= 0 or mask > 0xFFFFFFFF or bin(mask).count("1") < 3:
+            raise ConfigError("guard.mark_mask: needs at least three bits of a 32-bit mark")
         kw["mark_mask"] = mask
     if "reset_midstream" in guard:
         if not isinstance(guard["reset_midstream"], bool):
@@ -243,40 +300,42 @@ def parse_config(data: dict[str, Any]) -> GuardConfig:
         kw["reset_midstream"] = guard["reset_midstream"]
     for key in ("socket", "socket_group", "state_db", "rules_dir"):
         if key in guard:
-            if not isinstance(guard[key], str) or not guard[key]:
-                raise ConfigError(f"guard.{key}: expected a non-empty string")
-            kw[key] = guard[key]
-    metrics = data.get("metrics", {})
+            kw[key] = _string(guard, key, "guard")
+    metrics = _table(data.get("metrics", {}), "metrics")
     _check_keys(metrics, {"listen"}, "metrics")
     if "listen" in metrics:
-        kw["metrics_listen"] = str(metrics["listen"]) or None
-    web = data.get("web", {})
+        if not isinstance(metrics["listen"], str):
+            raise ConfigError(f"metrics.listen: expected \"host:port\" or \"\" to disable, "
+                              f"got {metrics['listen']!r}")
+        kw["metrics_listen"] = metrics["listen"] or None
+    web = _table(data.get("web", {}), "web")
     _check_keys(web, {"listen", "password_hash", "tls", "hosts"}, "web")
     if "listen" in web:
-        kw["web_listen"] = str(web["listen"])
+        kw["web_listen"] = _string(web, "listen", "web")
     if "password_hash" in web:
-        kw["web_password_hash"] = str(web["password_hash"])
+        kw["web_password_hash"] = _string(web, "password_hash", "web")
     if "tls" in web:
-        kw["web_tls"] = bool(web["tls"])
+        kw["web_tls"] = _boolean(web, "tls", "web")
     if "hosts" in web:
-        kw["web_hosts"] = tuple(str(h) for h in web["hosts"])
+        kw["web_hosts"] = _strings(web, "hosts", "web")
     hooks = []
-    for index, hook in enumerate(data.get("hook", [])):
+    for index, hook in enumerate(_tables(data.get("hook", []), "hook")):
         where = f"hook[{index}]"
         _check_keys(hook, {"events", "command", "url", "timeout_s"}, where)
-        events = tuple(str(e) for e in hook.get("events", ["upload-held", "upload-decided"]))
-        command = hook.get("command", ())
-        if isinstance(command, str):
-            command = (command,)  # a path, never a shell line
-        url = hook.get("url")
+        events = (_strings(hook, "events", where) if "events" in hook
+                  else ("upload-held", "upload-decided"))
+        if "command" not in hook:
+            command: tuple[str, ...] = ()
+        elif isinstance(hook["command"], str):
+            command = (_string(hook, "command", where),)  # a path, never a shell line
+        else:
+            command = _strings(hook, "command", where)
+        url = _string(hook, "url", where) if "url" in hook else None
         if not command and not url:
             raise ConfigError(f"{where}: needs a command or a url")
-        hooks.append(
-            Hook(events, tuple(str(c) for c in command), url,
-                 float(_number(hook, "timeout_s", where, 0.1, 5.0)))
-        )
+        hooks.append(Hook(events, command, url, float(_number(hook, "timeout_s", where, 0.1, 5.0))))
     kw["hooks"] = tuple(hooks)
-    devices = tuple(_device(d, i) for i, d in enumerate(data.get("device", [])))
+    devices = tuple(_device(d, i) for i, d in enumerate(_tables(data.get("device", []), "device")))
     names = [d.name for d in devices]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -296,6 +355,8 @@ def load_config(path: str | Path) -> GuardConfig:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: values nested too deeply") from None
     try:
         return parse_config(data)
     except ConfigError as exc:

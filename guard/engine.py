@@ -77,7 +77,7 @@ _FLOW_MOVES: dict[FlowState, frozenset[FlowState]] = {
     FlowState.PASSING: frozenset({FlowState.IDLE, FlowState.PENDING, FlowState.DENIED,
                                   FlowState.BLOCKED}),
     FlowState.DENIED: frozenset({FlowState.IDLE}),
-    FlowState.ALLOWED: frozenset({FlowState.BLOCKED}),
+    FlowState.ALLOWED: frozenset({FlowState.BLOCKED, FlowState.IDLE}),
     FlowState.BLOCKED: frozenset(),
 }
 
@@ -414,8 +414,9 @@ def _clean_host(name: str | None) -> str | None:
     """Names come from the speaker (SNI, DNS) and are attacker-controlled: keep them inert."""
     if not name:
         return None
-    name = name[:HOST_MAX].lower()
-    return "".join(ch if (ch.isalnum() and ch.isascii()) or ch in "-._" else "?" for ch in name)
+    cleaned = "".join(ch if (ch.isalnum() and ch.isascii()) or ch in "-._" else "?"
+                      for ch in name.lower())
+    return cleaned[:HOST_MAX]
 
 
 class Engine:
@@ -457,6 +458,7 @@ class Engine:
         self.held_packets = 0
         self.held_bytes = 0
         self._decided_after = 1
+        self._current: Held | None = None
         self._timers: list[tuple[float, int, FlowKey]] = []
         self._timer_seq = 0
         self._lost: dict[tuple[int, str, int, str, int], int] = {}
@@ -650,13 +652,22 @@ class Engine:
         if flow.state is FlowState.BLOCKED:
             return Verdict.REJECT
         if flow.state is FlowState.ALLOWED:
-            if pkt.payload_len and not flow.marked:
-                self._learn_name(flow, pkt)  # the SNI may name a blocked host after all
-                if flow.device.category_action(flow.category) is CategoryAction.BLOCK:
-                    return self._block(flow, now, f"{flow.category} is blocked")
+            if not pkt.payload_len or flow.marked:
+                return Verdict.ACCEPT
+            # The first payload names the flow for sure (SNI): the DNS name that made it an
+            # allowed category may have been wrong, or a lie. Only now is it fast-pathed.
+            self._learn_name(flow, pkt)
+            action = flow.device.category_action(flow.category)
+            if action is CategoryAction.BLOCK:
+                return self._block(flow, now, f"{flow.category} is blocked")
+            if action is CategoryAction.ALLOW:
                 flow.marked = True
                 self.actions.append(MarkFlow(flow.key, "allow"))
-            return Verdict.ACCEPT
+                return Verdict.ACCEPT
+            flow.move(FlowState.IDLE)  # an inspected category after all: watch it
+            if _is_handshake(pkt):
+                return Verdict.ACCEPT
+            return self._payload(flow, pkt, now, token)
         if pkt.payload_len:
             self._learn_name(flow, pkt)
         if pkt.proto == UDP and pkt.hint in REALTIME_HINTS:
@@ -827,7 +838,10 @@ class Engine:
             self._release_burst(flow, now, verdict.reason, current=held)
             return Verdict.ACCEPT
         if verdict.judgement is Judgement.AUDIO:
-            self._upload_detected(flow, now, verdict.reason, current=held)
+            try:
+                self._upload_detected(flow, now, verdict.reason, current=held)
+            finally:
+                self._current = None
             return Verdict.HOLD if flow.state is FlowState.PENDING else (
                 Verdict.DROP if flow.state in (FlowState.DENIED, FlowState.BLOCKED)
                 else Verdict.ACCEPT)
@@ -895,6 +909,8 @@ class Engine:
         device = flow.device
         burst, flow.burst = flow.burst, []
         self._decided_after = len(flow.run) or 1
+        # the packet being judged gets its verdict from the caller, never also from an action
+        self._current = current
         flow.run = []
         if device.mode is Mode.MONITOR:
             upload = self._new_upload(flow, now, UploadAction.MONITOR, reason)
@@ -1062,7 +1078,7 @@ class Engine:
         # The remote has everything before the first held byte and nothing after it: that is
         # exactly the sequence number its side of the connection will accept a reset at.
         first_held = upload.held[0].seq if upload.held else None
-        tokens = tuple(h.token for h in upload.held)
+        tokens = tuple(h.token for h in upload.held if h is not self._current)
         if tokens:
             self.actions.append(Discard(tokens, upload.id))
         self._unhold(upload.held)

@@ -511,6 +511,9 @@ def _parse_file(path: Path, errors: list[RuleError]) -> list[tuple[str, str, _En
     except tomllib.TOMLDecodeError as err:
         errors.append(_toml_error(path, text, err))
         return None
+    except RecursionError:
+        errors.append(RuleError(path, 1, "values nested too deeply"))
+        return None
     locator = _Locator(text)
     file = str(path)
     before = len(errors)

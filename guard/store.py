@@ -270,8 +270,20 @@ class Store:
         if not p.parent.exists():
             p.parent.mkdir(parents=True, mode=0o700)
             os.chmod(p.parent, 0o700)  # mkdir's mode is filtered by the umask
+        if p.is_dir():
+            raise StoreError(f"the state database path {p} is a directory")
         created = not p.exists()
-        fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o600)
+        if not created:
+            reason = _precheck(p)
+            if reason is not None:
+                # judged without letting SQLite touch the file or its -wal (it would consume
+                # them): the bytes are moved aside exactly as they were
+                moved = _move_aside(p, now)
+                raise StoreCorrupt(p, moved, reason, None, now)
+        try:
+            fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot open the state database {p}: {exc.strerror}") from None
         try:
             if created:
                 os.fchmod(fd, 0o600)
@@ -660,6 +672,40 @@ def _create(conn: sqlite3.Connection, upload_id_floor: int) -> None:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _precheck(path: Path) -> str | None:
+    """Why an existing file cannot be our database, judged without SQLite writing anything:
+    the header bytes, then a read-only immutable look (no WAL replay). None: open it normally."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(100)
+    except OSError as exc:
+        raise StoreError(f"cannot read the state database {path}: {exc.strerror}") from None
+    if not head:
+        return None  # an empty file is a new database
+    if len(head) < 100 or not head.startswith(SQLITE_HEADER):
+        return "not an SQLite database"
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        app = conn.execute("PRAGMA application_id").fetchone()[0]
+        tables = {r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
+    except sqlite3.DatabaseError as exc:
+        return f"unreadable: {exc}"
+    finally:
+        conn.close()
+    if app not in (0, APPLICATION_ID):
+        return f"not a hushgate database (application_id {app:#x})"
+    if app == 0 and tables:
+        return "not a hushgate database (foreign tables)"
+    return None
 
 
 def _salvage_last_id(conn: sqlite3.Connection | None) -> int | None:
