@@ -1,0 +1,671 @@
+"""Packaging: the OpenWrt feed, the systemd unit, the default config and the documented
+Debian-style install, checked as far as this machine allows.
+
+What runs here: shellcheck and `sh -n` on every shell script (the procd init script with the
+directives rc.common scripts need), the feed Makefiles through GNU make against a stub TOPDIR
+(their install recipes really run), the init script's start/stop logic against stubbed procd
+and uci, `systemd-analyze verify` and `security` on the unit, and a real install: a clean venv,
+`pip install` of this repository (non-editable), then in a throw-away network namespace the
+installed `hushgate firewall apply`, `hushgate run` and `doctor` inside an emulation of the
+unit's sandbox (bounded capabilities, no new privileges, read-only /, /proc/sys read-only), and
+the uninstall script, after which no rule, socket or process may remain.
+
+What cannot run here: an OpenWrt SDK build (no SDK: python3-package.mk, the cross compiler),
+procd itself, fw4, and systemd as PID 1 (this container has none: the unit's sandbox is
+emulated with unshare/setpriv, not enforced by systemd; SystemCallFilter, PrivateTmp,
+PrivateDevices, ProtectProc and the namespace restrictions are not exercised).
+
+Kernel tests are skipped only when not root and $CI is not "true"; in CI they must run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from guard.config import GuardConfig, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+OPENWRT = REPO / "packaging/openwrt"
+FILES = OPENWRT / "hushgate/files"
+UNIT = REPO / "packaging/systemd/hushgate.service"
+UNINSTALL = REPO / "packaging/systemd/uninstall.sh"
+DEFAULT_TOML = REPO / "packaging/hushgate.toml"
+IS_ROOT = os.geteuid() == 0
+IN_CI = os.environ.get("CI") == "true"
+
+
+def need_tool(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        if IN_CI:
+            pytest.fail(f"{name} is not installed (apt-get install {package})")
+        pytest.skip(f"{name} is not installed (apt-get install {package})")
+    return path
+
+
+def need_root() -> None:
+    if not IS_ROOT:
+        if IN_CI:
+            pytest.fail("this test needs root in CI (run .ci/run as root)")
+        pytest.skip("needs root (runs, and must pass, in CI)")
+
+
+def sh(*argv: str | Path, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    res = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout,
+                         **kw)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, argv))} -> {res.returncode}\n"
+                             f"stdout: {res.stdout}\nstderr: {res.stderr}")
+    return res
+
+
+def shellcheck(path: Path) -> None:
+    tool = need_tool("shellcheck", "shellcheck")
+    res = sh(tool, "-s", "sh", path, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert sh("sh", "-n", path, check=False).returncode == 0
+
+
+# --------------------------------------------------------------------------- default config
+
+
+def test_default_config_spells_out_the_safe_defaults():
+    config = load_config(DEFAULT_TOML)
+    assert config == GuardConfig()  # every written value is the built-in default
+    assert config.fail == "closed"
+    assert config.metrics_listen == "127.0.0.1:9877"
+    assert config.web_listen is None
+    text = DEFAULT_TOML.read_text()
+    assert 'mode = "monitor"' in text and "first day" in text.lower()
+
+
+def test_default_config_commented_examples_are_valid_when_uncommented():
+    lines = DEFAULT_TOML.read_text().splitlines()
+    uncommented = []
+    for line in lines:
+        m = re.match(r"^# (\[\[?\w+\]\]?|\w+ = .*)$", line)
+        if m and not line.startswith("# socket_group") and not line.startswith("# rules_dir"):
+            uncommented.append(re.sub(r"\s+# .*$", "", m.group(1)))
+        else:
+            uncommented.append(line)
+    data = tomllib.loads("\n".join(uncommented))
+    config = parse_config(data)
+    assert config.web_listen == "192.168.1.1:8787"
+    assert config.hooks[0].command == ("/usr/local/bin/notify",)
+    assert config.devices[0].mac == "68:db:f5:90:19:64"
+
+
+# --------------------------------------------------------------------------- shell scripts
+
+
+@pytest.mark.parametrize(
+    "path",
+    [FILES / "hushgate.init", FILES / "hushgate.profile", UNINSTALL],
+    ids=["init", "profile", "uninstall"],
+)
+def test_shell_scripts_pass_shellcheck_and_parse(path):
+    shellcheck(path)
+
+
+def test_init_script_declares_what_rc_common_and_shellcheck_need():
+    text = (FILES / "hushgate.init").read_text()
+    assert text.startswith("#!/bin/sh /etc/rc.common\n")
+    assert "# shellcheck shell=sh disable=SC2034,SC3043" in text
+    for needed in ("USE_PROCD=1", "START=19", "procd_add_reload_trigger \"hushgate\"",
+                   "procd_set_param respawn", "firewall apply --config",
+                   "config from-uci --input"):
+        assert needed in text, needed
+
+
+# --------------------------------------------------------------------------- init script logic
+
+INIT_HARNESS = r"""
+LOG=$1; STUB=$2; TMP=$3; shift 3
+config_load() { :; }
+config_get_bool() { eval "$1=\${STUB_ENABLED:-0}"; }
+procd_open_instance() { echo "procd_open_instance" >>"$LOG"; }
+procd_set_param() { echo "procd_set_param $*" >>"$LOG"; }
+procd_close_instance() { echo "procd_close_instance" >>"$LOG"; }
+procd_add_reload_trigger() { echo "reload_trigger $*" >>"$LOG"; }
+extra_command() { echo "extra_command $1" >>"$LOG"; }
+logger() { echo "logger $*" >>"$LOG"; }
+uci() {
+	case "$*" in
+	*flow_offloading_hw*) [ -n "${STUB_OFFLOAD_HW:-}" ] && echo "$STUB_OFFLOAD_HW" ;;
+	*flow_offloading*) [ -n "${STUB_OFFLOAD:-}" ] && echo "$STUB_OFFLOAD" ;;
+	esac
+	return 0
+}
+. "$INIT"
+HUSHGATE=$STUB
+UCI_FILE=$TMP/etc/config/hushgate
+TOML=$TMP/var/etc/hushgate.toml
+FW4_DIR=$TMP/var/etc/hushgate
+FW4_INCLUDE=$TMP/var/etc/hushgate/fw4.nft
+STATE_DIR=$TMP/etc/hushgate
+"$@"
+echo "rc=$?" >>"$LOG"
+"""
+
+STUB_HUSHGATE = r"""#!/bin/sh
+echo "hushgate $*" >>"$LOG"
+case "$*" in
+"config from-uci"*) [ -n "${STUB_FAIL_UCI:-}" ] && { echo "hushgate: 12: bad" >&2; exit 1; }
+	touch "$TOML_OUT" ;;
+"firewall apply"*) [ -n "${STUB_FAIL_APPLY:-}" ] && exit 1 ;;
+esac
+exit 0
+"""
+
+
+def run_init(tmp_path: Path, function: str, **env: str) -> list[str]:
+    log = tmp_path / "log"
+    log.write_text("")
+    stub = tmp_path / "hushgate-stub"
+    stub.write_text(STUB_HUSHGATE)
+    stub.chmod(0o755)
+    harness = tmp_path / "harness.sh"
+    harness.write_text(INIT_HARNESS)
+    full_env = {"PATH": os.environ["PATH"], "INIT": str(FILES / "hushgate.init"),
+                "LOG": str(log), "TOML_OUT": str(tmp_path / "var/etc/hushgate.toml"), **env}
+    sh("sh", harness, log, stub, tmp_path, function, env=full_env)
+    return log.read_text().splitlines()
+
+
+def test_init_start_converts_applies_the_safety_net_then_starts_the_guard(tmp_path):
+    log = run_init(tmp_path, "start_service", STUB_ENABLED="1")
+    toml = f"{tmp_path}/var/etc/hushgate.toml"
+    calls = [ln for ln in log if ln.startswith(("hushgate ", "procd_open"))]
+    assert calls == [
+        f"hushgate config from-uci --input {tmp_path}/etc/config/hushgate --output {toml} "
+        f"--fw4-include {tmp_path}/var/etc/hushgate/fw4.nft",
+        f"hushgate firewall apply --config {toml}",
+        "procd_open_instance",
+    ]
+    assert f"procd_set_param command {tmp_path}/hushgate-stub run --config {toml}" in log
+    assert "procd_set_param respawn 3600 5 0" in log  # respawn forever
+    assert f"procd_set_param file {tmp_path}/etc/config/hushgate {toml}" in log
+    assert log[-1] == "rc=0"
+    assert stat.S_IMODE((tmp_path / "etc/hushgate").stat().st_mode) == 0o700
+
+
+def test_init_start_does_nothing_while_disabled(tmp_path):
+    log = run_init(tmp_path, "start_service", STUB_ENABLED="0")
+    assert not [ln for ln in log if ln.startswith(("hushgate ", "procd_open"))]
+    assert any("disabled" in ln for ln in log) and log[-1] == "rc=0"
+
+
+def test_init_start_with_an_invalid_uci_file_changes_nothing(tmp_path):
+    log = run_init(tmp_path, "start_service", STUB_ENABLED="1", STUB_FAIL_UCI="1")
+    assert not [ln for ln in log if "firewall apply" in ln or ln == "procd_open_instance"]
+    assert any(ln.startswith("logger -t hushgate -p daemon.err") for ln in log)
+    assert log[-1] == "rc=1"
+
+
+def test_init_start_refuses_the_guard_while_flow_offloading_is_on(tmp_path):
+    for flag in ("STUB_OFFLOAD", "STUB_OFFLOAD_HW"):
+        log = run_init(tmp_path, "start_service", STUB_ENABLED="1", **{flag: "1"})
+        assert any("firewall apply" in ln for ln in log)  # the safety net is installed ...
+        assert "procd_open_instance" not in log  # ... but no guard pretends to guard
+        err = next(ln for ln in log if "daemon.err" in ln)
+        assert "flow_offloading=0" in err and "fw4 reload" in err
+        assert log[-1] == "rc=1"
+
+
+def test_init_reloads_on_config_changes_and_remove_takes_the_safety_net_away(tmp_path):
+    assert "reload_trigger hushgate" in run_init(tmp_path, "service_triggers")
+    (tmp_path / "var/etc/hushgate").mkdir(parents=True)
+    (tmp_path / "var/etc/hushgate.toml").write_text("")
+    include = tmp_path / "var/etc/hushgate/fw4.nft"
+    include.write_text("table inet hushgate {}\n")
+    log = run_init(tmp_path, "remove")
+    assert f"hushgate firewall remove --config {tmp_path}/var/etc/hushgate.toml" in log
+    assert not include.exists()
+
+
+# --------------------------------------------------------------------------- feed Makefiles
+
+
+def makefile_vars(path: Path) -> tuple[dict[str, str], dict[str, str], str]:
+    """(simple `NAME:=value` assignments, `define NAME ... endef` bodies, the text)."""
+    text = path.read_text()
+    joined = re.sub(r"\\\n\s*", " ", text)
+    defines = dict(re.findall(r"^define (\S+)\n(.*?)^endef$", text, re.S | re.M))
+    outside = re.sub(r"^define .*?^endef$", "", joined, flags=re.S | re.M)
+    assigns = {k: v.strip() for k, v in re.findall(r"^([A-Z0-9_]+)\s*:?=\s*(.*)$", outside, re.M)}
+    return assigns, defines, text
+
+
+FEED = {
+    "hushgate": ("hushgate", None),
+    "python-netfilterqueue": ("python3-netfilterqueue", "NetfilterQueue"),
+    "python-dpkt": ("python3-dpkt", "dpkt"),
+    "python-prometheus-client": ("python3-prometheus-client", "prometheus_client"),
+}
+
+
+@pytest.mark.parametrize("directory", sorted(FEED))
+def test_feed_makefiles_follow_the_packages_feed_conventions(directory):
+    package, pypi = FEED[directory]
+    assigns, defines, text = makefile_vars(OPENWRT / directory / "Makefile")
+    first = next(ln for ln in text.splitlines() if ln and not ln.startswith("#"))
+    assert first == "include $(TOPDIR)/rules.mk"
+    for var in ("PKG_NAME", "PKG_VERSION", "PKG_RELEASE", "PKG_LICENSE", "PKG_MAINTAINER"):
+        assert assigns.get(var), var
+    assert assigns["PKG_NAME"] == directory
+    assert "include $(INCLUDE_DIR)/package.mk" in text
+    assert "include $(TOPDIR)/feeds/packages/lang/python/python3-package.mk" in text
+    assert text.index("include $(INCLUDE_DIR)/package.mk") < text.index(
+        "include $(TOPDIR)/feeds/packages/lang/python/python3-package.mk")
+    for field_ in ("SECTION", "CATEGORY", "TITLE", "URL", "DEPENDS"):
+        assert re.search(rf"^\s+{field_}:=", defines[f"Package/{package}"], re.M), field_
+    assert f"Package/{package}/description" in defines
+    assert f"$(eval $(call Py3Package,{package}))" in text
+    assert f"$(eval $(call BuildPackage,{package}))" in text
+    assert "+python3-light" in defines[f"Package/{package}"]
+    if pypi is not None:
+        assert assigns["PYPI_NAME"] == pypi
+        assert re.fullmatch(r"[0-9a-f]{64}", assigns["PKG_HASH"])
+        assert "include $(TOPDIR)/feeds/packages/lang/python/pypi.mk" in text
+        assert text.index("lang/python/pypi.mk") < text.index("include $(INCLUDE_DIR)/package.mk")
+    for recipe in [body for name, body in defines.items() if "install" in name or "Build/" in name]:
+        for line in recipe.splitlines():
+            assert not line or line.startswith(("\t", "+|", "-|", "#")), (directory, line)
+
+
+def test_hushgate_package_depends_on_the_runtime_and_the_nft_queue():
+    _, defines, text = makefile_vars(OPENWRT / "hushgate/Makefile")
+    depends = defines["Package/hushgate"]
+    for dep in ("+python3-light", "+python3-sqlite3", "+python3-click", "+python3-logging",
+                "+python3-cryptography", "+python3-netfilterqueue", "+python3-prometheus-client",
+                "+kmod-nft-queue", "+libnetfilter-queue", "+conntrack"):
+        assert dep in depends, dep
+    assert "kmod-ipt-nfqueue" in text  # the documented iptables alternative
+    assert defines["Package/hushgate/conffiles"].strip() == "/etc/config/hushgate"
+    # the feed provides what the packages feed lacks
+    for dep in ("python3-netfilterqueue", "python3-prometheus-client"):
+        assert any(FEED[d][0] == dep for d in FEED)
+
+
+def test_hushgate_package_version_is_the_projects():
+    assigns, _, _ = makefile_vars(OPENWRT / "hushgate/Makefile")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert assigns["PKG_VERSION"] == project["version"]
+
+
+def test_every_file_the_install_recipe_names_exists():
+    _, defines, _ = makefile_vars(OPENWRT / "hushgate/Makefile")
+    named = re.findall(r"\./files/(\S+)", defines["Py3Package/hushgate/install"])
+    assert named and all((FILES / n).is_file() for n in named)
+    assert sorted(named) == sorted(p.name for p in FILES.iterdir())
+
+
+# A stub of the OpenWrt build system: just enough of rules.mk, package.mk and the packages feed
+# for GNU make to parse the feed Makefiles and run their install and prepare recipes.
+STUB_RULES = """\
+INCLUDE_DIR:=$(TOPDIR)/include
+BUILD_DIR:=$(TOPDIR)/build
+INSTALL_DIR:=install -d -m0755
+INSTALL_BIN:=install -m0755
+INSTALL_DATA:=install -m0644
+INSTALL_CONF:=install -m0600
+CP:=cp -fpR
+"""
+STUB_PACKAGE = """\
+PKG_BUILD_DIR ?= $(BUILD_DIR)/$(PKG_NAME)-$(PKG_VERSION)
+PKG_INSTALL_DIR ?= $(PKG_BUILD_DIR)/ipkg-install
+define Build/Prepare/Default
+	mkdir -p $(PKG_BUILD_DIR)
+endef
+define BuildPackage
+stub-info-$(1):
+	@echo 'DEPENDS=$$(strip $$(DEPENDS))'
+stub-install-$(1):
+	$$(call Py3Package/$(1)/install,$$(DEST))
+stub-scripts-$(1):
+	$$(file >$$(DEST)/prerm,$$(Package/$(1)/prerm))
+	$$(file >$$(DEST)/conffiles,$$(Package/$(1)/conffiles))
+stub-prepare-$(1):
+	$$(Build/Prepare)
+$$(eval $$(Package/$(1)))
+endef
+"""
+STUB_PY3 = """\
+PYTHON3_PKG_DIR:=/usr/lib/python3.11/site-packages
+define Py3Package
+endef
+"""
+
+
+@pytest.fixture()
+def topdir(tmp_path: Path) -> Path:
+    need_tool("make", "make")
+    top = tmp_path / "top"
+    (top / "include").mkdir(parents=True)
+    (top / "rules.mk").write_text(STUB_RULES)
+    (top / "include/package.mk").write_text(STUB_PACKAGE)
+    py = top / "feeds/packages/lang/python"
+    py.mkdir(parents=True)
+    (py / "python3-package.mk").write_text(STUB_PY3)
+    (py / "pypi.mk").write_text("PKG_SOURCE?=$(PYPI_NAME)-$(PKG_VERSION).tar.gz\n")
+    return top
+
+
+def stub_make(topdir: Path, directory: str, target: str, **variables: str) -> str:
+    args = [f"TOPDIR={topdir}", *(f"{k}={v}" for k, v in variables.items())]
+    res = sh("make", "--no-print-directory", "-C", OPENWRT / directory, "-f", "Makefile", *args,
+             target)
+    return res.stdout
+
+
+@pytest.mark.parametrize("directory", sorted(FEED))
+def test_feed_makefiles_parse_with_gnu_make(topdir, directory):
+    out = stub_make(topdir, directory, f"stub-info-{FEED[directory][0]}")
+    assert "+python3-light" in out
+
+
+def test_hushgate_install_recipe_puts_every_file_in_place(topdir, tmp_path):
+    build = tmp_path / "build"
+    (build / "ipkg-install/usr/bin").mkdir(parents=True)
+    (build / "ipkg-install/usr/bin/hushgate").write_text("#!/usr/bin/python3\n")
+    dest = tmp_path / "root"
+    stub_make(topdir, "hushgate", "stub-install-hushgate", DEST=str(dest),
+              PKG_BUILD_DIR=str(build))
+    modes = {
+        "usr/bin/hushgate": None,
+        "etc/init.d/hushgate": 0o755,
+        "etc/config/hushgate": 0o600,
+        "usr/share/nftables.d/ruleset-post/90-hushgate.nft": 0o644,
+        "etc/profile.d/hushgate.sh": 0o644,
+    }
+    for rel, mode in modes.items():
+        path = dest / rel
+        assert path.is_file(), rel
+        if mode is not None:
+            assert stat.S_IMODE(path.stat().st_mode) == mode, rel
+    assert (dest / "etc/hushgate").is_dir()
+    assert (dest / "etc/config/hushgate").read_text() == (FILES / "hushgate.config").read_text()
+
+
+def test_hushgate_prerm_and_conffiles(topdir, tmp_path):
+    stub_make(topdir, "hushgate", "stub-scripts-hushgate", DEST=str(tmp_path))
+    prerm = tmp_path / "prerm"
+    text = prerm.read_text()
+    assert text.startswith("#!/bin/sh\n")
+    assert '[ -n "${IPKG_INSTROOT}" ] && exit 0' in text  # $$ became $
+    assert "hushgate firewall remove" in text and "rm -rf /var/etc/hushgate" in text
+    shellcheck(prerm)
+    assert (tmp_path / "conffiles").read_text().strip() == "/etc/config/hushgate"
+
+
+def test_netfilterqueue_prepare_drops_the_stale_generated_c(topdir, tmp_path):
+    build = tmp_path / "nfq"
+    (build / "netfilterqueue").mkdir(parents=True)
+    (build / "netfilterqueue/_impl.c").write_text("/* Generated by Cython 0.29.26 */\n")
+    (build / "netfilterqueue/_impl.pyx").write_text("# source\n")
+    stub_make(topdir, "python-netfilterqueue", "stub-prepare-python3-netfilterqueue",
+              PKG_BUILD_DIR=str(build))
+    assert not (build / "netfilterqueue/_impl.c").exists()
+    assert (build / "netfilterqueue/_impl.pyx").exists()
+    assigns, _, _ = makefile_vars(OPENWRT / "python-netfilterqueue/Makefile")
+    assert "python-cython/host" in assigns["PKG_BUILD_DEPENDS"]
+    assert "libnetfilter-queue" in assigns["PKG_BUILD_DEPENDS"]
+
+
+# --------------------------------------------------------------------------- systemd unit
+
+
+def unit_directives(text: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";", "[")):
+            continue
+        key, _, value = line.partition("=")
+        out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def test_unit_is_hardened_and_runs_the_documented_commands():
+    d = unit_directives(UNIT.read_text())
+    cfg = "/etc/hushgate/hushgate.toml"
+    assert d["Type"] == ["simple"]
+    assert d["ExecStartPre"] == [f"/opt/hushgate/bin/hushgate firewall apply --config {cfg}"]
+    assert d["ExecStart"] == [f"/opt/hushgate/bin/hushgate run --config {cfg}"]
+    assert d["Restart"] == ["on-failure"]
+    assert d["CapabilityBoundingSet"] == ["CAP_NET_ADMIN CAP_NET_RAW"]
+    assert d["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6 AF_NETLINK"]
+    assert d["StateDirectory"] == ["hushgate"] and d["RuntimeDirectory"] == ["hushgate"]
+    for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "ProtectKernelTunables",
+                "ProtectControlGroups", "RestrictNamespaces", "LockPersonality",
+                "MemoryDenyWriteExecute", "ProtectKernelModules", "PrivateDevices"):
+        assert d[key] == ["yes"], key
+    assert d["ProtectSystem"] == ["strict"]
+    assert d["SystemCallArchitectures"] == ["native"]
+    assert "User" not in d  # root with a bounded capability set: `run` requires uid 0
+    assert "ProcSubset" not in d  # would hide /proc/sys/net/ipv6 and skip the IPv6 rules
+    assert "network-pre.target" in " ".join(d["Before"])
+    assert "nftables.service" in " ".join(d["After"])
+
+
+def verify_unit(text: str, directory: Path) -> None:
+    tool = need_tool("systemd-analyze", "systemd")
+    unit = directory / "hushgate.service"
+    unit.write_text(text)
+    res = sh(tool, "verify", unit, check=False)
+    # verify exits 0 even for ignored unknown keys: demand silence, not only success
+    assert res.returncode == 0 and not res.stdout.strip() and not res.stderr.strip(), (
+        res.stdout + res.stderr)
+    sec = sh(tool, "security", "--offline=yes", unit, check=False)
+    m = re.search(r"Overall exposure level for hushgate\.service: ([0-9.]+)", sec.stdout)
+    assert m, sec.stdout + sec.stderr
+    assert float(m.group(1)) <= 3.0, sec.stdout
+
+
+def rewrite_unit(hushgate: Path, config: Path) -> str:
+    """The unit with its binary and config pointing at an install that exists (verify checks
+    that ExecStart's binary is executable): the only difference from the shipped unit."""
+    text = UNIT.read_text()
+    text = text.replace("/opt/hushgate/bin/hushgate", str(hushgate))
+    return text.replace("/etc/hushgate/hushgate.toml", str(config))
+
+
+def test_unit_passes_systemd_analyze_verify_pointed_at_this_venv(tmp_path):
+    hushgate = Path(sys.executable).parent / "hushgate"
+    if not hushgate.exists():
+        pytest.skip("no hushgate console script next to this interpreter")
+    verify_unit(rewrite_unit(hushgate, DEFAULT_TOML), tmp_path)
+
+
+# --------------------------------------------------------------------------- the Debian-style install
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """A clean venv with this repository pip-installed (not editable), like /opt/hushgate."""
+    root = tmp_path_factory.mktemp("install")
+    venv = root / "opt/hushgate"
+    sh(sys.executable, "-m", "venv", venv, timeout=300)
+    res = sh(venv / "bin/python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+             REPO, check=False, timeout=900)
+    assert res.returncode == 0, f"pip install {REPO} failed:\n{res.stdout}\n{res.stderr}"
+    return venv
+
+
+def test_installed_wheel_ships_the_rules_and_works_from_any_directory(installed, tmp_path):
+    site = next((installed / "lib").glob("python3*/site-packages"))
+    assert (site / "guard/rules/amazon.toml").is_file()
+    assert not (site / "guard/__init__.py").resolve().is_relative_to(REPO)  # not editable
+    res = sh(installed / "bin/hushgate", "rules", "check", cwd=tmp_path)
+    assert res.stdout.startswith("ok:") and "amazon" in res.stdout
+    assert "0.1.0" in sh(installed / "bin/hushgate", "--version", cwd=tmp_path).stdout
+
+
+def test_installed_unit_and_config_verify(installed, tmp_path):
+    root = tmp_path / "root"
+    (root / "etc/hushgate").mkdir(parents=True)
+    (root / "etc/systemd/system").mkdir(parents=True)
+    config = root / "etc/hushgate/hushgate.toml"
+    shutil.copy(DEFAULT_TOML, config)
+    verify_unit(rewrite_unit(installed / "bin/hushgate", config), root / "etc/systemd/system")
+    shown = sh(installed / "bin/hushgate", "firewall", "show", "--config", config, cwd=tmp_path)
+    assert "HUSHGATE_NET" in shown.stdout
+
+
+# The unit's sandbox, emulated (there is no systemd here): the directories of StateDirectory= and
+# RuntimeDirectory= stay writable, everything else but /dev, /proc and /sys becomes read-only
+# (ProtectSystem=strict), /proc/sys too (ProtectKernelTunables=yes), and the command runs as root
+# with only CAP_NET_ADMIN and CAP_NET_RAW in its bounding set and no new privileges.
+SANDBOX = r"""#!/bin/sh
+set -eu
+writable=""
+while [ "$#" -gt 0 ] && [ "$1" != "--" ]; do writable="$writable $1"; shift; done
+shift
+for d in $writable; do mount --bind "$d" "$d"; done
+mount --bind /proc/sys /proc/sys
+mount -o remount,bind,ro /proc/sys
+awk '{print $2}' /proc/self/mounts | sort -u | while read -r m; do
+	case "$m" in /proc | /proc/* | /sys | /sys/* | /dev | /dev/*) continue ;; esac
+	for d in $writable; do [ "$m" = "$d" ] && continue 2; done
+	mount -o remount,bind,ro "$m" 2>/dev/null || true
+done
+exec setpriv --bounding-set=-all,+net_admin,+net_raw --inh-caps=-all --no-new-privs -- "$@"
+"""
+
+
+def test_debian_install_lifecycle_in_a_namespace_leaves_nothing_behind(installed, tmp_path):
+    """Safety net, guard and doctor under the unit's (emulated) sandbox in a throw-away
+    namespace, then the uninstall script: no rule, no socket, no process may remain."""
+    need_root()
+    for tool, package in (("ip", "iproute2"), ("iptables", "iptables"), ("unshare", "util-linux"),
+                          ("setpriv", "util-linux")):
+        need_tool(tool, package)
+    ns = f"hgpkg{os.getpid()}"
+    state, runtime, etc = tmp_path / "state", tmp_path / "run", tmp_path / "etc/hushgate"
+    for d in (state, runtime, etc):
+        d.mkdir(parents=True)
+    config = etc / "hushgate.toml"
+    config.write_text(
+        DEFAULT_TOML.read_text()
+        .replace('socket = "/run/hushgate/control.sock"', f'socket = "{runtime}/control.sock"')
+        .replace('state_db = "/var/lib/hushgate/state.db"', f'state_db = "{state}/state.db"')
+        + '\n[[device]]\nname = "kitchen-echo"\nmac = "02:00:5e:10:00:10"\n'
+        'address = "198.18.10.10"\nmode = "strict"\n'
+    )
+    sandbox = tmp_path / "sandbox.sh"
+    sandbox.write_text(SANDBOX)
+    sandbox.chmod(0o755)
+    unit = tmp_path / "systemd/hushgate.service"
+    unit.parent.mkdir()
+    unit.write_text(rewrite_unit(installed / "bin/hushgate", config))
+    link = tmp_path / "bin/hushgate"
+    link.parent.mkdir()
+    link.symlink_to(installed / "bin/hushgate")
+    hushgate = str(installed / "bin/hushgate")
+
+    def in_ns(*argv: str | Path) -> list[str]:
+        return ["ip", "netns", "exec", ns, *map(str, argv)]
+
+    def sandboxed(*argv: str | Path) -> list[str]:
+        return in_ns("unshare", "-m", "--propagation", "private", sandbox, state, runtime, "--",
+                     *argv)
+
+    guard: subprocess.Popen | None = None
+    sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        # ExecStartPre: the persistent safety net, with the installed command.
+        res = sh(*sandboxed(hushgate, "firewall", "apply", "--config", config))
+        assert "fail mode closed" in res.stdout
+        # ExecStart: the guard itself.
+        guard = subprocess.Popen(sandboxed(hushgate, "run", "--config", config),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        sock = runtime / "control.sock"
+        deadline = time.monotonic() + 30
+        while not sock.exists() and guard.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sock.exists(), f"the guard did not start: {guard.poll()}\n" + (
+            guard.stdout.read() if guard.poll() is not None and guard.stdout else "")
+        # doctor, from the installed package, inside the namespace: everything in place
+        doctor = sh(*in_ns(installed / "bin/python", "-c", textwrap.dedent(f"""
+            import sys
+            from guard.doctor import diagnose_file, exit_code, format_report
+            checks = diagnose_file({str(config)!r})
+            print(format_report(checks), end="")
+            sys.exit(exit_code(checks))
+        """)), check=False)
+        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+        assert doctor.stdout.startswith("hushgate doctor: all good"), doctor.stdout
+        # metrics on the namespace's loopback, served from inside the sandbox
+        scrape = sh(*in_ns(installed / "bin/python", "-c",
+                           "import urllib.request as u; print(u.urlopen("
+                           "'http://127.0.0.1:9877/metrics', timeout=5).read().decode())"))
+        assert 'hushgate_fail_mode{mode="closed"} 1.0' in scrape.stdout
+        # the uninstall script, as documented, inside the namespace
+        env = {**os.environ, "HUSHGATE_VENV": str(installed), "HUSHGATE_CONFIG": str(config),
+               "HUSHGATE_UNIT": str(unit), "HUSHGATE_LINK": str(link)}
+        res = sh(*in_ns("sh", UNINSTALL, "--purge"), env=env, check=False, timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "no hushgate rule, socket or process left" in res.stdout
+        assert guard.wait(timeout=20) == 0  # SIGTERM: a clean stop
+        for save in ("iptables-save", "ip6tables-save"):
+            dump = sh(*in_ns(save)).stdout
+            assert "hushgate" not in dump.lower(), dump
+        if shutil.which("nft"):
+            assert "hushgate" not in sh(*in_ns("nft", "list", "ruleset")).stdout
+        assert not sock.exists()
+        assert not installed.exists() and not unit.exists() and not link.is_symlink()
+        assert not etc.exists() and not state.exists()  # --purge
+    finally:
+        if guard is not None and guard.poll() is None:
+            os.kill(guard.pid, signal.SIGKILL)
+            guard.wait(timeout=10)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+# --------------------------------------------------------------------------- fw4 include
+
+
+def test_fw4_include_loads_idempotently_in_a_namespace(tmp_path):
+    """What fw4 includes on every reload (the glob stub, then the table the init script wrote)
+    is valid, loads twice without duplicating a rule, and a missing file is no error."""
+    need_root()
+    nft = need_tool("nft", "nftables")
+    from guard.uci import write_openwrt_files
+
+    uci = tmp_path / "hushgate"
+    uci.write_text((FILES / "hushgate.config").read_text().replace(
+        "option enabled '0'\n\toption name 'kitchen-echo'", "option name 'kitchen-echo'"))
+    includes = tmp_path / "var/etc/hushgate"
+    write_openwrt_files(uci, tmp_path / "hushgate.toml", includes / "fw4.nft")
+    stub = (FILES / "hushgate.fw4.nft").read_text()
+    assert 'include "/var/etc/hushgate/*.nft"' in stub
+    ruleset_post = tmp_path / "90-hushgate.nft"
+    ruleset_post.write_text(stub.replace("/var/etc/hushgate", str(includes)))
+    empty = tmp_path / "empty.nft"
+    empty.write_text(stub.replace("/var/etc/hushgate", str(tmp_path / "nothing-yet")))
+    ns = f"hgfw4{os.getpid()}"
+    sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "netns", "exec", ns, nft, "-c", "-f", empty)
+        sh("ip", "netns", "exec", ns, nft, "-c", "-f", ruleset_post)
+        sh("ip", "netns", "exec", ns, nft, "-f", ruleset_post)
+        first = sh("ip", "netns", "exec", ns, nft, "list", "table", "inet", "hushgate").stdout
+        sh("ip", "netns", "exec", ns, nft, "-f", ruleset_post)
+        second = sh("ip", "netns", "exec", ns, nft, "list", "table", "inet", "hushgate").stdout
+        assert first == second
+        assert "68:db:f5:90:19:64" in first and "drop" in first
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
