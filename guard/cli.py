@@ -617,6 +617,56 @@ def web_token_cmd(config_path: str) -> None:
         click.echo(f"open: {scheme}://{config.web_listen}/#token={info['token']}")
 
 
+@main.command(short_help="Check rule order, offloading, IPv6, listener, fail mode.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="The guard's config file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+def doctor(config_path: str | None, as_json: bool) -> None:
+    """Check that the guard can work on this router, and say what to fix, in one screen."""
+    import dataclasses
+
+    from guard.config import GuardConfig
+    from guard.doctor import diagnose, diagnose_file, exit_code, format_report
+
+    checks = diagnose_file(config_path) if config_path else diagnose(GuardConfig(),
+                                                                     config_path=None)
+    if as_json:
+        emit_json([dataclasses.asdict(c) for c in checks])
+    else:
+        click.echo(format_report(checks))
+    sys.exit(exit_code(checks))
+
+
+@main.group("config")
+def config_group() -> None:
+    """Configuration helpers."""
+
+
+@config_group.command("from-uci")
+@click.option("--input", "input_path", default="/etc/config/hushgate", show_default=True,
+              type=click.Path(dir_okay=False), help="The UCI config (OpenWrt).")
+@click.option("--output", "output_path", type=click.Path(dir_okay=False),
+              help="Write the TOML config here (atomically); default: print it.")
+@click.option("--fw4-include", "fw4_path", type=click.Path(dir_okay=False),
+              help="Also write the nftables include for fw4 (with --output).")
+def config_from_uci(input_path: str, output_path: str | None, fw4_path: str | None) -> None:
+    """Convert OpenWrt's /etc/config/hushgate into the guard's TOML config."""
+    from pathlib import Path
+
+    from guard.config import ConfigError
+    from guard.uci import uci_to_toml, write_openwrt_files
+
+    try:
+        if output_path:
+            write_openwrt_files(input_path, output_path, fw4_path)
+        else:
+            click.echo(uci_to_toml(Path(input_path).read_text(encoding="utf-8")), nl=False)
+    except ConfigError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{input_path}: {exc.strerror}")
+
+
 # ------------------------------------------------------------------------------------ firewall
 
 

@@ -40,7 +40,7 @@ from guard.engine import (
     UploadSeen,
 )
 from guard.firewall import IptablesBackend, compose_mark
-from guard.fwspec import spec_from_config
+from guard.fwspec import run_backend, spec_from_config
 from guard.hooks import Hooks
 from guard.inject import Injector
 from guard.metrics import GuardCollector, Metrics, serve_metrics
@@ -72,7 +72,7 @@ class Daemon:
         self.rules = load_rules([config.rules_dir] if config.rules_dir else [])
         self.spec = spec_from_config(config)
         self.marks = self.spec.marks
-        self.firewall = backend or IptablesBackend(self.spec)
+        self.firewall = backend or run_backend(config)
         self.injector = Injector()
         self.store = self._open_store()
         self.engine = self._engine()

@@ -24,8 +24,8 @@ from guard.firewall import (
 )
 from guard.policy import Mode
 
-__all__ = ["apply_persistent", "ip_families", "nft_persistent_script", "remove_everything",
-           "spec_from_config"]
+__all__ = ["NftRunBackend", "apply_persistent", "ip_families", "nft_persistent_script",
+           "remove_everything", "run_backend", "spec_from_config"]
 
 # Chains `hushgate run` owns in the nftables table (see NftablesBackend.dynamic_script).
 NFT_DYNAMIC_CHAINS = ("queue_up", "queue_down", "dns")
@@ -145,3 +145,52 @@ def remove_everything(config: GuardConfig, run: Runner = run_command) -> list[st
             if backend == config.backend:
                 raise
     return done
+
+
+class NftRunBackend:
+    """`hushgate run`'s lifecycle on nftables (OpenWrt's fw4): the same four steps as
+    IptablesBackend, each one `nft -f` transaction on the guard's own `inet` table. The queue
+    statements need kmod-nft-queue: this test kernel lacks them (CONFIG_NFT_QUEUE off), so the
+    generated scripts are unit-tested and syntax-checked here, and run for real only on a router.
+    """
+
+    def __init__(self, spec: FirewallSpec, run: Runner = run_command) -> None:
+        self.spec = spec
+        self.run = run
+        self.nft = NftablesBackend(spec, run)
+        self._iptables = IptablesBackend(spec, run)  # only for its pure conntrack argv
+
+    def _apply(self, what: str, script: str) -> None:
+        res = self.run(["nft", "-f", "-"], script)
+        if not res.ok:
+            raise FirewallError.from_result(what, res)
+
+    def backend_name(self) -> str:
+        return "nftables"
+
+    def apply_safety_net(self) -> None:
+        self._apply("cannot apply the persistent rules", nft_persistent_script(self.nft))
+
+    def install_dynamic(self) -> None:
+        # refresh the persistent part too (a crash followed by a restart leaves nothing stale)
+        self.apply_safety_net()
+        self._apply("cannot install the queue rules", self.nft.dynamic_script(install=True))
+
+    def remove_dynamic(self) -> None:
+        self._apply("cannot remove the queue rules", self.nft.dynamic_script(install=False))
+
+    def remove_all(self) -> None:
+        t = f"inet {self.spec.tag}"
+        self._apply("cannot remove the table", f"table {t} {{}}\ndelete table {t}\n")
+
+    def conntrack_mark_argv(self, proto: str, src: str, dst: str, sport: int, dport: int,
+                            kind: str) -> list[str]:
+        return self._iptables.conntrack_mark_argv(proto, src, dst, sport, dport, kind)
+
+
+def run_backend(config: GuardConfig, run: Runner = run_command) -> IptablesBackend | NftRunBackend:
+    """The firewall backend `hushgate run` drives, as the config says."""
+    spec = spec_from_config(config)
+    if config.backend == "nftables":
+        return NftRunBackend(spec, run)
+    return IptablesBackend(spec, run, families=ip_families())
