@@ -907,6 +907,13 @@ class _Server(ThreadingHTTPServer):
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind would resolve our own name (getfqdn): a DNS query at start-up.
+        # IP_FREEBIND: at boot the LAN address may not be configured yet; bind anyway rather
+        # than restart-looping until it appears (Linux; elsewhere a plain bind).
+        freebind = getattr(socket, "IP_FREEBIND", 15)
+        try:  # SOL_IP's flag is the one IPv6 binds check too
+            self.socket.setsockopt(socket.IPPROTO_IP, freebind, 1)
+        except OSError:
+            pass
         self.socket.bind(self.server_address)
         self.server_address = self.socket.getsockname()
         self.server_name = str(self.server_address[0])
