@@ -136,6 +136,25 @@ class AuditRecord:
     started: float | None = None
 
 
+# The pending table's columns, in PendingUpload's field order.
+_P_FIELDS = (
+    "id",
+    "device",
+    "proto",
+    "src",
+    "sport",
+    "dst",
+    "dport",
+    "started",
+    "host",
+    "category",
+    "seq_up",
+    "ack_up",
+    "seq_down",
+    "ack_down",
+)
+_P_COLS = ", ".join(_P_FIELDS)
+
 # Columns per table: checked on open, so a same-named file of another program (or a damaged
 # schema) is never written to.
 _SCHEMA: dict[str, str] = {
@@ -216,22 +235,7 @@ _COLUMNS = {
         "outcome",
         "decided_by",
     ],
-    "pending": [
-        "id",
-        "device",
-        "proto",
-        "src",
-        "sport",
-        "dst",
-        "dport",
-        "started",
-        "host",
-        "category",
-        "seq_up",
-        "ack_up",
-        "seq_down",
-        "ack_down",
-    ],
+    "pending": list(_P_FIELDS),
 }
 
 
@@ -613,23 +617,6 @@ class Store:
         return n
 
 
-_P_FIELDS = (
-    "id",
-    "device",
-    "proto",
-    "src",
-    "sport",
-    "dst",
-    "dport",
-    "started",
-    "host",
-    "category",
-    "seq_up",
-    "ack_up",
-    "seq_down",
-    "ack_down",
-)
-_P_COLS = ", ".join(_P_FIELDS)
 
 
 def _pending(row: tuple[Any, ...]) -> PendingUpload:
