@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from guard import __version__
 from guard.config import GuardConfig
+from guard.control import ControlError
 from guard.engine import (
     BurstReleased,
     Discard,
@@ -39,7 +40,7 @@ from guard.engine import (
     UploadHeld,
     UploadSeen,
 )
-from guard.firewall import IptablesBackend, compose_mark
+from guard.firewall import FirewallError, IptablesBackend, compose_mark
 from guard.fwspec import run_backend, spec_from_config
 from guard.hooks import Hooks
 from guard.inject import Injector
@@ -57,6 +58,7 @@ from guard.policy import (
 )
 from guard.ruleset import RuleError, load_rules
 from guard.store import PendingUpload, Store, StoreCorrupt, StoreError
+from guard.web import WebError
 
 
 def log(message: str) -> None:
@@ -126,6 +128,7 @@ class Daemon:
         from netfilterqueue import COPY_PACKET, NetfilterQueue
 
         from guard.control import ControlServer
+        from guard.web import WebPrompt
 
         self.metrics_server = serve_metrics(self.config.metrics_listen or "", self.registry)
         self.firewall.apply_safety_net()
@@ -138,12 +141,7 @@ class Daemon:
                        range=COPY_RANGE)
             self.queues.append(queue)
         self.firewall.install_dynamic()
-        self.control = ControlServer(self.config.socket, self.handle_request,
-                                     group=self.config.socket_group)
-        self.control.start()
         if self.config.web_listen:
-            from guard.web import WebPrompt
-
             state_dir = web_state_dir(self.config)
             self.web = WebPrompt(self.config.web_listen, self.handle_request,
                                  secret_file=os.path.join(state_dir, "web-token"),
@@ -152,6 +150,10 @@ class Daemon:
                                  state_dir=state_dir)
             self.web.start()
             log(f"web prompt on {self.web.url}")
+        # the control socket last: once `status` answers, everything is up
+        self.control = ControlServer(self.config.socket, self.handle_request,
+                                     group=self.config.socket_group)
+        self.control.start()
         log(f"guarding {len(self.config.devices)} device(s) on queue {self.config.queue}, "
             f"fail-{'open' if self.config.fail_open else 'closed'}, control {self.config.socket}")
 
@@ -528,7 +530,11 @@ def run(config: GuardConfig) -> int:
     signal.signal(signal.SIGHUP, on_hup)
     daemon.reload_requested = reload_requested
     try:
-        daemon.start()
+        try:
+            daemon.start()
+        except (WebError, ControlError, FirewallError, OSError, ValueError) as exc:
+            log(f"refusing to start: {exc}")  # one line, exit 1 (design.md 8)
+            return 1
         daemon.serve()
     finally:
         daemon.close()

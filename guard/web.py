@@ -914,6 +914,8 @@ class _Server(ThreadingHTTPServer):
             self.socket.setsockopt(socket.IPPROTO_IP, freebind, 1)
         except OSError:
             pass
+        # a phone with the page open keeps a connection: without this a restart cannot bind
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind(self.server_address)
         self.server_address = self.socket.getsockname()
         self.server_name = str(self.server_address[0])

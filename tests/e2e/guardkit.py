@@ -60,11 +60,20 @@ def _toml_value(value: Any) -> str:
 
 
 def render_config(
-    guard: Mapping[str, Any], devices: Iterable[Mapping[str, Any]], metrics_listen: str = ""
+    guard: Mapping[str, Any],
+    devices: Iterable[Mapping[str, Any]],
+    metrics_listen: str = "",
+    sections: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
+    """The TOML config. `sections` adds tables ({"web": {"listen": ...}}); a "metrics" table
+    there replaces the default one (metrics off: `listen = ""`)."""
+    extra = dict(sections or {})
+    metrics = extra.pop("metrics", {"listen": metrics_listen})
     lines = ["[guard]"]
     lines += [f"{k} = {_toml_value(v)}" for k, v in guard.items()]
-    lines += ["", "[metrics]", f"listen = {_toml_value(metrics_listen)}"]
+    lines += ["", "[metrics]"] + [f"{k} = {_toml_value(v)}" for k, v in metrics.items()]
+    for name, table in extra.items():
+        lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
     for dev in devices:
         lines += ["", "[[device]]"]
         lines += [f"{k} = {_toml_value(v)}" for k, v in dev.items()]
@@ -92,6 +101,7 @@ class Guard:
         fail: str = "closed",
         hold_timeout_s: float = 20.0,
         autostart: bool = True,
+        sections: Mapping[str, Mapping[str, Any]] | None = None,
         **guard_keys: Any,
     ) -> None:
         self.command: tuple[str, ...] = ("-m", "guard.cli", "run")
@@ -111,6 +121,7 @@ class Guard:
             "state_db": str(self.state_db),
             **guard_keys,
         }
+        self.sections = {k: dict(v) for k, v in (sections or {}).items()}  # [metrics], [web]
         self.autostart = autostart
         self.proc: subprocess.Popen[Any] | None = None
         self.exit_codes: list[int | None] = []
@@ -135,7 +146,9 @@ class Guard:
         self.close()
 
     def write_config(self) -> None:
-        self.config_path.write_text(render_config(self.guard_keys, self.devices))
+        self.config_path.write_text(
+            render_config(self.guard_keys, self.devices, sections=self.sections)
+        )
 
     @property
     def pid(self) -> int | None:
