@@ -419,6 +419,10 @@ def build_rules(spec: FirewallSpec, family: int) -> list[Rule]:
 
     # filter FORWARD: the only place REJECT is allowed; it acts on connections marked BLOCK
     # (by a verdict, by quic = "block", or by IPv6 being off) and lets everything else go on.
+    # A packet conntrack has no entry for (invalid, untracked) fails every connmark match, even
+    # a negated one: it is none of our business here, the router's own policy decides.
+    add("filter", ch.reject, "reject.untracked",
+        "-m conntrack --ctstate INVALID,UNTRACKED -j RETURN")
     add("filter", ch.reject, "reject.pass", f"-m connmark ! --mark {BLOCK:#x}/{V:#x} -j RETURN")
     add("filter", ch.reject, "reject.tcp", "-p tcp -j REJECT --reject-with tcp-reset")
     add("filter", ch.reject, "reject.udp", f"-p udp -j REJECT --reject-with {unreachable}")

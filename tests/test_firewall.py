@@ -187,6 +187,7 @@ def test_dynamic_rules_are_only_the_queue_chains() -> None:
 
 def test_block_is_rejected_in_filter_with_reset_or_port_unreachable() -> None:
     assert rule_lines(spec(), 4, "HUSHGATE_REJECT") == [
+        "-m conntrack --ctstate INVALID,UNTRACKED -j RETURN",
         "-m connmark ! --mark 0x20000/0x30000 -j RETURN",
         "-p tcp -j REJECT --reject-with tcp-reset",
         "-p udp -j REJECT --reject-with icmp-port-unreachable",
