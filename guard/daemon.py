@@ -10,13 +10,16 @@ safety net, then the queue rules, then traffic.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import selectors
 import signal
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -30,6 +33,7 @@ from guard.engine import (
     Engine,
     FlowBlocked,
     HeldCapHit,
+    MacLearned,
     MarkFlow,
     Release,
     Reset,
@@ -72,6 +76,7 @@ class Daemon:
         self.stopping = threading.Event()
         self.started = time.time()
         self.rules = load_rules([config.rules_dir] if config.rules_dir else [])
+        config = self.config = with_neighbour_macs(config)
         self.spec = spec_from_config(config)
         self.marks = self.spec.marks
         self.firewall = backend or run_backend(config)
@@ -173,16 +178,30 @@ class Daemon:
 
     def _callback(self, nfpkt: Any) -> None:
         with self.lock:
-            assert self.handler is not None
-            self.handler(nfpkt)
+            self.handler(nfpkt)  # type: ignore[misc]  # set before any queue is bound
 
     # -- the loop -----------------------------------------------------------------------------
 
     def serve(self) -> None:
         selector = selectors.DefaultSelector()
-        for queue in self.queues:
-            selector.register(queue.get_fd(), selectors.EVENT_READ, queue)
-        last_housekeeping = time.time()
+        # One queue: netfilterqueue's own C loop reads until the socket is empty. Several
+        # queues (guard.queue = "7-8", --queue-balance): each turn reads at most QUEUE_BATCH
+        # packets per queue, round robin, because under sustained load a socket is never
+        # empty and the queue read first would starve the others (their flows stall, then
+        # the kernel drops them when the queue is full).
+        batches = [_QueueBatch(q.get_fd()) for q in self.queues] if len(self.queues) > 1 else []
+        for i, queue in enumerate(self.queues):
+            selector.register(queue.get_fd(), selectors.EVENT_READ,
+                              (queue, batches[i] if batches else None))
+        try:
+            self._serve(selector)
+        finally:
+            selector.close()
+            for batch in batches:
+                batch.close()
+
+    def _serve(self, selector: selectors.BaseSelector) -> None:
+        last_housekeeping = last_neighbours = time.time()
         while not self.stopping.is_set():
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
@@ -191,8 +210,12 @@ class Daemon:
                 deadline = self.engine.next_timer()
             timeout = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.time()))
             for key, _ in selector.select(timeout):
+                queue, batch = key.data
                 try:
-                    key.data.run(block=False)
+                    if batch is None:
+                        queue.run(block=False)
+                    else:
+                        queue.run_socket(batch.start())
                 except OSError as exc:  # ENOBUFS and friends: counted, survived
                     self.errors["queue"] = self.errors.get("queue", 0) + 1
                     log(f"queue read error: {exc}")
@@ -200,11 +223,26 @@ class Daemon:
             with self.lock:
                 self.engine.handle_timer(now)
                 self._apply(self.engine.take_actions())
+                if now - last_neighbours >= NEIGHBOUR_POLL_S and self._macless():
+                    last_neighbours = now
+                    self._poll_neighbours()
                 if now - last_housekeeping >= 60:
                     last_housekeeping = now
                     self.engine.expire_flows(now)
                     self._housekeeping(now)
-        selector.close()
+
+    def _macless(self) -> bool:
+        return any(d.mac is None and d.address and ":" not in d.address
+                   for d in self.config.devices)
+
+    def _poll_neighbours(self) -> None:
+        """An address-only device's MAC, as soon as the router's neighbour table knows it (its
+        IPv6 traffic cannot be matched before): each one learned is matched by MAC from then on."""
+        found = with_neighbour_macs(self.config)
+        for before, after in zip(self.config.devices, found.devices):
+            if before.mac is None and after.mac is not None:
+                self.engine.learn_mac(after.name, after.mac)
+                self._learn_mac(after.name, after.mac)
 
     def _housekeeping(self, now: float) -> None:
         try:
@@ -259,6 +297,8 @@ class Daemon:
 
     def _after_packet(self, nfpkt: Any) -> int | None:
         """Carry out the actions the current packet caused; the mark for its own verdict."""
+        if not self.engine.actions:
+            return None  # most packets cause none: skip the list swap
         mark = None
         for action in self.engine.take_actions():
             if isinstance(action, MarkFlow):
@@ -322,8 +362,25 @@ class Daemon:
                                                  "host": action.host,
                                                  "category": action.category,
                                                  "reason": action.reason})
+            elif isinstance(action, MacLearned):
+                self._learn_mac(action.device, action.mac)
             elif isinstance(action, (UploadEnded, HeldCapHit)):
                 pass
+
+    def _learn_mac(self, name: str, mac: str) -> None:
+        """An address-only device showed its MAC: match it by MAC in the kernel too, so its
+        IPv6 traffic is guarded (design.md 4: never left open)."""
+        devices = tuple(replace(d, mac=mac) if d.name == name and d.mac is None else d
+                        for d in self.config.devices)
+        self.config = replace(self.config, devices=devices)
+        self.spec = spec_from_config(self.config)
+        self.firewall = run_backend(self.config)
+        try:
+            self.firewall.install_dynamic()
+            log(f"{name} is {mac}: now matched by MAC (IPv6 included)")
+        except FirewallError as exc:
+            self.errors["firewall"] = self.errors.get("firewall", 0) + 1
+            log(f"could not add {name}'s MAC to the rules: {exc}")
 
     def _conntrack_block(self, key: Any) -> None:
         proto = "tcp" if key.proto == TCP else "udp"
@@ -489,6 +546,56 @@ class Daemon:
                  "category": r.category, "bytes": r.upload_bytes, "packets": r.packets,
                  "started": r.started, "decided_at": r.decided_at, "outcome": r.outcome.value,
                  "decided_by": r.decided_by} for r in records]
+
+
+# How often the neighbour table is read while a device is known by address only.
+NEIGHBOUR_POLL_S = 2.0
+
+
+def with_neighbour_macs(config: GuardConfig) -> GuardConfig:
+    """Address-only devices get their MAC from the router's neighbour table when it is there,
+    so their IPv6 traffic is matched from the first packet."""
+    devices = []
+    for d in config.devices:
+        if d.mac is None and d.address and ":" not in d.address:
+            try:
+                out = subprocess.run(["ip", "-4", "neigh", "show", d.address], capture_output=True,
+                                     text=True, timeout=5, check=False).stdout
+            except (OSError, subprocess.TimeoutExpired):
+                out = ""
+            match = re.search(r"lladdr ([0-9a-f]{2}(?::[0-9a-f]{2}){5})", out.lower())
+            if match:
+                d = replace(d, mac=match.group(1))
+        devices.append(d)
+    return replace(config, devices=tuple(devices))
+
+
+QUEUE_BATCH = 64  # packets read from one queue per turn when serving several
+
+
+class _QueueBatch:
+    """What NetfilterQueue.run_socket reads from: the queue's own netlink socket (not a copy
+    of it), non-blocking, that reports EAGAIN after QUEUE_BATCH reads so run_socket returns."""
+
+    def __init__(self, fd: int) -> None:
+        import socket
+
+        self._flags = socket.MSG_DONTWAIT
+        self._sock = socket.socket(fileno=fd)
+        self._left = 0
+
+    def start(self) -> _QueueBatch:
+        self._left = QUEUE_BATCH
+        return self
+
+    def recv(self, size: int) -> bytes:
+        if self._left <= 0:
+            raise BlockingIOError(errno.EAGAIN, "batch done")
+        self._left -= 1
+        return self._sock.recv(size, self._flags)
+
+    def close(self) -> None:
+        self._sock.detach()  # the fd is the queue's: unbind closes it
 
 
 def web_state_dir(config: GuardConfig) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import heapq
 import ipaddress
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -347,6 +347,15 @@ class FlowBlocked:
 
 
 @dataclass(frozen=True, slots=True)
+class MacLearned:
+    """A device configured by address showed its MAC: from now on it is known by it (its IPv6
+    traffic, new leases), and the firewall should match it by MAC too."""
+
+    device: str
+    mac: str
+
+
+@dataclass(frozen=True, slots=True)
 class HeldCapHit:
     upload_id: int
     which: str
@@ -363,6 +372,7 @@ class Devices:
         self.by_mac: dict[str, DeviceConfig] = {}
         self.by_addr: dict[str, DeviceConfig] = {}
         self.learned: dict[str, DeviceConfig] = {}  # addresses seen from MAC-configured devices
+        self.macs_learned: list[tuple[str, str]] = []  # (device, mac) not yet announced
         for device in devices:
             self.add(device)
 
@@ -381,6 +391,14 @@ class Devices:
                 if value.name == device.name:
                     table[key] = device
 
+    def learn_mac(self, name: str, mac: str) -> DeviceConfig:
+        """An address-only device's MAC, seen on its IPv4 packets: known by it from now on."""
+        device = replace(self.by_name[name], mac=mac)
+        self.replace(device)
+        self.by_mac[mac] = device
+        self.macs_learned.append((name, mac))
+        return device
+
     def upstream(self, pkt: Packet) -> DeviceConfig | None:
         if pkt.src_mac is not None and self.by_mac:
             device = self.by_mac.get(pkt.src_mac)
@@ -394,6 +412,8 @@ class Devices:
             # address from another MAC is somebody else (and gets nothing of its windows).
             if device.mac and pkt.src_mac is not None and pkt.src_mac != device.mac:
                 return None
+            if device.mac is None and pkt.src_mac is not None and pkt.version == 4:
+                device = self.learn_mac(device.name, pkt.src_mac)
             return device
         if pkt.src_mac is None:
             return self.learned.get(pkt.src)  # router-originated paths carry no MAC
@@ -417,6 +437,27 @@ def _clean_host(name: str | None) -> str | None:
     cleaned = "".join(ch if (ch.isalnum() and ch.isascii()) or ch in "-._" else "?"
                       for ch in name.lower())
     return cleaned[:HOST_MAX]
+
+
+_COUNTER_OF = {Verdict.ACCEPT: "accepted", Verdict.DROP: "dropped", Verdict.REJECT: "rejected",
+               Verdict.HOLD: "held"}
+
+# FlowKey is a frozen dataclass: building one per packet costs more than the rest of a pure
+# ACK's bookkeeping. Keys are values, so equal tuples can share one instance (a bounded memo, as
+# guard.packet does for address text); the flow table is still keyed by FlowKey.
+_FLOW_KEYS: dict[tuple[int, str, int, str, int], FlowKey] = {}
+_MAX_FLOW_KEYS = 4 * MAX_FLOWS
+
+
+def _flow_key(proto: int, device_addr: str, device_port: int, remote_addr: str,
+              remote_port: int) -> FlowKey:
+    t = (proto, device_addr, device_port, remote_addr, remote_port)
+    key = _FLOW_KEYS.get(t)
+    if key is None:
+        if len(_FLOW_KEYS) >= _MAX_FLOW_KEYS:
+            _FLOW_KEYS.clear()
+        key = _FLOW_KEYS[t] = FlowKey(proto, device_addr, device_port, remote_addr, remote_port)
+    return key
 
 
 class Engine:
@@ -573,30 +614,49 @@ class Engine:
 
     def receive(self, pkt: Packet | Malformed | None, now: float, token: Any = None) -> Verdict:
         """One packet in; its verdict out (HOLD: the engine keeps `token` for later)."""
-        now = self._tick(now)
-        self.counters["packets_in"] += 1
-        if self._timers and self._timers[0][0] <= now:
+        # The hot path (every queued packet): same steps as the helpers it inlines (_tick,
+        # _count), without their calls. Time that runs backwards is clamped.
+        if now > self.now:
+            self.now = now
+        else:
+            now = self.now
+        counters = self.counters
+        counters["packets_in"] += 1
+        timers = self._timers
+        if timers and timers[0][0] <= now:
             self.handle_timer(now)
         if pkt is None or isinstance(pkt, Malformed):
-            self.counters["malformed"] += 1
+            counters["malformed"] += 1
             # The shell applies the fail mode to what it could not parse; the core says drop.
-            return self._count(Verdict.DROP)
+            counters["dropped"] += 1
+            return Verdict.DROP
         if pkt.dns:
             for answer in pkt.dns:
                 self.names.learn(answer.address, answer.name, answer.ttl_s, now)
-            self.counters["dns_answers"] += len(pkt.dns)
-        device = self.devices.upstream(pkt)
+            counters["dns_answers"] += len(pkt.dns)
+        devices = self.devices
+        device = devices.upstream(pkt)
         if device is not None:
-            return self._count(self._upstream(pkt, device, now, token))
-        device = self.devices.downstream(pkt)
-        if device is not None:
-            return self._count(self._downstream(pkt, device, now))
-        self.counters["not_ours"] += 1
-        return self._count(Verdict.ACCEPT)
+            verdict = self._upstream(pkt, device, now, token)
+        else:
+            device = devices.downstream(pkt)
+            if device is not None:
+                verdict = self._downstream(pkt, device, now)
+            else:
+                counters["not_ours"] += 1
+                verdict = Verdict.ACCEPT
+        if verdict is Verdict.ACCEPT:
+            counters["accepted"] += 1
+        elif verdict is Verdict.HOLD:
+            counters["held"] += 1
+        elif verdict is Verdict.DROP:
+            counters["dropped"] += 1
+        else:
+            counters["rejected"] += 1
+        return verdict
 
     def _count(self, verdict: Verdict) -> Verdict:
-        name = {"accept": "accepted", "drop": "dropped", "reject": "rejected", "hold": "held"}
-        self.counters[name[verdict.value]] += 1
+        self.counters[_COUNTER_OF[verdict]] += 1
         return verdict
 
     def _flow(self, key: FlowKey, device: DeviceConfig, now: float) -> Flow:
@@ -628,31 +688,43 @@ class Engine:
             flow.category = self.rules.category_for_host(flow.host).value
 
     def _upstream(self, pkt: Packet, device: DeviceConfig, now: float, token: Any) -> Verdict:
-        if device.mode is Mode.OFF or pkt.proto not in (TCP, UDP):
+        if self.devices.macs_learned:
+            device = self._announce_macs(device)
+        proto = pkt.proto
+        if device.mode is Mode.OFF or (proto != TCP and proto != UDP):
             return Verdict.ACCEPT
-        if pkt.proto == UDP and (pkt.dport in INFRA_UDP_PORTS or pkt.sport in INFRA_UDP_PORTS):
+        sport, dport = pkt.sport, pkt.dport
+        if proto == UDP and (dport in INFRA_UDP_PORTS or sport in INFRA_UDP_PORTS):
             return Verdict.ACCEPT
-        key = FlowKey(pkt.proto, pkt.src, pkt.sport, pkt.dst, pkt.dport)
-        flow = self._flow(key, device, now)
+        key = _flow_key(proto, pkt.src, sport, pkt.dst, dport)
+        flow = self.flows.get(key)
+        if flow is None:
+            flow = self._flow(key, device, now)
         flow.device = device
         flow.last = now
         flow.packets_up += 1
-        flow.bytes_up += pkt.payload_len
-        if pkt.proto == TCP:
-            if pkt.flags & SYN and not pkt.flags & ACK:
+        payload_len = pkt.payload_len
+        flow.bytes_up += payload_len
+        if proto == TCP:
+            flags = pkt.flags
+            if flags & SYN and not flags & ACK:
                 flow.midstream = False
                 flow.syn_seq = pkt.seq
-            if pkt.flags & ACK:
+            if flags & ACK:
                 flow.device_ack = pkt.ack
-            end = (pkt.seq + pkt.payload_len) & 0xFFFFFFFF
-            if flow.device_next is None or _seq_after(end, flow.device_next):
+            end = (pkt.seq + payload_len) & 0xFFFFFFFF
+            device_next = flow.device_next
+            # _seq_after(end, device_next), inlined
+            if device_next is None or (
+                    ((end - device_next) & 0xFFFFFFFF) < 0x80000000 and end != device_next):
                 flow.device_next = end
         if flow.lost:
             return self._lost_packet(flow, pkt, now)
-        if flow.state is FlowState.BLOCKED:
+        state = flow.state
+        if state is FlowState.BLOCKED:
             return Verdict.REJECT
-        if flow.state is FlowState.ALLOWED:
-            if not pkt.payload_len or flow.marked:
+        if state is FlowState.ALLOWED:
+            if not payload_len or flow.marked:
                 return Verdict.ACCEPT
             # The first payload names the flow for sure (SNI): the DNS name that made it an
             # allowed category may have been wrong, or a lie. Only now is it fast-pathed.
@@ -668,34 +740,58 @@ class Engine:
             if _is_handshake(pkt):
                 return Verdict.ACCEPT
             return self._payload(flow, pkt, now, token)
-        if pkt.payload_len:
-            self._learn_name(flow, pkt)
-        if pkt.proto == UDP and pkt.hint in REALTIME_HINTS:
-            flow.category = "messaging"
-            flow.host = flow.host or None
-        if pkt.proto == UDP and device.quic == "block" and pkt.dport == 443:
-            return self._block(flow, now, "quic blocked for this device")
+        if payload_len:
+            # _learn_name only acts on a hello, or on a flow whose hello it is still assembling;
+            # once the name is known, SNI work ends
+            sni = flow.sni
+            if (not sni.done) if sni is not None else (
+                    pkt.hint is Hint.TLS_HELLO or pkt.hint is Hint.QUIC_INITIAL):
+                self._learn_name(flow, pkt)
+        if proto == UDP:
+            if pkt.hint in REALTIME_HINTS:
+                flow.category = "messaging"
+                flow.host = flow.host or None
+            if device.quic == "block" and dport == 443:
+                return self._block(flow, now, "quic blocked for this device")
         action = device.category_action(flow.category)
         if action is CategoryAction.BLOCK:
             return self._block(flow, now, f"{flow.category} is blocked")
         if action is CategoryAction.ALLOW and flow.state is FlowState.IDLE:
             flow.move(FlowState.ALLOWED)
-            if pkt.payload_len and not flow.marked:
+            if payload_len and not flow.marked:
                 flow.marked = True
                 self.actions.append(MarkFlow(flow.key, "allow"))
             return Verdict.ACCEPT
-        if not pkt.payload_len:
-            if (self.reset_midstream and flow.midstream and pkt.proto == TCP
+        if not payload_len:
+            if (self.reset_midstream and flow.midstream and proto == TCP
                     and flow.host is None and flow.state is FlowState.IDLE
                     and not pkt.flags & (SYN | RST | FIN) and pkt.flags & ACK
                     and device.mode in (Mode.STRICT, Mode.FOLLOWUPS)):
                 return self._reset_midstream(flow, pkt, now)
             return Verdict.ACCEPT  # pure ACK, FIN, RST: never held
-        if pkt.proto == TCP and pkt.flags & RST:
+        if proto == TCP and pkt.flags & RST:
             return Verdict.ACCEPT
         if _is_handshake(pkt):
             return Verdict.ACCEPT  # a TLS/QUIC handshake carries no audio, and names the flow
         return self._payload(flow, pkt, now, token)
+
+    def learn_mac(self, name: str, mac: str) -> None:
+        """The shell found an address-only device's MAC (the neighbour table): known by it."""
+        updated = self.devices.learn_mac(name, mac)
+        self.devices.macs_learned.remove((name, mac))
+        for flow in self.flows.values():
+            if flow.device.name == name:
+                flow.device = updated
+
+    def _announce_macs(self, device: DeviceConfig) -> DeviceConfig:
+        for name, mac in self.devices.macs_learned:
+            updated = self.devices.by_name[name]
+            for flow in self.flows.values():
+                if flow.device.name == name:
+                    flow.device = updated
+            self.actions.append(MacLearned(name, mac))
+        self.devices.macs_learned.clear()
+        return self.devices.by_name.get(device.name, device)
 
     def _learn_name(self, flow: Flow, pkt: Packet) -> None:
         if flow.sni is not None and flow.sni.done:
@@ -715,25 +811,24 @@ class Engine:
             self._name_flow(flow, name)
 
     def _downstream(self, pkt: Packet, device: DeviceConfig, now: float) -> Verdict:
-        if device.mode is Mode.OFF or pkt.proto not in (TCP, UDP):
+        proto = pkt.proto
+        if device.mode is Mode.OFF or (proto != TCP and proto != UDP):
             return Verdict.ACCEPT
-        if pkt.proto == UDP and (pkt.sport in INFRA_UDP_PORTS or pkt.dport in INFRA_UDP_PORTS):
+        sport, dport = pkt.sport, pkt.dport
+        if proto == UDP and (sport in INFRA_UDP_PORTS or dport in INFRA_UDP_PORTS):
             return Verdict.ACCEPT
-        key = FlowKey(pkt.proto, pkt.dst, pkt.dport, pkt.src, pkt.sport)
+        key = _flow_key(proto, pkt.dst, dport, pkt.src, sport)
         flow = self.flows.get(key)
         if flow is None:
-            if pkt.proto == UDP and pkt.hint in REALTIME_HINTS:
-                flow = self._flow(key, device, now)
-            else:
-                flow = self._flow(key, device, now)
+            flow = self._flow(key, device, now)
         flow.last = now
         flow.packets_down += 1
         flow.bytes_down += pkt.payload_len
-        if pkt.proto == TCP and pkt.flags & ACK:
+        if proto == TCP and pkt.flags & ACK:
             flow.remote_ack = pkt.ack
         if flow.state is FlowState.BLOCKED:
             return Verdict.REJECT
-        if pkt.proto == UDP and pkt.hint in REALTIME_HINTS:
+        if proto == UDP and pkt.hint in REALTIME_HINTS:
             flow.category = "messaging"
             if device.category_action("messaging") is CategoryAction.BLOCK:
                 return self._block(flow, now, "real-time media")

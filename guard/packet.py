@@ -55,9 +55,14 @@ class DnsAnswer:
     ttl_s: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Packet:
-    """One IP packet reduced to what the core needs."""
+    """One IP packet reduced to what the core needs.
+
+    Frozen, but without slots on purpose: the parser builds one per queued packet with
+    `_packet(...)`, which installs the instance dictionary in one step (about a third of the
+    frozen `__init__`'s cost, which sets the 15 fields one `object.__setattr__` at a time).
+    `Packet(...)` and `dataclasses.replace` work as for any frozen dataclass."""
 
     version: int  # 4 or 6
     src: str  # textual address
@@ -74,6 +79,26 @@ class Packet:
     hint: Hint = Hint.NONE
     payload: bytes = b""  # the first bytes of the L4 payload (may be truncated, never more)
     dns: tuple[DnsAnswer, ...] = ()  # answers when this is a DNS response (UDP sport 53)
+
+
+_NO_DNS: tuple[DnsAnswer, ...] = ()
+_alloc = object.__new__
+_set = object.__setattr__
+
+
+def _packet(
+    version: int, src: str, dst: str, proto: int, sport: int, dport: int, payload_len: int,
+    wire_len: int, src_mac: str | None, flags: int = 0, seq: int = 0, ack: int = 0,
+    hint: Hint = Hint.NONE, payload: bytes = b"", dns: tuple[DnsAnswer, ...] = _NO_DNS,
+) -> Packet:
+    """`Packet(...)` for the parser's hot path: the same value, built in one step."""
+    pkt = _alloc(Packet)
+    _set(pkt, "__dict__", {
+        "version": version, "src": src, "dst": dst, "proto": proto, "sport": sport,
+        "dport": dport, "payload_len": payload_len, "wire_len": wire_len, "src_mac": src_mac,
+        "flags": flags, "seq": seq, "ack": ack, "hint": hint, "payload": payload, "dns": dns,
+    })
+    return pkt
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,7 +392,7 @@ def _parse_ip4(data: bytes, src_mac: str | None, keep: int) -> Packet | Malforme
     dst = _ip4_text(d)
     end = min(total, n)  # frames shorter than 64 bytes carry Ethernet padding
     if frag & 0x1FFF:
-        return Packet(4, src, dst, proto, 0, 0, total - ihl, total, src_mac)
+        return _packet(4, src, dst, proto, 0, 0, total - ihl, total, src_mac)
     return _parse_l4(
         data, ihl, end, total - ihl, 4, src, dst, proto, total, src_mac, keep, frag & 0x2000 != 0
     )
@@ -399,7 +424,7 @@ def _parse_ip6(data: bytes, src_mac: str | None, keep: int) -> Packet | Malforme
             off += 8
             nxt = nxt_next
             if frag_off:
-                return Packet(6, src, dst, nxt, 0, 0, total - off, total, src_mac)
+                return _packet(6, src, dst, nxt, 0, 0, total - off, total, src_mac)
             continue
         hlen = (data[off + 1] + 2) << 2 if nxt == _AH else (data[off + 1] + 1) << 3
         nxt = data[off]
@@ -445,29 +470,14 @@ def _parse_l4(
         hint = _hint_tcp(payload, sport, dport) if payload else Hint.NONE
         if hint not in _HINT_FULL and len(payload) > keep:
             payload = payload[:keep]
-        dns: tuple[DnsAnswer, ...] = ()
+        dns: tuple[DnsAnswer, ...] = _NO_DNS
         if hint is Hint.DNS and sport == 53:
             # DNS over TCP: only when the whole message sits in this segment (cheap, optional).
             mlen = _H.unpack_from(payload)[0]
             if mlen + 2 == len(payload):
                 dns = parse_dns_answers(payload[2:])
-        return Packet(
-            version,
-            src,
-            dst,
-            TCP,
-            sport,
-            dport,
-            plen,
-            total,
-            src_mac,
-            flags,
-            seq,
-            ack,
-            hint,
-            payload,
-            dns,
-        )
+        return _packet(version, src, dst, TCP, sport, dport, plen, total, src_mac, flags, seq, ack,
+                       hint, payload, dns)
     if proto == UDP:
         if l4_len < 8:
             return Malformed("udp header longer than ip payload", src_mac)
@@ -486,25 +496,10 @@ def _parse_l4(
         hint = _hint_udp(payload, sport, dport)
         if hint not in _HINT_FULL and len(payload) > keep:
             payload = payload[:keep]
-        answers = parse_dns_answers(payload) if hint is Hint.DNS and sport == 53 else ()
-        return Packet(
-            version,
-            src,
-            dst,
-            UDP,
-            sport,
-            dport,
-            l4_len - 8,
-            total,
-            src_mac,
-            0,
-            0,
-            0,
-            hint,
-            payload,
-            answers,
-        )
-    return Packet(version, src, dst, proto, 0, 0, l4_len, total, src_mac)
+        answers = parse_dns_answers(payload) if hint is Hint.DNS and sport == 53 else _NO_DNS
+        return _packet(version, src, dst, UDP, sport, dport, l4_len - 8, total, src_mac, 0, 0, 0,
+                       hint, payload, answers)
+    return _packet(version, src, dst, proto, 0, 0, l4_len, total, src_mac)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -453,3 +453,20 @@ def test_quic_request_ending_on_a_partial_datagram_is_released() -> None:
     eng.handle_timer(T0 + 1)
     actions = eng.take_actions()
     assert of(actions, BurstReleased) and not of(actions, UploadHeld)
+
+
+def test_address_only_device_is_known_by_its_mac_once_seen_ipv6_included() -> None:
+    from guard.engine import MacLearned
+
+    eng = engine()  # kitchen-echo configured by IPv4 address only
+    v4 = Conn(eng, mac=ECHO_MAC)
+    v4.syn(T0)
+    learned = of(eng.take_actions(), MacLearned)
+    assert [(m.device, m.mac) for m in learned] == [("kitchen-echo", ECHO_MAC)]
+    # its IPv6 upload (no configured v6 address) is now recognised by MAC and held
+    v6 = Conn(eng, sport=41000, src="2001:2:0:10::10", remote="2001:2:0:20::10", mac=ECHO_MAC)
+    verdicts = [v for v, _ in start_burst(v6, T0 + 1)]
+    assert verdicts[-1] is Verdict.HOLD and of(eng.take_actions(), UploadHeld)
+    # and a host claiming the speaker's IPv4 address from another MAC is somebody else
+    spoof = Conn(eng, sport=41001, mac="02:00:00:00:00:02")
+    assert spoof.up(233, T0 + 2)[0] is Verdict.ACCEPT

@@ -1253,6 +1253,9 @@ def garbage_for(rng: random.Random, trace: Trace, packets: list[tuple[float, Pac
                     else parsed.src,
                     dst=rng.choice(OTHER_HOSTS) if parsed.dst == trace.device else parsed.dst,
                     dns=tuple(a for a in parsed.dns if a.address not in known),
+                    # somebody else's frame: another MAC too (the engine knows a device
+                    # configured by address by its MAC once it has seen one)
+                    src_mac="02:00:5e:00:53:01" if parsed.src_mac else None,
                 )
                 if trace.device in (parsed.src, parsed.dst):
                     continue
