@@ -146,6 +146,7 @@ class ControlServer:
         self.max_clients = max_clients
         self.errors = 0
         self.refused = 0
+        self._last_refusal_log: dict[str, float] = {}
         self._gid: int | None = None
         self._listener: socket.socket | None = None
         self._inode: tuple[int, int] | None = None
@@ -338,7 +339,13 @@ class ControlServer:
                 denied = "too many clients"
             if denied is not None:
                 self.refused += 1
-                log.warning("control socket: refused pid %d uid %d: %s", peer.pid, peer.uid, denied)
+                # one line per reason per 10 s at most: a client storm must not flood the log
+                # (on a router that is flash or a small tmpfs)
+                now = time.monotonic()
+                if now - self._last_refusal_log.get(denied, -1e9) >= 10.0:
+                    self._last_refusal_log[denied] = now
+                    log.warning("control socket: refused pid %d uid %d: %s (%d refused so far)",
+                                peer.pid, peer.uid, denied, self.refused)
                 with contextlib.suppress(OSError):
                     sock.send(_encode(reply_error(denied)), socket.MSG_NOSIGNAL)
                 _hang_up(sock)
