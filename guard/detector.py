@@ -70,6 +70,7 @@ class Verdict:
 _EPSILON_S = 1e-6
 
 UNDECIDED = Verdict(Judgement.UNDECIDED, "watching")
+CONTROL_DATAGRAMS = "control datagrams"  # the reason the engine continues a run on
 
 
 def judge(
@@ -92,7 +93,7 @@ def judge(
         if not tcp:
             mean = sum(size for _, size in run[: config.window_segments]) / config.window_segments
             if mean < config.min_mean_datagram_bytes:
-                return Verdict(Judgement.MESSAGE, "control datagrams")
+                return Verdict(Judgement.MESSAGE, CONTROL_DATAGRAMS)
         return Verdict(Judgement.AUDIO, "window filled")
     if now - last_time >= config.quiet_s - _EPSILON_S:
         stall_rule = config.stall_is_audio if tcp else config.stall_is_audio_udp

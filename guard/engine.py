@@ -18,7 +18,7 @@ from enum import Enum
 from typing import Any
 
 from guard.config import DeviceConfig, GuardConfig, normalize_mac
-from guard.detector import DetectorConfig, Judgement, judge, next_deadline
+from guard.detector import CONTROL_DATAGRAMS, DetectorConfig, Judgement, judge, next_deadline
 from guard.names import NameCache
 from guard.packet import ACK, FIN, RST, SYN, TCP, UDP, Hint, Malformed, Packet
 from guard.policy import (
@@ -232,6 +232,9 @@ class Flow:
     upload: Upload | None = None
     deadline: float | None = None
     lost: bool = False  # pending when the guard last stopped: reset at its first packet
+    # A UDP run whose first window was judged control datagrams goes on without a hold while it
+    # stays a run (gaps under quiet_s) of datagrams too small to carry a codec frame.
+    control_run: bool = False
 
     def move(self, state: FlowState) -> None:
         if state is self.state:
@@ -880,6 +883,17 @@ class Engine:
 
     def _payload(self, flow: Flow, pkt: Packet, now: float, token: Any) -> Verdict:
         state = flow.state
+        if flow.control_run:
+            # The run was judged from its first window; each further datagram is judged alone,
+            # so a datagram big enough for audio, or one after a pause, starts a held burst.
+            if (state is FlowState.IDLE and now - flow.last_up < self.detector.quiet_s
+                    and pkt.payload_len < self.detector.min_mean_datagram_bytes):
+                flow.last_up = now
+                flow.activity_bytes += pkt.payload_len
+                flow.activity_packets += 1
+                flow.activity_passed += pkt.payload_len
+                return Verdict.ACCEPT
+            flow.control_run = False
         if state in (FlowState.PASSING, FlowState.DENIED) and now - flow.last_up >= UPLOAD_END_GAP_S:
             self._end_activity(flow)
             state = flow.state
@@ -977,6 +991,7 @@ class Engine:
                 len(burst), reason))
         flow.burst = []
         flow.run = []
+        flow.control_run = reason == CONTROL_DATAGRAMS and flow.key.proto != TCP
         flow.move(FlowState.IDLE)
         self._schedule(flow, None)
 

@@ -334,6 +334,36 @@ def test_quic_acks_during_a_download_are_not_an_upload() -> None:
     assert not of(actions, UploadHeld) and of(actions, BurstReleased)
 
 
+def test_a_control_datagram_run_goes_on_unheld_until_a_big_datagram_or_a_pause() -> None:
+    eng = engine()
+    t = T0
+    for _ in range(9):
+        assert udp(eng, 40, t) is Verdict.HOLD
+        t += 0.003
+    assert udp(eng, 40, t) is Verdict.ACCEPT  # the window judged: control datagrams
+    assert len(of(eng.take_actions(), BurstReleased)) == 1
+    for _ in range(50):  # the same run goes on: judged already, nothing held, nothing released
+        t += 0.003
+        assert udp(eng, 40, t) is Verdict.ACCEPT
+    assert eng.held_packets == 0 and not of(eng.take_actions(), BurstReleased)
+    t += 0.003
+    assert udp(eng, 1350, t) is Verdict.HOLD  # big enough for a codec frame: held and judged
+    for _ in range(9):
+        t += 0.003
+        udp(eng, 1350, t)
+    assert eng.pending(), "a window of full datagrams after the control run is an upload"
+
+
+def test_a_control_datagram_run_ends_with_a_pause() -> None:
+    eng = engine()
+    t = T0
+    for _ in range(10):
+        udp(eng, 40, t)
+        t += 0.003
+    t += eng.detector.quiet_s
+    assert udp(eng, 40, t) is Verdict.HOLD  # a new run: held until judged again
+
+
 def test_stun_from_a_speaker_is_messaging_and_blocked() -> None:
     eng = engine()
     stun = bytes.fromhex("0001000021122a442a442a442a442a442a442a44")
