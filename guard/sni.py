@@ -12,11 +12,7 @@ from __future__ import annotations
 import hmac
 import struct
 from hashlib import sha256
-from typing import ClassVar, Final, Self
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from typing import Any, ClassVar, Final, Self
 
 from guard.packet import normalise_name
 
@@ -254,22 +250,42 @@ def _expand_label(secret: bytes, label: bytes, length: int) -> bytes:
     return hmac.new(secret, info + b"\x01", sha256).digest()[:length]
 
 
+_CRYPTO: tuple[Any, ...] = ()
+
+
+def _crypto() -> tuple[Any, ...]:
+    """(AESGCM, a function making an AES-ECB encryptor, InvalidTag), imported on the first QUIC
+    Initial: `cryptography` costs the daemon ~8.5 MiB of RSS (docs/performance.md), and a guard
+    whose speakers never speak QUIC never needs it."""
+    global _CRYPTO
+    if not _CRYPTO:
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        def ecb(key: bytes) -> Any:
+            return Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+
+        _CRYPTO = (AESGCM, ecb, InvalidTag)
+    return _CRYPTO
+
+
 class _InitialKeys:
     """Client Initial packet protection keys for one (version, original DCID)."""
 
-    __slots__ = ("aead", "hp", "iv")
+    __slots__ = ("aead", "hp", "invalid", "iv", "_ecb")
 
     def __init__(self, version: int, dcid: bytes) -> None:
+        aesgcm, self._ecb, self.invalid = _crypto()
         initial = hmac.new(_SALTS[version], dcid, sha256).digest()  # HKDF-Extract
         client = _expand_label(initial, b"client in", 32)
         key_label, iv_label, hp_label = _LABELS[version]
-        self.aead = AESGCM(_expand_label(client, key_label, 16))
+        self.aead = aesgcm(_expand_label(client, key_label, 16))
         self.iv = _expand_label(client, iv_label, 12)
         self.hp = _expand_label(client, hp_label, 16)
 
     def mask(self, sample: bytes) -> bytes:
-        enc = Cipher(algorithms.AES(self.hp), modes.ECB()).encryptor()
-        return enc.update(sample)
+        return self._ecb(self.hp).update(sample)
 
 
 def _varint(buf: bytes, off: int) -> tuple[int, int]:
@@ -486,7 +502,7 @@ class SniAssembler:
             nonce = (int.from_bytes(keys.iv, "big") ^ pn).to_bytes(12, "big")
             try:
                 plain = keys.aead.decrypt(nonce, dgram[pn_off + pn_len : end], header)
-            except InvalidTag:
+            except keys.invalid:
                 continue
             self._odcid = (version, odcid)
             self._largest_pn = max(self._largest_pn, pn)
