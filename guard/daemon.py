@@ -15,6 +15,7 @@ import os
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -76,7 +77,7 @@ class Daemon:
         self.stopping = threading.Event()
         self.started = time.time()
         self.rules = load_rules([config.rules_dir] if config.rules_dir else [])
-        config = self.config = with_neighbour_macs(config)
+        config = self.config = with_neighbour_macs(config, wait_s=NEIGHBOUR_START_WAIT_S)
         self.spec = spec_from_config(config)
         self.marks = self.spec.marks
         self.firewall = backend or run_backend(config)
@@ -232,13 +233,12 @@ class Daemon:
                     self._housekeeping(now)
 
     def _macless(self) -> bool:
-        return any(d.mac is None and d.address and ":" not in d.address
-                   for d in self.config.devices)
+        return bool(_macless(self.config))
 
     def _poll_neighbours(self) -> None:
         """An address-only device's MAC, as soon as the router's neighbour table knows it (its
         IPv6 traffic cannot be matched before): each one learned is matched by MAC from then on."""
-        found = with_neighbour_macs(self.config)
+        found = with_neighbour_macs(self.config, wait_s=0.0)
         for before, after in zip(self.config.devices, found.devices):
             if before.mac is None and after.mac is not None:
                 self.engine.learn_mac(after.name, after.mac)
@@ -548,26 +548,59 @@ class Daemon:
                  "decided_by": r.decided_by} for r in records]
 
 
-# How often the neighbour table is read while a device is known by address only.
+# How often the neighbour table is read (and a missing entry probed for) while a device is known
+# by address only.
 NEIGHBOUR_POLL_S = 2.0
+# At start, how long to wait for the router to resolve the address-only devices it was asked to:
+# an ARP round trip on a LAN takes milliseconds; a device that is away does not answer at all.
+NEIGHBOUR_START_WAIT_S = 1.0
 
 
-def with_neighbour_macs(config: GuardConfig) -> GuardConfig:
-    """Address-only devices get their MAC from the router's neighbour table when it is there,
-    so their IPv6 traffic is matched from the first packet."""
-    devices = []
-    for d in config.devices:
-        if d.mac is None and d.address and ":" not in d.address:
-            try:
-                out = subprocess.run(["ip", "-4", "neigh", "show", d.address], capture_output=True,
-                                     text=True, timeout=5, check=False).stdout
-            except (OSError, subprocess.TimeoutExpired):
-                out = ""
-            match = re.search(r"lladdr ([0-9a-f]{2}(?::[0-9a-f]{2}){5})", out.lower())
-            if match:
-                d = replace(d, mac=match.group(1))
-        devices.append(d)
-    return replace(config, devices=tuple(devices))
+def _macless(config: GuardConfig) -> list[str]:
+    return [d.address for d in config.devices
+            if d.mac is None and d.address and ":" not in d.address]
+
+
+def _neighbour_mac(address: str) -> str | None:
+    try:
+        out = subprocess.run(["ip", "-4", "neigh", "show", address], capture_output=True,
+                             text=True, timeout=5, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    # FAILED and INCOMPLETE entries carry no lladdr: only a resolved entry matches
+    match = re.search(r"lladdr ([0-9a-f]{2}(?::[0-9a-f]{2}){5})", out.lower())
+    return match.group(1) if match else None
+
+
+def _probe(address: str) -> None:
+    """Make the kernel resolve an address: a datagram to the discard port needs the neighbour's
+    MAC before it can leave (ARP), and the device at most answers port-unreachable."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)
+            s.sendto(b"", (address, 9))
+    except OSError:
+        pass  # no route, a down link: the device is not there, the next poll asks again
+
+
+def with_neighbour_macs(config: GuardConfig, wait_s: float = 0.0) -> GuardConfig:
+    """Address-only devices get their MAC from the router's neighbour table, so their IPv6
+    traffic (matched by MAC) is guarded from its first packet. An address the table does not
+    know is probed, so the kernel resolves it: within `wait_s` here, or for the next poll."""
+    macs = {address: _neighbour_mac(address) for address in _macless(config)}
+    missing = [address for address, mac in macs.items() if mac is None]
+    for address in missing:
+        _probe(address)
+    deadline = time.monotonic() + wait_s
+    while missing and time.monotonic() < deadline:
+        time.sleep(0.05)
+        for address in list(missing):
+            macs[address] = _neighbour_mac(address)
+            if macs[address] is not None:
+                missing.remove(address)
+    devices = tuple(replace(d, mac=macs[d.address]) if macs.get(d.address or "") else d
+                    for d in config.devices)
+    return replace(config, devices=devices)
 
 
 QUEUE_BATCH = 64  # packets read from one queue per turn when serving several

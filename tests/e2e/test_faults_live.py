@@ -753,18 +753,25 @@ def _ipv6_upload_is_held(topology: Topology, g: Guard, test: str) -> dict[str, A
 def test_ipv6_of_an_address_only_device_is_held_once_its_mac_is_learned(
     topology: Topology, guards: MakeGuard
 ) -> None:
+    """The device does not answer the guard's probe (it ignores ARP requests): its first IPv4
+    packet through the router teaches the guard its MAC."""
     echo = topology.lan_hosts["echo"]
-    topology.run("gw", "ip", "neigh", "flush", "dev", "br-lan")
-    g = guards([_address_only_echo(topology)])
-    dev = next(d for d in g.cli_json("status")["devices"] if d["name"] == "echo")
-    assert dev.get("mac") is None, f"precondition: the router did not know the echo yet: {dev}"
-    # Its first IPv4 packet through the router teaches the guard its MAC.
-    r = topology.run_speaker("echo", "--host", SMART_HOME, "-4", "--max-seconds", "10", "rtt", "3")
-    assert r["error"] is None, r
-    line = _wait_daemon_line(g, r"now matched by MAC", timeout_s=5.0)
-    assert echo.mac in line and "echo" in line, line
-    dev = next(d for d in g.cli_json("status")["devices"] if d["name"] == "echo")
-    assert dev.get("mac") == echo.mac, dev
+    topology.run("echo", "sysctl", "-q", "-w", "net.ipv4.conf.all.arp_ignore=8")
+    try:
+        topology.run("echo", "ip", "neigh", "flush", "dev", "eth0")
+        topology.run("gw", "ip", "neigh", "flush", "dev", "br-lan")
+        g = guards([_address_only_echo(topology)])
+        dev = next(d for d in g.cli_json("status")["devices"] if d["name"] == "echo")
+        assert dev.get("mac") is None, f"precondition: the probe was not answered: {dev}"
+        r = topology.run_speaker("echo", "--host", SMART_HOME, "-4", "--max-seconds", "10",
+                                 "rtt", "3")  # fmt: skip
+        assert r["error"] is None, r
+        line = _wait_daemon_line(g, r"now matched by MAC", timeout_s=5.0)
+        assert echo.mac in line and "echo" in line, line
+        dev = next(d for d in g.cli_json("status")["devices"] if d["name"] == "echo")
+        assert dev.get("mac") == echo.mac, dev
+    finally:
+        topology.run("echo", "sysctl", "-q", "-w", "net.ipv4.conf.all.arp_ignore=0")
     _ipv6_upload_is_held(topology, g, "ipv6_address_only_learned")
 
 
@@ -779,32 +786,18 @@ def test_ipv6_of_an_address_only_device_is_held_from_the_first_packet_when_the_r
     _ipv6_upload_is_held(topology, g, "ipv6_address_only_known")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon gap: an address-only device's MAC is known only from the router's neighbour "
-    "table at start or from its first IPv4 packet through the queue; until then no rule matches "
-    "its IPv6 and an IPv6 upload passes unguarded (design.md 4: IPv6 'never left open'). "
-    "Observed: the whole upload (31,292 B) at the cloud, 0 packets queued, nothing logged.",
-)
-def test_ipv6_of_an_address_only_device_is_not_left_open_before_its_mac_is_known(
+def test_ipv6_of_an_address_only_device_is_held_when_the_router_had_not_resolved_it(
     topology: Topology, guards: MakeGuard
 ) -> None:
-    assert topology.cloud is not None
+    """The router's neighbour table has forgotten the device and it never sends IPv4: the guard
+    probes the address at start, so the IPv6 upload that follows is matched by MAC and held."""
+    echo = topology.lan_hosts["echo"]
     topology.run("gw", "ip", "neigh", "flush", "dev", "br-lan")
+    assert "lladdr" not in topology.run("gw", "ip", "-4", "neigh", "show", echo.v4).stdout
     g = guards([_address_only_echo(topology)])
     dev = next(d for d in g.cli_json("status")["devices"] if d["name"] == "echo")
-    assert dev.get("mac") is None, f"precondition: the router did not know the echo yet: {dev}"
-    v6 = topology.hosts[VOICE][1]
-    before = {c["id"] for c in topology.cloud.stats()["tcp"]}
-    res = topology.run_speaker("echo", "--host", VOICE, "-6", "--addr", v6, "--max-seconds", "8",
-                               "upload", "--profile", PROFILE, timeout=30)  # fmt: skip
-    time.sleep(0.3)
-    leaked = sum(c["app_bytes"] for c in topology.cloud.stats()["tcp"]
-                 if c["id"] not in before and c["host"] == VOICE)  # fmt: skip
-    record("ipv6_address_only_unknown_mac", leaked_bytes=leaked, upload_bytes=res["bytes_sent"],
-           pending=g.pending(), log=g.log())  # fmt: skip
-    # Held (pending) or blocked: either way the cloud gets nothing of it.
-    assert leaked == 0, f"{leaked} bytes of the IPv6 upload reached the cloud unguarded"
+    assert dev.get("mac") == echo.mac, f"the guard did not resolve the device at start: {dev}"
+    _ipv6_upload_is_held(topology, g, "ipv6_address_only_probed")
 
 
 # --- 7. many control clients ----------------------------------------------------------------------
