@@ -80,6 +80,7 @@ from guard.policy import (
 )
 from guard.ruleset import load_rules
 from guard.sni import MAX_STREAM_BYTES, NEED_MORE, SniAssembler, _RecordReader, client_hello_sni
+from tests.ci import missing_or_fail
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RULES = load_rules()
@@ -97,7 +98,6 @@ KEEP = 64  # parse_ip's default keep_payload
 SLOW_CALL_S = 0.25
 
 CASES: Counter[str] = Counter()
-BUG_HITS: Counter[str] = Counter()  # known bugs the broad tests ran into (and tolerated)
 TOTAL_CASES_MIN = 100_000
 
 
@@ -1073,15 +1073,6 @@ def test_any_order_of_faithful_initials_gives_the_name(
 # The engine: a ledger of held tokens
 
 
-# BUG-1 (see test_packet_that_completes_a_denied_window_gets_one_verdict): when the packet
-# that completes the detector's window makes the upload denied at once (quiet window, deny rule,
-# a cap), receive() answers it DROP *and* lists it in the Discard: two verdicts for one packet.
-# The ledger tolerates exactly that signature (a Discard of the packet just answered DROP, in the
-# same call) and counts it, so the broad tests below keep finding everything else. Set this to
-# False once the engine is fixed (the strict xfail will tell you).
-TOLERATE_BUG_1 = False
-
-
 class Ledger:
     """Every HOLD token comes back exactly once, as a Release or a Discard; nothing is released
     for an upload once it was denied; the held counters equal what the engine holds."""
@@ -1092,12 +1083,9 @@ class Ledger:
         self.denied: set[int] = set()
         self.released = 0
         self.discarded = 0
-        self.double_verdicts = 0  # BUG-1 occurrences
-        self._last: tuple[Any, Verdict] | None = None
 
     def verdict(self, token: Any, verdict: Verdict) -> None:
         assert isinstance(verdict, Verdict)
-        self._last = (token, verdict)
         if verdict is Verdict.HOLD:
             assert token is not None and token not in self.outstanding, token
             self.outstanding.add(token)
@@ -1111,17 +1099,10 @@ class Ledger:
                 self.released += len(action.tokens)
             elif isinstance(action, Discard):
                 tokens = action.tokens
-                if TOLERATE_BUG_1 and self._last is not None and self._last[1] is Verdict.DROP:
-                    just_dropped = self._last[0]
-                    if just_dropped in tokens and just_dropped not in self.outstanding:
-                        self.double_verdicts += 1
-                        BUG_HITS["BUG-1 double verdicts tolerated"] += 1
-                        tokens = tuple(t for t in tokens if t != just_dropped)
                 self._give_back(tokens)
                 self.discarded += len(tokens)
             elif isinstance(action, UploadDecided) and action.outcome in DENYING_OUTCOMES:
                 self.denied.add(action.upload["id"])
-        self._last = None
         return actions
 
     def _give_back(self, tokens: Iterable[Any]) -> None:
@@ -1583,12 +1564,10 @@ def test_total_fuzz_cases_is_at_least_100000(capsys: pytest.CaptureFixture[str])
         "engine step sequences", "engine packet sequences",
     }
     if not expected <= set(CASES):
-        pytest.skip(f"only part of the module ran (missing {sorted(expected - set(CASES))})")
+        missing_or_fail(f"only part of the module ran (missing {sorted(expected - set(CASES))})")
     total = sum(CASES.values())
     with capsys.disabled():
         print(f"\nfuzz cases: {total:,} in total")
         for name, count in sorted(CASES.items(), key=lambda kv: -kv[1]):
             print(f"  {count:>8,}  {name}")
-        for name, count in sorted(BUG_HITS.items()):
-            print(f"  known bug seen: {name}: {count:,}")
     assert total >= TOTAL_CASES_MIN

@@ -11,6 +11,7 @@ import pytest
 from guard.config import DeviceConfig, GuardConfig
 from guard.firewall import Completed, IptablesBackend
 from guard.fwspec import NftRunBackend, run_backend
+from tests.ci import missing_or_fail
 
 
 def config(backend: str) -> GuardConfig:
@@ -68,7 +69,7 @@ def test_a_failing_nft_is_a_firewall_error() -> None:
 
 def test_persistent_script_passes_nft_syntax_check() -> None:
     if shutil.which("nft") is None:
-        pytest.skip("nft not installed")
+        missing_or_fail("nft not installed (apt-get install nftables)")
     rec = Recorder()
     run_backend(config("nftables"), rec).apply_safety_net()
     proc = subprocess.run(["nft", "-c", "-f", "-"], input=rec.calls[0][1], text=True,

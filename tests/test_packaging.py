@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 
 from guard.config import GuardConfig, load_config, parse_config
+from tests.ci import missing_or_fail
 
 REPO = Path(__file__).resolve().parents[1]
 OPENWRT = REPO / "packaging/openwrt"
@@ -485,7 +486,7 @@ def rewrite_unit(hushgate: Path, config: Path) -> str:
 def test_unit_passes_systemd_analyze_verify_pointed_at_this_venv(tmp_path):
     hushgate = Path(sys.executable).parent / "hushgate"
     if not hushgate.exists():
-        pytest.skip("no hushgate console script next to this interpreter")
+        missing_or_fail("no hushgate console script next to this interpreter")
     verify_unit(rewrite_unit(hushgate, DEFAULT_TOML), tmp_path)
 
 

@@ -24,6 +24,7 @@ from guard.ruleset import (
     load_rules,
     normalize_pattern,
 )
+from tests.ci import missing_or_fail
 
 CAPTURES = Path(__file__).resolve().parents[1].parent / "shared" / "captures"
 
@@ -738,7 +739,7 @@ def test_shipped_ouis_identify_the_capture_macs(
 def test_shipped_macs_of_captures_sources_md(shipped: RuleSet) -> None:
     sources = CAPTURES / "smart-speakers-study" / "SOURCES.md"
     if not sources.exists():
-        pytest.skip("shared captures not present")
+        missing_or_fail("shared captures not present")
     text = sources.read_text()
     assert "68:db:f5:90:19:64" in text and "d4:a3:3d:6b:1e:97" in text
     assert shipped.vendor_for_mac("68:db:f5:90:19:64") == "amazon"
@@ -748,7 +749,7 @@ def test_shipped_macs_of_captures_sources_md(shipped: RuleSet) -> None:
 def test_labelled_voice_remotes_get_a_voice_hint(shipped: RuleSet) -> None:
     labels = CAPTURES / "labels.toml"
     if not labels.exists():
-        pytest.skip("shared captures not present")
+        missing_or_fail("shared captures not present")
     remotes = {
         voice["remote"].rsplit(":", 1)[0]
         for capture in tomllib.loads(labels.read_text())["capture"]

@@ -25,6 +25,7 @@ from guard.sim.topology import (
     _pid_alive,
     cleanup_stale,
 )
+from tests.ci import missing_or_fail
 
 VOICE = "bob-dispatch-prod-na.amazon.com"
 
@@ -66,7 +67,7 @@ def test_tls_upload_reaches_cloud_with_same_bytes_and_hash(topology: Topology, f
 def test_capture_profile_replays_the_labelled_upload_size(topology: Topology) -> None:
     captures = profiles.default_captures_dir()
     if captures is None:
-        pytest.skip("../shared/captures is not beside the repository")
+        missing_or_fail("../shared/captures is not beside the repository")
     name = "capture:sean_kennedy__flip_a_coin_5_30s#1"
     profile = profiles.resolve(name, captures)
     result = topology.run_speaker(
