@@ -302,70 +302,78 @@ class Daemon:
         mark = None
         for action in self.engine.take_actions():
             if isinstance(action, MarkFlow):
-                kind = "allow" if action.verdict == "allow" else "block"
-                mark = compose_mark(nfpkt.get_mark(), kind, self.config.mark_mask)
+                mark = compose_mark(nfpkt.get_mark(), action.verdict, self.config.mark_mask)
             else:
                 self._apply([action])
         return mark
 
     def _apply(self, actions: list[Any]) -> None:
-        stats = self.handler.stats if self.handler is not None else None
+        """Carry out the engine's actions. One that fails is logged and counted, and the rest
+        still run: they include the late verdicts of held packets."""
         for action in actions:
-            if isinstance(action, Release):
-                for token in action.tokens:
-                    if token is not None and stats is not None:
-                        late_verdict(token, True, stats)
-            elif isinstance(action, Discard):
-                for token in action.tokens:
-                    if token is not None and stats is not None:
-                        late_verdict(token, False, stats)
-            elif isinstance(action, Reset):
-                key = action.key
-                sent = self.injector.reset_both(key.device_addr, key.device_port, key.remote_addr,
-                                                key.remote_port, action.seq_to_device,
-                                                action.seq_to_remote)
-                if sent == 0:
-                    self.errors["reset"] += 1
-                    log(f"could not reset {key.remote}: {self.injector.last_error}")
-            elif isinstance(action, Unreachable):
+            try:
+                self._apply_one(action)
+            except Exception as exc:  # noqa: BLE001 - the packet loop and the timers go on
+                self.errors["actions"] = self.errors.get("actions", 0) + 1
+                log(f"could not carry out {type(action).__name__}: {exc!r}")
+
+    def _apply_one(self, action: Any) -> None:
+        stats = self.handler.stats if self.handler is not None else None
+        if isinstance(action, Release):
+            for token in action.tokens:
+                if token is not None and stats is not None:
+                    late_verdict(token, True, stats)
+        elif isinstance(action, Discard):
+            for token in action.tokens:
+                if token is not None and stats is not None:
+                    late_verdict(token, False, stats)
+        elif isinstance(action, Reset):
+            key = action.key
+            sent = self.injector.reset_both(key.device_addr, key.device_port, key.remote_addr,
+                                            key.remote_port, action.seq_to_device,
+                                            action.seq_to_remote)
+            if sent == 0:
+                self.errors["reset"] += 1
+                log(f"could not reset {key.remote}: {self.injector.last_error}")
+        elif isinstance(action, Unreachable):
+            self._conntrack_block(action.key)
+        elif isinstance(action, MarkFlow):
+            if action.verdict == "block":
                 self._conntrack_block(action.key)
-            elif isinstance(action, MarkFlow):
-                if action.verdict == "block":
-                    self._conntrack_block(action.key)
-            elif isinstance(action, UploadHeld):
-                self._persist_pending(action.upload)
-                self.hooks.emit("upload-held", action.upload)
-                log(f"upload {action.upload['id']} held: {action.upload['device']} -> "
-                    f"{action.upload['host'] or action.upload['remote']}")
-            elif isinstance(action, UploadDecided):
-                upload = action.upload
-                self._persist_decision(upload, action.outcome, action.by)
-                held_since = upload.get("decided")
-                self.metrics.upload_outcome(
-                    upload["device"], upload.get("category") or "unknown", action.outcome,
-                    time.time() - held_since if held_since is not None else None)
-                self.hooks.emit("upload-decided",
-                                {**upload, "outcome": action.outcome.value, "decided_by": action.by})
-            elif isinstance(action, UploadSeen):
-                upload = action.upload
-                if upload.get("outcome"):
-                    self._persist_decision(upload, Outcome(upload["outcome"]),
-                                           upload.get("decided_by") or upload["outcome"])
-                    self.metrics.upload_outcome(upload["device"], upload.get("category") or
-                                                "unknown", upload["outcome"], None)
-            elif isinstance(action, BurstReleased):
-                self.metrics.released(action.delay_s)
-            elif isinstance(action, FlowBlocked):
-                self.metrics.blocked_flow(action.device, action.category)
-                self.hooks.emit("flow-blocked", {"device": action.device,
-                                                 "remote": action.key.remote,
-                                                 "host": action.host,
-                                                 "category": action.category,
-                                                 "reason": action.reason})
-            elif isinstance(action, MacLearned):
-                self._learn_mac(action.device, action.mac)
-            elif isinstance(action, (UploadEnded, HeldCapHit)):
-                pass
+        elif isinstance(action, UploadHeld):
+            self._persist_pending(action.upload)
+            self.hooks.emit("upload-held", action.upload)
+            log(f"upload {action.upload['id']} held: {action.upload['device']} -> "
+                f"{action.upload['host'] or action.upload['remote']}")
+        elif isinstance(action, UploadDecided):
+            upload = action.upload
+            self._persist_decision(upload, action.outcome, action.by)
+            held_since = upload.get("decided")
+            self.metrics.upload_outcome(
+                upload["device"], upload.get("category") or "unknown", action.outcome,
+                time.time() - held_since if held_since is not None else None)
+            self.hooks.emit("upload-decided",
+                            {**upload, "outcome": action.outcome.value, "decided_by": action.by})
+        elif isinstance(action, UploadSeen):
+            upload = action.upload
+            if upload.get("outcome"):
+                self._persist_decision(upload, Outcome(upload["outcome"]),
+                                       upload.get("decided_by") or upload["outcome"])
+                self.metrics.upload_outcome(upload["device"], upload.get("category") or
+                                            "unknown", upload["outcome"], None)
+        elif isinstance(action, BurstReleased):
+            self.metrics.released(action.delay_s)
+        elif isinstance(action, FlowBlocked):
+            self.metrics.blocked_flow(action.device, action.category)
+            self.hooks.emit("flow-blocked", {"device": action.device,
+                                             "remote": action.key.remote,
+                                             "host": action.host,
+                                             "category": action.category,
+                                             "reason": action.reason})
+        elif isinstance(action, MacLearned):
+            self._learn_mac(action.device, action.mac)
+        elif isinstance(action, (UploadEnded, HeldCapHit)):
+            pass
 
     def _learn_mac(self, name: str, mac: str) -> None:
         """An address-only device showed its MAC: match it by MAC in the kernel too, so its

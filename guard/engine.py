@@ -232,9 +232,10 @@ class Flow:
     upload: Upload | None = None
     deadline: float | None = None
     lost: bool = False  # pending when the guard last stopped: reset at its first packet
-    # A UDP run whose first window was judged control datagrams goes on without a hold while it
-    # stays a run (gaps under quiet_s) of datagrams too small to carry a codec frame.
+    # A UDP flow whose first window was judged control datagrams: from then on its datagrams too
+    # small to carry a codec frame pass without a hold (live: in the kernel, by connmark).
     control_run: bool = False
+    control_marked: bool = False  # the kernel was told (MarkFlow "control")
 
     def move(self, state: FlowState) -> None:
         if state is self.state:
@@ -300,7 +301,7 @@ class MarkFlow:
     """Decide a flow for its lifetime in the kernel (connmark fast path)."""
 
     key: FlowKey
-    verdict: str  # "allow" | "block"
+    verdict: str  # "allow" | "block" | "control" (small datagrams pass, the rest is inspected)
 
 
 @dataclass(frozen=True, slots=True)
@@ -883,17 +884,16 @@ class Engine:
 
     def _payload(self, flow: Flow, pkt: Packet, now: float, token: Any) -> Verdict:
         state = flow.state
-        if flow.control_run:
-            # The run was judged from its first window; each further datagram is judged alone,
-            # so a datagram big enough for audio, or one after a pause, starts a held burst.
-            if (state is FlowState.IDLE and now - flow.last_up < self.detector.quiet_s
-                    and pkt.payload_len < self.detector.min_mean_datagram_bytes):
-                flow.last_up = now
-                flow.activity_bytes += pkt.payload_len
-                flow.activity_packets += 1
-                flow.activity_passed += pkt.payload_len
-                return Verdict.ACCEPT
-            flow.control_run = False
+        if (flow.control_run and pkt.payload_len < self.detector.min_mean_datagram_bytes
+                and state is not FlowState.DENIED):
+            # The flow was judged from a window of control datagrams; each later datagram is
+            # judged alone: one too small for a codec frame passes (live, the kernel passes it
+            # by connmark and it never gets here), a bigger one goes through the detector.
+            if not flow.control_marked:
+                flow.control_marked = True
+                self.actions.append(MarkFlow(flow.key, "control"))
+            flow.activity_passed += pkt.payload_len
+            return Verdict.ACCEPT
         if state in (FlowState.PASSING, FlowState.DENIED) and now - flow.last_up >= UPLOAD_END_GAP_S:
             self._end_activity(flow)
             state = flow.state
@@ -991,7 +991,11 @@ class Engine:
                 len(burst), reason))
         flow.burst = []
         flow.run = []
-        flow.control_run = reason == CONTROL_DATAGRAMS and flow.key.proto != TCP
+        if reason == CONTROL_DATAGRAMS and flow.key.proto != TCP:
+            # The mark goes with the flow's next small datagram, not with this one: the held
+            # datagrams released just now may still be confirming the connection in conntrack,
+            # and a mark saved on this packet's own unconfirmed entry would be lost in the clash.
+            flow.control_run = True
         flow.move(FlowState.IDLE)
         self._schedule(flow, None)
 

@@ -103,12 +103,21 @@ class FirewallError(RuntimeError):
 
 # --------------------------------------------------------------------------- marks
 
+# A UDP payload below this cannot carry an audio codec frame plus its framing (detector.py,
+# min_mean_datagram_bytes): what a control-marked flow may send past the queue. As IP lengths:
+CONTROL_MAX_PAYLOAD_BYTES = 99
+_CONTROL_MAX_IP_LEN = {4: 20 + 8 + CONTROL_MAX_PAYLOAD_BYTES, 6: 40 + 8 + CONTROL_MAX_PAYLOAD_BYTES}
+
 
 class MarkKind(str, Enum):
     """Connmark bits the guard owns inside `mark_mask`."""
 
     ALLOW = "allow"  # decided for the flow's lifetime: accepted in the kernel
     BLOCK = "block"  # decided for the flow's lifetime: rejected in the kernel
+    # Still inspected, but its first window was control datagrams: from now on the kernel passes
+    # its upstream datagrams too small to carry a codec frame (CONTROL_MAX_PAYLOAD_BYTES) and
+    # queues the rest. The value is both verdict bits together, which no other rule matches.
+    CONTROL = "control"
     DEVICE = "device"  # the connection belongs to a configured device (matches its return traffic)
 
 
@@ -138,7 +147,8 @@ class Marks:
 
     def value(self, kind: MarkKind | str) -> int:
         kind = MarkKind(kind)
-        return {MarkKind.ALLOW: self.allow, MarkKind.BLOCK: self.block}.get(kind, self.device)
+        return {MarkKind.ALLOW: self.allow, MarkKind.BLOCK: self.block,
+                MarkKind.CONTROL: self.allow | self.block}.get(kind, self.device)
 
     def compose(self, current: int, kind: MarkKind | str) -> int:
         """The packet mark to give with a verdict (netfilterqueue `set_mark`): our verdict bits set,
@@ -463,6 +473,11 @@ def build_rules(spec: FirewallSpec, family: int) -> list[Rule]:
     add("mangle", ch.up, "up.fast_allow", f"-m connmark --mark {ALLOW:#x}/{V:#x} -j ACCEPT")
     # BLOCK passes mangle on purpose: filter FORWARD rejects it with a reset (REJECT is filter-only).
     add("mangle", ch.up, "up.fast_block", f"-m connmark --mark {BLOCK:#x}/{V:#x} -j ACCEPT")
+    # An inspected UDP flow marked CONTROL: its small datagrams (no room for audio) stay in the
+    # kernel, anything larger is queued and judged (a QUIC download's ACKs, keep-alives).
+    add("mangle", ch.up, "up.fast_control",
+        f"-p udp -m connmark --mark {V:#x}/{V:#x} "
+        f"-m length --length 0:{_CONTROL_MAX_IP_LEN[family]} -j ACCEPT")
     add("mangle", ch.up, "up.queue", f"-j {ch.queue}")
     add("mangle", ch.up, "up.net", f"-j {ch.net}")
 
@@ -988,6 +1003,12 @@ class NftablesBackend:
         save = [
             f"meta mark & {V:#x} == {ALLOW:#x} ct mark set ct mark & {keep:#010x} | {ALLOW:#x}",
             f"meta mark & {V:#x} == {BLOCK:#x} ct mark set ct mark & {keep:#010x} | {BLOCK:#x}",
+            f"meta mark & {V:#x} == {V:#x} ct mark set ct mark | {V:#x}",
+        ]
+        control = [
+            f"meta nfproto ipv{fam} meta l4proto udp ct mark & {V:#x} == {V:#x} "
+            f"meta length <= {_CONTROL_MAX_IP_LEN[fam]} counter accept"
+            for fam in (4, 6)
         ]
         chain(
             "up",
@@ -996,6 +1017,7 @@ class NftablesBackend:
                 *save,
                 f"ct mark & {V:#x} == {ALLOW:#x} counter accept",
                 f"ct mark & {V:#x} == {BLOCK:#x} goto reject_blocked",
+                *control,
                 "jump queue_up",
                 "jump safety_net",
             ],

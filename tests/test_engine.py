@@ -334,34 +334,58 @@ def test_quic_acks_during_a_download_are_not_an_upload() -> None:
     assert not of(actions, UploadHeld) and of(actions, BurstReleased)
 
 
-def test_a_control_datagram_run_goes_on_unheld_until_a_big_datagram_or_a_pause() -> None:
+def test_a_control_datagram_flow_is_marked_and_its_small_datagrams_pass_unheld() -> None:
     eng = engine()
     t = T0
     for _ in range(9):
         assert udp(eng, 40, t) is Verdict.HOLD
         t += 0.003
     assert udp(eng, 40, t) is Verdict.ACCEPT  # the window judged: control datagrams
-    assert len(of(eng.take_actions(), BurstReleased)) == 1
-    for _ in range(50):  # the same run goes on: judged already, nothing held, nothing released
+    actions = eng.take_actions()
+    assert len(of(actions, BurstReleased)) == 1 and not of(actions, MarkFlow)
+    t += 0.003
+    assert udp(eng, 40, t) is Verdict.ACCEPT
+    # the next small datagram carries the mark (its connection is confirmed by then): from now
+    # on the kernel passes the small ones
+    assert [m.verdict for m in of(eng.take_actions(), MarkFlow)] == ["control"]
+    for _ in range(50):  # judged already: nothing held, nothing released, no second mark
         t += 0.003
         assert udp(eng, 40, t) is Verdict.ACCEPT
-    assert eng.held_packets == 0 and not of(eng.take_actions(), BurstReleased)
-    t += 0.003
-    assert udp(eng, 1350, t) is Verdict.HOLD  # big enough for a codec frame: held and judged
-    for _ in range(9):
-        t += 0.003
-        udp(eng, 1350, t)
-    assert eng.pending(), "a window of full datagrams after the control run is an upload"
+    t += 5.0  # a pause does not matter: the size does
+    assert udp(eng, 99, t) is Verdict.ACCEPT
+    assert eng.held_packets == 0 and not eng.take_actions()
 
 
-def test_a_control_datagram_run_ends_with_a_pause() -> None:
+def test_a_big_datagram_on_a_control_flow_is_held_and_judged() -> None:
     eng = engine()
     t = T0
     for _ in range(10):
         udp(eng, 40, t)
         t += 0.003
-    t += eng.detector.quiet_s
-    assert udp(eng, 40, t) is Verdict.HOLD  # a new run: held until judged again
+    eng.take_actions()
+    assert udp(eng, 1350, t) is Verdict.HOLD  # room for a codec frame: held
+    t += 0.003
+    assert udp(eng, 40, t) is Verdict.ACCEPT  # the small ones keep passing beside the burst
+    for _ in range(9):
+        t += 0.003
+        udp(eng, 1350, t)
+    assert eng.pending(), "a window of full datagrams on a control flow is an upload"
+    upload_id = eng.pending()[0].id
+    eng.decide(upload_id, Decision(Verb.DENY), t + 1)
+    assert of(eng.take_actions(), Unreachable)
+    assert udp(eng, 40, t + 1.1) is Verdict.DROP  # denied: nothing passes any more
+
+
+def test_a_window_of_mixed_datagrams_on_a_control_flow_is_judged_by_its_big_ones() -> None:
+    eng = engine()
+    t = T0
+    for _ in range(10):
+        udp(eng, 40, t)
+        t += 0.003
+    eng.take_actions()
+    assert udp(eng, 300, t) is Verdict.HOLD
+    eng.handle_timer(t + eng.detector.quiet_s + 0.01)  # one request datagram, then quiet
+    assert of(eng.take_actions(), BurstReleased) and not eng.pending()
 
 
 def test_stun_from_a_speaker_is_messaging_and_blocked() -> None:

@@ -135,9 +135,12 @@ def test_pipeline_order_is_fast_path_then_queue_then_safety_net() -> None:
         "-m mark ! --mark 0x0/0x30000 -j CONNMARK --save-mark --nfmask 0x30000 --ctmask 0x30000",
         "-m connmark --mark 0x10000/0x30000 -j ACCEPT",
         "-m connmark --mark 0x20000/0x30000 -j ACCEPT",
+        # control-marked UDP flows: datagrams with at most 99 B of payload stay in the kernel
+        "-p udp -m connmark --mark 0x30000/0x30000 -m length --length 0:127 -j ACCEPT",
         "-j HUSHGATE_QUEUE",
         "-j HUSHGATE_NET",
     ]
+    assert "-m length --length 0:147 -j ACCEPT" in rule_lines(spec(), 6, "HUSHGATE_UP")[4]
     down = rule_lines(spec(), 4, "HUSHGATE_DOWN")
     assert down.index("-p udp -m udp --sport 53 -j HUSHGATE_DNS") < down.index("-j HUSHGATE_DOWNQ")
     assert down[-1] == "-j HUSHGATE_NET"

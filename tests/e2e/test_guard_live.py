@@ -11,6 +11,7 @@ observer.
 from __future__ import annotations
 
 import signal
+import socket
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -632,3 +633,53 @@ def test_run_exits_cleanly_on_sigterm_without_releasing_a_held_upload(
     left = hushgate_rules(topology)
     assert not any("NFQUEUE" in line for line in left), f"queue rules left: {left}"
     assert any("-j DROP" in line for line in left), f"no safety net after SIGTERM: {left}"
+
+
+def test_small_datagrams_of_a_control_flow_stay_in_the_kernel_and_big_ones_are_held(
+    topology: Topology, guards: MakeGuard
+) -> None:
+    """A QUIC-shaped flow whose first window is control datagrams (ACK-sized, as while a
+    speaker downloads) is marked: its later small datagrams pass in the kernel without visiting
+    userspace, and a window of full datagrams on the same flow is still held as an upload."""
+    assert topology.cloud is not None
+    g = guards([device(topology, "nest", quic="hold")])
+    remote = topology.hosts[GOOGLE_VOICE][0]
+    sock = topology.socket_in("nest", socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.connect((remote, 443))
+        local = "%s:%d" % sock.getsockname()
+
+        def send(n: int, size: int, gap_s: float) -> None:
+            for i in range(n):
+                sock.send(bytes([0x40]) + bytes([i & 0xFF]) * (size - 1))  # QUIC short header
+                time.sleep(gap_s)
+
+        def cloud_flow() -> dict[str, Any]:
+            assert topology.cloud is not None
+            flows = [f for f in topology.cloud.stats()["udp"] if f["peer"].endswith(
+                local.split(":")[1]) and f["host"] == GOOGLE_VOICE]
+            return flows[0] if flows else {"datagrams": 0}
+
+        send(10, 40, 0.002)  # the first window: judged control datagrams, released, marked
+        deadline = time.monotonic() + 2.0
+        while cloud_flow()["datagrams"] < 10 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert cloud_flow()["datagrams"] == 10, cloud_flow()
+        queued_before = sum(queue_counters(topology).values())
+        send(500, 60, 0.001)  # 500 more small ones
+        deadline = time.monotonic() + 2.0
+        while cloud_flow()["datagrams"] < 510 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        queued_small = sum(queue_counters(topology).values()) - queued_before
+        assert cloud_flow()["datagrams"] == 510, cloud_flow()
+        assert queued_small <= 2, f"{queued_small} small datagrams of a control flow were queued"
+        send(12, 1300, 0.002)  # full datagrams: room for audio, judged in userspace
+        pend, _ = g.wait_pending(1, timeout_s=4.0)
+        assert pend[0]["device"] == "nest" and pend[0]["held_packets"] >= 10, pend
+        time.sleep(0.3)
+        assert cloud_flow()["datagrams"] == 510, "a datagram of the held upload reached the cloud"
+        record("control_flow_in_kernel", small_datagrams=500, small_queued=queued_small,
+               held_packets=pend[0]["held_packets"])  # fmt: skip
+        g.cli_ok("deny", str(pend[0]["id"]))
+    finally:
+        sock.close()
