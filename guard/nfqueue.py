@@ -47,7 +47,7 @@ _MACS: dict[bytes, str] = {}
 _MAX_MACS = 1024
 # Verdict -> the label metrics count it under (an Enum's `.value` is a property: slower)
 _LABELS = {v: v.value for v in Verdict}
-_ACCEPT, _DROP = Verdict.ACCEPT, Verdict.DROP
+_ACCEPT, _DROP, _HOLD = Verdict.ACCEPT, Verdict.DROP, Verdict.HOLD
 
 
 class QueueHandler:
@@ -95,7 +95,9 @@ class QueueHandler:
             mark = self.after(nfpkt)
         except Exception:  # noqa: BLE001 - the packet loop must never die on one packet
             stats.errors += 1
-            verdict = _ACCEPT if self.fail_open else _DROP
+            if verdict is not _HOLD:
+                verdict = _ACCEPT if self.fail_open else _DROP
+            # else the engine keeps the packet: its one verdict comes later, in order
         finally:
             if verdict is _ACCEPT and mark is None:
                 try:
@@ -106,8 +108,11 @@ class QueueHandler:
                 self._verdict(nfpkt, verdict, mark)
             if self.observe is not None:
                 label = _LABELS.get(verdict)
-                self.observe(direction, label if label is not None else str(verdict),
-                             _perf_counter() - started)
+                try:
+                    self.observe(direction, label if label is not None else str(verdict),
+                                 _perf_counter() - started)
+                except Exception:  # noqa: BLE001 - metrics never stop the packet loop
+                    stats.errors += 1
 
     def _verdict(self, nfpkt: Any, verdict: Verdict, mark: int | None) -> None:
         try:
