@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -121,3 +122,53 @@ def png_size(data: bytes) -> tuple[int, int]:
     """(width, height) from a PNG's IHDR; AssertionError when it is not a PNG."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def png_pixels(data: bytes) -> tuple[int, int, int, list[bytes]]:
+    """(width, height, bytes per pixel, rows of raw pixel bytes) of an 8-bit, non-interlaced
+    RGB or RGBA PNG (what Chromium's screenshots are); AssertionError for anything else."""
+    width, height = png_size(data)
+    depth, colour, interlace = data[24], data[25], data[28]
+    assert depth == 8 and colour in (2, 6) and interlace == 0, (depth, colour, interlace)
+    bpp = 3 if colour == 2 else 4
+    idat, pos = b"", 8
+    while pos < len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8]
+        if kind == b"IDAT":
+            idat += data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+    raw = zlib.decompress(idat)
+    stride = width * bpp
+    rows: list[bytes] = []
+    prev = bytearray(stride)
+    for y in range(height):
+        base = y * (stride + 1)
+        kind, line = raw[base], bytearray(raw[base + 1 : base + 1 + stride])
+        for i in range(stride):  # PNG filters (RFC 2083 6)
+            a = line[i - bpp] if i >= bpp else 0
+            b = prev[i]
+            c = prev[i - bpp] if i >= bpp else 0
+            if kind == 1:
+                line[i] = (line[i] + a) & 0xFF
+            elif kind == 2:
+                line[i] = (line[i] + b) & 0xFF
+            elif kind == 3:
+                line[i] = (line[i] + (a + b) // 2) & 0xFF
+            elif kind == 4:
+                pa, pb, pc = abs(b - c), abs(a - c), abs(a + b - 2 * c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 0xFF
+        rows.append(bytes(line))
+        prev = line
+    return width, height, bpp, rows
+
+
+def region_colours(data: bytes, x: int, y: int, w: int, h: int) -> int:
+    """How many distinct colours the PNG has inside the rectangle (device pixels): a blank or
+    single-colour area has 1, rendered text has dozens (anti-aliasing)."""
+    width, height, bpp, rows = png_pixels(data)
+    colours = set()
+    for row in rows[max(0, y) : min(height, y + h)]:
+        for px in range(max(0, x), min(width, x + w)):
+            colours.add(row[px * bpp : px * bpp + 3])
+    return len(colours)

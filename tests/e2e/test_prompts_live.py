@@ -687,7 +687,7 @@ def _check_card(ev: dict[str, Any], upload_id: int) -> None:
 def test_web_prompt_in_chromium_on_the_lan_allows_and_denies(
     topology: Topology, guards: MakeGuard, tmp_path: Path
 ) -> None:
-    from tests.browser.chromium import png_size
+    from tests.browser.chromium import png_size, region_colours
 
     g, token, _ = _web_guard(guards, tls=False)
     # DNS rebinding: a foreign Host header is refused, the router's own address is served.
@@ -746,8 +746,15 @@ def test_web_prompt_in_chromium_on_the_lan_allows_and_denies(
            reset_after_click_s=round(r2["reset_at"] - ev2["clicked_at"], 3))  # fmt: skip
     assert 0 < lat1 <= WEB_WITHIN_S and 0 < lat2 <= WEB_WITHIN_S, (lat1, lat2)
     assert ev1["screenshot"] == str(SCREENSHOT) and SCREENSHOT.exists()
-    width, height = png_size(SCREENSHOT.read_bytes())
+    shot = SCREENSHOT.read_bytes()
+    width, height = png_size(shot)
     assert width >= 400 and height >= 800, (width, height)
+    # The screenshot shows the card: its area is drawn (text, buttons), not blank, and it lies
+    # inside the image.
+    x, y, w, h = ev1["card_rect"]
+    assert w > 100 and h > 40 and x + w <= width and y + h <= height, (ev1["card_rect"], width)
+    colours = region_colours(shot, x, y, w, h)
+    assert colours >= 20, f"the card's area has {colours} colours: not rendered"
 
 
 def test_web_prompt_over_tls_serves_the_pinned_certificate_and_allows(

@@ -121,6 +121,12 @@ def main() -> int:
                 card_text = card.text
                 page_text = driver.execute_script("return document.body.innerText")
                 title = driver.title
+                # where the card is drawn, in the screenshot's device pixels
+                rect = driver.execute_script(
+                    "const r = arguments[0].getBoundingClientRect();"
+                    "return [r.left, r.top, r.width, r.height, window.devicePixelRatio];",
+                    card,
+                )
                 shot = None
                 if args.screenshot is not None and k == 1:
                     args.screenshot.parent.mkdir(parents=True, exist_ok=True)
@@ -157,6 +163,7 @@ def main() -> int:
                     title=title,
                     no_reload_marker=marker,
                     screenshot=shot,
+                    card_rect=[round(v * rect[4]) for v in rect[:4]],
                     url=driver.current_url,
                 )
             emit("done")
