@@ -50,7 +50,7 @@ from guard.fwspec import run_backend, spec_from_config
 from guard.hooks import Hooks
 from guard.inject import Injector
 from guard.metrics import GuardCollector, Metrics, serve_metrics
-from guard.nfqueue import COPY_RANGE, QueueHandler, late_verdict
+from guard.nfqueue import COPY_RANGE, QueueHandler, late_reject, late_verdict
 from guard.packet import TCP, Malformed
 from guard.policy import (
     Decision,
@@ -324,14 +324,23 @@ class Daemon:
                 if token is not None and stats is not None:
                     late_verdict(token, True, stats)
         elif isinstance(action, Discard):
-            for token in action.tokens:
-                if token is not None and stats is not None:
+            tokens = [t for t in action.tokens if t is not None]
+            last = tokens.pop() if action.reject_last and tokens else None
+            for token in tokens:
+                if stats is not None:
                     late_verdict(token, False, stats)
+            if last is not None and stats is not None:
+                late_reject(last, compose_mark(last.get_mark(), "block", self.config.mark_mask),
+                            stats)
         elif isinstance(action, Reset):
             key = action.key
             sent = self.injector.reset_both(key.device_addr, key.device_port, key.remote_addr,
                                             key.remote_port, action.seq_to_device,
                                             action.seq_to_remote)
+            if action.also_to_remote is not None:
+                sent += self.injector.reset_both(key.device_addr, key.device_port,
+                                                 key.remote_addr, key.remote_port, None,
+                                                 action.also_to_remote)
             if sent == 0:
                 self.errors["reset"] += 1
                 log(f"could not reset {key.remote}: {self.injector.last_error}")

@@ -276,6 +276,10 @@ class Release:
 class Discard:
     tokens: tuple[Any, ...]
     upload_id: int | None = None
+    # UDP: the last held datagram goes back to the kernel marked blocked, whose reject rule
+    # answers it with ICMP port-unreachable, so a stalled QUIC sender learns at once instead of
+    # at its next retransmission probe
+    reject_last: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +290,9 @@ class Reset:
     seq_to_device: int | None  # = the device's latest ACK
     seq_to_remote: int | None  # = the remote's latest ACK
     reason: str
+    # A second candidate toward the remote, sent after the first, when the exact number cannot
+    # be known from one packet (a TCP keepalive carries SND.NXT - 1, an ACK carries SND.NXT).
+    also_to_remote: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -864,7 +871,12 @@ class Engine:
         flow.midstream = False
         flow.move(FlowState.DENIED)
         flow.last_up = now
-        self.actions.append(Reset(flow.key, pkt.ack, pkt.seq, "midstream"))
+        # The remote expects SND.NXT. A pure ACK carries it, a keepalive probe (what a quiet
+        # connection sends) carries SND.NXT - 1 and the two look alike: the probe's number + 1
+        # first (exact for a probe, in-window for an ACK, whose remote then sends a challenge
+        # ACK that the reset device answers exactly), then the packet's own number.
+        self.actions.append(Reset(flow.key, pkt.ack, (pkt.seq + 1) & 0xFFFFFFFF, "midstream",
+                                  also_to_remote=pkt.seq))
         self.counters["midstream_resets"] += 1
         self._reschedule(flow)
         return Verdict.DROP
@@ -1194,7 +1206,7 @@ class Engine:
         first_held = upload.held[0].seq if upload.held else None
         tokens = tuple(h.token for h in upload.held if h is not self._current)
         if tokens:
-            self.actions.append(Discard(tokens, upload.id))
+            self.actions.append(Discard(tokens, upload.id, reject_last=upload.key.proto != TCP))
         self._unhold(upload.held)
         upload.held = []
         upload.held_bytes = 0

@@ -145,3 +145,13 @@ def late_verdict(nfpkt: Any, accept: bool, stats: QueueStats) -> None:
             nfpkt.drop()
     except Exception:  # noqa: BLE001 - e.g. the queue was rebound: the kernel dropped it already
         stats.late_verdict_errors += 1
+
+
+def late_reject(nfpkt: Any, mark: int, stats: QueueStats) -> None:
+    """Send a held packet back through the rules with the BLOCK mark: the kernel stores it on the
+    connection and its reject rule answers the sender (port-unreachable, or a reset)."""
+    try:
+        nfpkt.set_mark(mark)
+        nfpkt.repeat()
+    except Exception:  # noqa: BLE001 - as late_verdict
+        stats.late_verdict_errors += 1

@@ -129,6 +129,7 @@ def test_deny_discards_and_resets_both_ends_with_exact_sequence_numbers() -> Non
     eng.decide(upload_id, Decision(Verb.DENY, by="web"), T0 + 2)
     actions = eng.take_actions()
     assert of(actions, Discard)[0].tokens == tuple(tokens)
+    assert not of(actions, Discard)[0].reject_last  # TCP: the resets tell both ends
     reset = of(actions, Reset)[0]
     assert reset.seq_to_device == 5300  # the device's latest ACK
     assert reset.seq_to_remote == 1000  # the cloud's latest ACK: the first held byte
@@ -320,7 +321,10 @@ def test_quic_upload_deny_answers_unreachable() -> None:
     eng.take_actions()
     eng.decide(upload_id, Decision(Verb.DENY), T0 + 1)
     actions = eng.take_actions()
-    assert len(of(actions, Discard)[0].tokens) == 10
+    discard = of(actions, Discard)[0]
+    # all ten dropped, the last one handed back to the kernel's reject rule: the device hears
+    # port-unreachable at once, not at its next probe
+    assert len(discard.tokens) == 10 and discard.reject_last
     assert of(actions, Unreachable)
 
 
@@ -468,7 +472,10 @@ def test_quiet_connection_that_predates_the_guard_is_reset_with_exact_numbers() 
     verdict, _ = conn.up(0, T0, flags=ACK)
     assert verdict is Verdict.DROP
     reset = of(eng.take_actions(), Reset)[0]
-    assert (reset.reason, reset.seq_to_device, reset.seq_to_remote) == ("midstream", 5000, 1000)
+    # toward the remote: 1001 first (exact if the packet was a keepalive probe, SND.NXT - 1),
+    # then 1000 (exact if it was an ACK)
+    assert (reset.reason, reset.seq_to_device, reset.seq_to_remote, reset.also_to_remote) == (
+        "midstream", 5000, 1001, 1000)
     # a connection that opened through the guard is never reset that way
     fresh = Conn(eng, sport=40100)
     fresh.syn(T0)

@@ -21,7 +21,14 @@ import pytest
 
 from guard import nfqueue
 from guard.engine import Discard, Engine, Release, Reset, Verdict
-from guard.nfqueue import COPY_RANGE, QueueHandler, QueueStats, late_verdict, mac_of
+from guard.nfqueue import (
+    COPY_RANGE,
+    QueueHandler,
+    QueueStats,
+    late_reject,
+    late_verdict,
+    mac_of,
+)
 from guard.packet import ACK, PSH, TCP, UDP, Malformed, Packet
 from guard.policy import Decision, Verb
 from tests.enginekit import CLOUD, ECHO, engine
@@ -510,3 +517,13 @@ def test_held_upload_gets_dropped_in_order_and_reset_once_denied() -> None:
     assert shell.handler.stats.late_verdict_errors == 0
     [reset] = shell.resets
     assert reset.seq_to_remote == 1000  # the first held byte: nothing of the upload got out
+
+
+def test_late_reject_sends_the_held_packet_back_with_the_mark() -> None:
+    pkt = FakeNfPacket(up4())
+    stats = QueueStats()
+    late_reject(pkt, 0x20000, stats)
+    assert pkt.verdict_mark == 0x20000 and pkt.verdicts == ["repeat"]
+    assert stats.late_verdict_errors == 0
+    late_reject(pkt, 0x20000, stats)  # a second verdict: counted, not raised
+    assert stats.late_verdict_errors == 1
