@@ -172,6 +172,12 @@ class TlsSpeaker:
         res.addr, res.family = sockaddr[0], 6 if fam == socket.AF_INET6 else 4
         raw = socket.socket(fam, socket.SOCK_STREAM)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if args.keepalive > 0:
+            # TCP keepalive probes (pure ACKs) every `keepalive` s of idleness.
+            secs = max(1, int(args.keepalive))
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, secs)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, secs)
         raw.settimeout(min(5.0, self._left()))
         t0 = time.monotonic()
         raw.connect(sockaddr[:2] if fam == socket.AF_INET else sockaddr)
@@ -181,12 +187,26 @@ class TlsSpeaker:
             ctx.maximum_version = ssl.TLSVersion.TLSv1_2
             ctx.set_ciphers("ECDHE+AESGCM")
         ctx.set_alpn_protocols(["h2"])
-        sock = ctx.wrap_socket(raw, server_hostname=args.host, do_handshake_on_connect=False)
+        # --sni-hex: these raw bytes (any ASCII but NUL, up to 255) go in the SNI instead of
+        # --host (bytes skip the IDNA check); the certificate is then checked against --host.
+        sni = bytes.fromhex(args.sni_hex) if args.sni_hex else None
+        if sni is not None:
+            ctx.check_hostname = False
+        sock = ctx.wrap_socket(
+            raw,
+            server_hostname=sni if sni is not None else args.host,
+            do_handshake_on_connect=False,
+        )
         # The ClientHello is a payload packet a guard may hold while it decides: wait for the
         # handshake as long as the run may last, not just the connect timeout.
         sock.settimeout(self._left())
         sock.do_handshake()
         self.sock = sock
+        if sni is not None:
+            cert = sock.getpeercert() or {}
+            names = [v for k, v in cert.get("subjectAltName", ()) if k == "DNS"]
+            if args.host not in names:
+                raise Stop("tls", f"certificate is for {names}, not {args.host}")
         res.handshake_s = round(time.monotonic() - t0, 6)
         res.connected_at = time.time()
         res.local = f"{sock.getsockname()[0]}:{sock.getsockname()[1]}"
@@ -619,6 +639,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--hold-open", type=float, default=0.0, help="keep the connection this long after"
     )
     ap.add_argument("--ready-file", help="write the connection details here once connected")
+    ap.add_argument("--sni-hex", help="TLS modes: send these raw bytes (hex) as the SNI")
+    ap.add_argument(
+        "--keepalive", type=float, default=0.0, help="TLS modes: TCP keepalive every N s idle"
+    )
     sub = ap.add_subparsers(dest="mode", required=True)
     for name, default_profile, default_count in (
         ("upload", "echo-opus-118", 1),
