@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -600,10 +601,33 @@ def _probe(address: str) -> None:
         pass  # no route, a down link: the device is not there, the next poll asks again
 
 
-def with_neighbour_macs(config: GuardConfig, wait_s: float = 0.0) -> GuardConfig:
+def _lease_macs(lease_files: Sequence[str]) -> dict[str, str]:
+    """IPv4 address -> MAC from the DHCP lease files that exist (dnsmasq, odhcpd), for the
+    addresses exactly one MAC holds a lease on."""
+    from guard.discover import parse_leases
+
+    sightings = []
+    for name in lease_files:
+        try:
+            with open(name, encoding="utf-8", errors="replace") as f:
+                sightings += parse_leases(f.read(1 << 20), name)
+        except OSError:
+            continue  # no such file (another DHCP server), or unreadable: nothing from it
+    holders: dict[str, set[str]] = {}
+    for sighting in sightings:
+        if sighting.address and ":" not in sighting.address:
+            holders.setdefault(sighting.address, set()).add(sighting.mac)
+    return {addr: next(iter(macs)) for addr, macs in holders.items() if len(macs) == 1}
+
+
+def with_neighbour_macs(config: GuardConfig, wait_s: float = 0.0,
+                        lease_files: Sequence[str] | None = None) -> GuardConfig:
     """Address-only devices get their MAC from the router's neighbour table, so their IPv6
     traffic (matched by MAC) is guarded from its first packet. An address the table does not
-    know is probed, so the kernel resolves it: within `wait_s` here, or for the next poll."""
+    know is probed, so the kernel resolves it: within `wait_s` here, or for the next poll. An
+    address still unresolved takes the MAC of its DHCP lease, if the router handed one out: a
+    device that is away now gets matched by MAC the moment it comes back, before its first
+    packet (the neighbour table, when it answers, is preferred: it is what is on the wire)."""
     macs = {address: _neighbour_mac(address) for address in _macless(config)}
     missing = [address for address, mac in macs.items() if mac is None]
     for address in missing:
@@ -615,6 +639,12 @@ def with_neighbour_macs(config: GuardConfig, wait_s: float = 0.0) -> GuardConfig
             macs[address] = _neighbour_mac(address)
             if macs[address] is not None:
                 missing.remove(address)
+    if missing:
+        from guard.discover import DEFAULT_LEASE_FILES
+
+        leased = _lease_macs(DEFAULT_LEASE_FILES if lease_files is None else lease_files)
+        for address in missing:
+            macs[address] = leased.get(address)
     devices = tuple(replace(d, mac=macs[d.address]) if macs.get(d.address or "") else d
                     for d in config.devices)
     return replace(config, devices=devices)
