@@ -302,7 +302,7 @@ class Daemon:
             return None  # most packets cause none: skip the list swap
         mark = None
         for action in self.engine.take_actions():
-            if isinstance(action, MarkFlow):
+            if isinstance(action, MarkFlow) and not action.direct:
                 mark = compose_mark(nfpkt.get_mark(), action.verdict, self.config.mark_mask)
             else:
                 self._apply([action])

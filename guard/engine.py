@@ -308,7 +308,10 @@ class MarkFlow:
     """Decide a flow for its lifetime in the kernel (connmark fast path)."""
 
     key: FlowKey
-    verdict: str  # "allow" | "block" | "control" (small datagrams pass, the rest is inspected)
+    verdict: str  # "allow" | "block" | "control" (what cannot carry audio passes in the kernel)
+    # set on the connection by the shell directly (conntrack), not by the current packet's
+    # verdict: that packet may be dropped, and its mark with it
+    direct: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -779,6 +782,15 @@ class Engine:
                     and not pkt.flags & (SYN | RST | FIN) and pkt.flags & ACK
                     and device.mode in (Mode.STRICT, Mode.FOLLOWUPS)):
                 return self._reset_midstream(flow, pkt, now)
+            if (proto == TCP and not flow.control_marked and not flow.midstream
+                    and flow.state is FlowState.IDLE
+                    and pkt.flags & (ACK | SYN | FIN | RST) == ACK):
+                # Seen from its SYN: the kernel may pass this connection's pure ACKs (a download's
+                # return path) without asking; payload still comes here. A reset after a deny
+                # does not need them: the connection is marked blocked then, and the kernel
+                # answers either end's next packet with an exact reset.
+                flow.control_marked = True
+                self.actions.append(MarkFlow(flow.key, "control"))
             return Verdict.ACCEPT  # pure ACK, FIN, RST: never held
         if proto == TCP and pkt.flags & RST:
             return Verdict.ACCEPT
@@ -1225,6 +1237,8 @@ class Engine:
                 # and so the remote's own ACKs, are usually not queued to userspace)
                 seq_to_remote = flow.remote_ack if flow.remote_ack is not None else flow.device_next
             self.actions.append(Reset(flow.key, flow.device_ack, seq_to_remote, reason))
+            # and the kernel resets whatever either end sends next, with its exact numbers
+            self.actions.append(MarkFlow(flow.key, "block", direct=True))
         else:
             self.actions.append(Unreachable(flow.key, reason))
 

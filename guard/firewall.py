@@ -107,6 +107,10 @@ class FirewallError(RuntimeError):
 # min_mean_datagram_bytes): what a control-marked flow may send past the queue. As IP lengths:
 CONTROL_MAX_PAYLOAD_BYTES = 99
 _CONTROL_MAX_IP_LEN = {4: 20 + 8 + CONTROL_MAX_PAYLOAD_BYTES, 6: 40 + 8 + CONTROL_MAX_PAYLOAD_BYTES}
+# TCP segments of a control-marked connection flagged ACK alone (no PSH, SYN, FIN, RST, URG) and
+# no longer than an IP header and the largest TCP header: pure ACKs and keepalives (at most 40
+# bytes of payload without options, far below a TLS record carrying audio)
+_ACK_MAX_IP_LEN = {4: 20 + 60, 6: 40 + 60}
 
 
 class MarkKind(str, Enum):
@@ -478,6 +482,9 @@ def build_rules(spec: FirewallSpec, family: int) -> list[Rule]:
     add("mangle", ch.up, "up.fast_control",
         f"-p udp -m connmark --mark {V:#x}/{V:#x} "
         f"-m length --length 0:{_CONTROL_MAX_IP_LEN[family]} -j ACCEPT")
+    add("mangle", ch.up, "up.fast_ack",
+        f"-p tcp -m connmark --mark {V:#x}/{V:#x} -m tcp --tcp-flags FIN,SYN,RST,PSH,ACK,URG ACK "
+        f"-m length --length 0:{_ACK_MAX_IP_LEN[family]} -j ACCEPT")
     add("mangle", ch.up, "up.queue", f"-j {ch.queue}")
     add("mangle", ch.up, "up.net", f"-j {ch.net}")
 
@@ -1008,6 +1015,11 @@ class NftablesBackend:
         control = [
             f"meta nfproto ipv{fam} meta l4proto udp ct mark & {V:#x} == {V:#x} "
             f"meta length <= {_CONTROL_MAX_IP_LEN[fam]} counter accept"
+            for fam in (4, 6)
+        ] + [
+            f"meta nfproto ipv{fam} meta l4proto tcp ct mark & {V:#x} == {V:#x} "
+            f"tcp flags & (syn | fin | rst | psh | urg | ack) == ack "
+            f"meta length <= {_ACK_MAX_IP_LEN[fam]} counter accept"
             for fam in (4, 6)
         ]
         chain(

@@ -133,6 +133,9 @@ def test_deny_discards_and_resets_both_ends_with_exact_sequence_numbers() -> Non
     reset = of(actions, Reset)[0]
     assert reset.seq_to_device == 5300  # the device's latest ACK
     assert reset.seq_to_remote == 1000  # the cloud's latest ACK: the first held byte
+    # and the connection is marked blocked at once (not by a packet's verdict): the kernel
+    # resets whatever either end sends next, with that packet's exact numbers
+    assert [(m.verdict, m.direct) for m in of(actions, MarkFlow)] == [("block", True)]
     assert of(actions, UploadDecided)[0].outcome is Outcome.DENIED
     # the dead connection's leftovers are dropped, never delivered
     assert conn.up(118, T0 + 2.1)[0] is Verdict.DROP
@@ -280,6 +283,29 @@ def test_allow_window_lets_uploads_pass_and_logs_them() -> None:
     eng.set_windows([Window("kitchen-echo", WindowKind.ALLOW, T0 - 1)])  # expired
     start_burst(Conn(eng, sport=40003), T0 + 100)
     assert of(eng.take_actions(), UploadHeld)
+
+
+def test_a_connection_seen_from_its_syn_is_marked_so_its_pure_acks_stay_in_the_kernel() -> None:
+    eng = engine()
+    conn = Conn(eng)
+    conn.syn(T0)
+    eng.take_actions()
+    assert conn.up(0, T0 + 0.01, flags=ACK)[0] is Verdict.ACCEPT  # the handshake's ACK
+    assert [(m.verdict, m.direct) for m in of(eng.take_actions(), MarkFlow)] == [
+        ("control", False)]  # carried by this packet's verdict: its connection is confirmed
+    conn.up(0, T0 + 0.02, flags=ACK)
+    assert not of(eng.take_actions(), MarkFlow)  # once
+    # payload still comes through the engine: a window of full segments is an upload
+    start_burst(conn, T0 + 1)
+    assert eng.pending()
+
+
+def test_a_connection_first_seen_midstream_is_not_marked() -> None:
+    eng = engine()
+    conn = Conn(eng)  # no SYN: it predates the guard, its pure ACKs must keep coming
+    conn.up(0, T0, flags=ACK)
+    conn.up(0, T0 + 0.5, flags=ACK)
+    assert not of(eng.take_actions(), MarkFlow)
 
 
 def test_deny_beats_allow_between_standing_decisions() -> None:

