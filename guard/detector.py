@@ -57,6 +57,12 @@ class DetectorConfig:
     # held QUIC sender can stop a datagram or two short of the window, on a full datagram. A
     # QUIC request ends on a partial one; a run of full datagrams that stops was cut off.
     stall_is_audio_udp: bool = True
+    # A held TCP sender that retransmits (its RTO, ~200 ms + RTT on Linux, fired before the
+    # window filled: HomePod streams ~21 records/s) cannot send anything new: the quiet that
+    # follows is the hold's doing. A run that was a paced stream until then (records spread
+    # over this long, not one flight written at once) is judged a stream, not a message.
+    stalled_stream_s: float = 0.15
+    stalled_stream_packets: int = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +84,10 @@ def judge(
     tcp: bool,
     now: float,
     config: DetectorConfig,
+    stalled: bool = False,
 ) -> Verdict:
-    """Judge the current run: (time, payload bytes) of its packets, oldest first.
+    """Judge the current run: (time, payload bytes) of its packets, oldest first; `stalled`
+    when the sender retransmitted held data (TCP).
 
     Called after each new packet of the run (`now` = that packet's time) and from timers.
     """
@@ -102,6 +110,9 @@ def judge(
             # has more to send and is blocked by its congestion window (our hold). A message
             # ends on a partial segment or an end-of-stream record.
             return Verdict(Judgement.AUDIO, "stalled on a full segment")
+        if (tcp and stalled and count >= config.stalled_stream_packets
+                and last_time - run[0][0] >= config.stalled_stream_s - _EPSILON_S):
+            return Verdict(Judgement.AUDIO, "stalled stream")
         return Verdict(Judgement.MESSAGE, "quiet")
     if now - run[0][0] >= config.decide_within_s - _EPSILON_S:
         return Verdict(Judgement.AUDIO, "sustained stream")

@@ -236,6 +236,8 @@ class Flow:
     # small to carry a codec frame pass without a hold (live: in the kernel, by connmark).
     control_run: bool = False
     control_marked: bool = False  # the kernel was told (MarkFlow "control")
+    # The sender retransmitted data of the held burst: our hold, not its own end, stops it
+    stalled: bool = False
 
     def move(self, state: FlowState) -> None:
         if state is self.state:
@@ -582,7 +584,7 @@ class Engine:
 
     def _on_deadline(self, flow: Flow, now: float) -> None:
         if flow.state is FlowState.PROVISIONAL:
-            verdict = judge(flow.run, flow.key.proto == TCP, now, self.detector)
+            verdict = judge(flow.run, flow.key.proto == TCP, now, self.detector, flow.stalled)
             if verdict.judgement is Judgement.MESSAGE:
                 self._release_burst(flow, now, verdict.reason)
             elif verdict.judgement is Judgement.AUDIO:
@@ -956,17 +958,22 @@ class Engine:
             flow.move(FlowState.PROVISIONAL)
             flow.burst = []
             flow.run = []
+            flow.stalled = False
         held = Held(token, pkt.wire_len, pkt.payload_len, pkt.seq, now)
-        if pkt.proto == TCP and any(h.seq == pkt.seq and h.payload == pkt.payload_len
-                                    for h in flow.burst):
+        if pkt.proto == TCP and flow.burst and _within_held(flow.burst, pkt.seq,
+                                                            pkt.payload_len):
+            # A retransmission of held bytes (also several held segments collapsed into one,
+            # as an RTO retransmission does): one copy is enough. It tells the detector the
+            # sender is stalled by the hold: whatever quiet follows is ours, not its end.
             self.counters["duplicates"] += 1
+            flow.stalled = True
             self._reschedule(flow)
-            return Verdict.DROP  # a retransmission of a held segment: one copy is enough
+            return Verdict.DROP
         flow.burst.append(held)
         flow.run.append((now, pkt.payload_len))
         self._hold(held)
         monitor = flow.device.mode is Mode.MONITOR
-        verdict = judge(flow.run, flow.key.proto == TCP, now, self.detector)
+        verdict = judge(flow.run, flow.key.proto == TCP, now, self.detector, flow.stalled)
         if verdict.judgement is Judgement.MESSAGE:
             self._release_burst(flow, now, verdict.reason, current=held)
             return Verdict.ACCEPT
@@ -1293,6 +1300,16 @@ class Engine:
 
 def _seq_after(a: int, b: int) -> bool:
     return ((a - b) & 0xFFFFFFFF) < 0x80000000 and a != b
+
+
+def _within_held(burst: list[Held], seq: int, length: int) -> bool:
+    """Whether TCP bytes [seq, seq + length) lie inside the held burst's bytes (seq arithmetic
+    mod 2**32; the burst's segments are in order, retransmissions never join it)."""
+    first = burst[0].seq
+    end = (burst[-1].seq + burst[-1].payload) & 0xFFFFFFFF
+    span = (end - first) & 0xFFFFFFFF
+    offset = (seq - first) & 0xFFFFFFFF
+    return offset < span and offset + length <= span
 
 
 def _is_handshake(pkt: Packet) -> bool:

@@ -155,6 +155,36 @@ def test_unanswered_upload_expires_as_deny() -> None:
     assert eng.pending() == []
 
 
+def test_a_paced_stream_stalled_by_the_hold_is_an_upload_not_a_message() -> None:
+    """HomePod-like: records ~50 ms apart; the sender's RTO fires before ten are out and it
+    retransmits the held bytes collapsed into one segment. The quiet after that is the hold's."""
+    eng = engine()
+    conn = Conn(eng)
+    conn.syn(T0 - 1)
+    first_seq = conn.seq
+    for i, size in enumerate((93, 146, 241, 604, 1460, 1460, 1460, 128)):
+        assert conn.up(size, T0 + 0.05 * i)[0] is Verdict.HOLD
+    # the RTO retransmission: the first four held records collapsed into one segment
+    verdict, _ = conn.up(93 + 146 + 241 + 604, T0 + 0.37, seq=first_seq)
+    assert verdict is Verdict.DROP and eng.counters["duplicates"] == 1
+    eng.handle_timer(T0 + 0.35 + 0.2)
+    assert eng.pending() and eng.pending()[0].reason == "stalled stream"
+    assert not of(eng.take_actions(), BurstReleased)
+
+
+def test_one_flight_then_quiet_is_a_message_even_when_retransmitted() -> None:
+    """An event written at once (a few KB in 3 ms), held past the sender's RTO: released."""
+    eng = engine()
+    conn = Conn(eng)
+    conn.syn(T0 - 1)
+    first_seq = conn.seq
+    for i, size in enumerate((233, 1460, 1460, 700)):
+        conn.up(size, T0 + 0.001 * i)
+    conn.up(233, T0 + 0.15, seq=first_seq)  # a retransmission: stalled, but one flight
+    eng.handle_timer(T0 + 0.5)
+    assert not eng.pending() and of(eng.take_actions(), BurstReleased)
+
+
 def test_retransmitted_segment_is_held_once() -> None:
     eng = engine()
     conn = Conn(eng)

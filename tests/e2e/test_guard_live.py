@@ -704,3 +704,30 @@ def test_a_download_on_an_inspected_connection_runs_in_the_kernel(
     assert flows and flows[0]["category"] == "voice", flows  # inspected, not fast-pathed
     assert queued <= MAX_QUEUED_PER_FAST_FLOW, f"{queued} packets of the download were queued"
     assert not g.pending(), "a download raised a prompt"
+
+
+def test_a_slow_paced_upload_is_held_although_its_sender_stalls_before_the_window_fills(
+    topology: Topology, guards: MakeGuard
+) -> None:
+    """The HomePod streams ~21 records/s on a new connection: its sender's retransmission timer
+    (~200 ms) fires before ten segments are out, and from then on it only retransmits (cwnd 1).
+    The guard must read that quiet as its own hold, not the end of a message: nothing of the
+    upload reaches the cloud but its first record, a 38-byte one that ends a message at once
+    (an HTTP/2 frame header: no room for audio)."""
+    assert topology.cloud is not None
+    g = guards([device(topology, "homepod")])
+    sp, conn = _connected_speaker(g, "homepod", "--host", APPLE_VOICE, "-4", "--max-seconds",
+                                  "30", "upload", "--profile", "homepod",
+                                  remote_host=APPLE_VOICE)  # fmt: skip
+    sp.go()
+    pend, _ = g.wait_pending(1, timeout_s=4.0)
+    time.sleep(0.5)
+    at_cloud = cloud_conn_by_id(topology, conn["id"])["app_bytes"]
+    first_record = profiles.BUILTIN["homepod"].items[0][1]
+    g.cli_ok("deny", str(pend[0]["id"]))
+    result = sp.result(timeout_s=10.0)
+    record("homepod_paced", pending_after_s=round(time.time() - result["uploads"][0]["start"], 3),
+           held_packets=pend[0]["held_packets"], at_cloud=at_cloud)  # fmt: skip
+    assert at_cloud <= first_record - result["record_overhead"], (
+        f"{at_cloud} B of the held upload reached the cloud")
+    assert result["reset"], result
