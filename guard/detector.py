@@ -16,6 +16,10 @@ The physics it rests on (design.md section 7):
   A record that can carry nothing but a frame header (TLS overhead 22-29 B + a 9-17 B HTTP/2
   frame: END_STREAM, PING, WINDOW_UPDATE, SETTINGS ack) closes a message: no audio codec emits
   frames that small while speech is streaming.
+- A held TCP sender's retransmission timer (~200 ms + RTT) may fire before ten segments are out
+  when it streams slowly (HomePod, ~21 records/s); from then on it only retransmits. The quiet
+  that follows is the hold's, so a run that was a paced stream until the sender retransmitted
+  is judged a stream.
 """
 
 from __future__ import annotations
