@@ -720,13 +720,13 @@ def test_a_slow_paced_upload_is_held_although_its_sender_stalls_before_the_windo
                                   "30", "upload", "--profile", "homepod",
                                   remote_host=APPLE_VOICE)  # fmt: skip
     sp.go()
-    pend, _ = g.wait_pending(1, timeout_s=4.0)
+    pend, seen_at = g.wait_pending(1, timeout_s=4.0)
     time.sleep(0.5)
     at_cloud = cloud_conn_by_id(topology, conn["id"])["app_bytes"]
     first_record = profiles.BUILTIN["homepod"].items[0][1]
     g.cli_ok("deny", str(pend[0]["id"]))
     result = sp.result(timeout_s=10.0)
-    record("homepod_paced", pending_after_s=round(time.time() - result["uploads"][0]["start"], 3),
+    record("homepod_paced", pending_after_s=round(seen_at - result["uploads"][0]["start"], 3),
            held_packets=pend[0]["held_packets"], at_cloud=at_cloud)  # fmt: skip
     assert at_cloud <= first_record - result["record_overhead"], (
         f"{at_cloud} B of the held upload reached the cloud")
