@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from guard.sim.topology import Topology, cleanup_stale, missing_tools
+from tests.e2e.guardkit import Guard, MakeGuard, device
 
 IS_ROOT = os.geteuid() == 0
 IN_CI = os.environ.get("CI") == "true"
@@ -58,3 +60,27 @@ def topology(kernel_world: None) -> Iterator[Topology]:
         yield topo
     finally:
         topo.close()
+
+
+@pytest.fixture
+def guards(topology: Topology, request: pytest.FixtureRequest) -> Iterator[MakeGuard]:
+    """Start guards on the test module's queue (its QUEUE), guarding the echo in strict mode
+    unless told otherwise; all are stopped and their rules removed when the test ends, pass or
+    fail. A failing test shows the daemons' log tails."""
+    made: list[Guard] = []
+    failed_before = request.session.testsfailed
+    queue = request.module.QUEUE
+
+    def make(devices: list[dict[str, Any]] | None = None, **kw: Any) -> Guard:
+        devices = devices if devices is not None else [device(topology, "echo")]
+        g = Guard(topology, devices, queue=queue, **kw)
+        made.append(g)
+        return g.__enter__()  # starts it unless autostart=False
+
+    try:
+        yield make
+    finally:
+        for g in made:
+            if request.session.testsfailed > failed_before:
+                print(f"\n{g.log_tail(40)}")
+            g.close()

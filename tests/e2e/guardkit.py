@@ -565,3 +565,21 @@ def record(test: str, **values: Any) -> None:
             fh.write(json.dumps(entry) + "\n")
     except OSError as exc:
         print(f"[measure] cannot write artifacts: {exc}")
+
+
+# What the `guards` fixture (tests/e2e/conftest.py) hands a test: start a guard with
+# `make(devices=None, **config)`; every guard started is stopped when the test ends.
+MakeGuard = Callable[..., Guard]
+
+
+def cloud_bytes_stay(
+    topology: Topology, conn_id: int, expected: int, duration_s: float, what: str
+) -> None:
+    """The cloud's app bytes on `conn_id` stay `expected` for `duration_s` (sampled)."""
+    end = time.monotonic() + duration_s
+    for _ in range(int(duration_s / 0.05) + 2):
+        got = cloud_conn_by_id(topology, conn_id)["app_bytes"]
+        assert got == expected, f"{what}: the cloud received {got - expected} bytes while held"
+        if time.monotonic() >= end:
+            return
+        time.sleep(0.05)

@@ -28,7 +28,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ from guard.sim import quic
 from guard.sim.topology import Topology
 from tests.e2e.guardkit import (
     Guard,
+    MakeGuard,
+    cloud_bytes_stay,
     cloud_conn,
     cloud_conn_by_id,
     device,
@@ -60,29 +62,8 @@ HOST_MAX = 253  # the longest DNS name; the guard caps names there (guard.packet
 
 ETH_P_ALL = 0x0003
 SO_TIMESTAMPNS = 35  # asm-generic/socket.h (= SCM_TIMESTAMPNS)
-MakeGuard = Callable[..., Guard]
 
 
-@pytest.fixture
-def guards(topology: Topology, request: pytest.FixtureRequest) -> Iterator[MakeGuard]:
-    """Start guards (echo in strict mode unless told otherwise); all are stopped and their rules
-    removed when the test ends, pass or fail. A failing test shows the daemons' log tails."""
-    made: list[Guard] = []
-    failed_before = request.session.testsfailed
-
-    def make(devices: list[dict[str, Any]] | None = None, **kw: Any) -> Guard:
-        devices = devices if devices is not None else [device(topology, "echo")]
-        g = Guard(topology, devices, queue=QUEUE, **kw)
-        made.append(g)
-        return g.__enter__()
-
-    try:
-        yield make
-    finally:
-        for g in made:
-            if request.session.testsfailed > failed_before:
-                print(f"\n{g.log_tail(40)}")
-            g.close()
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -94,19 +75,6 @@ def _remote(topology: Topology, host: str, port: int = 443) -> str:
 
 def _port(local: str) -> int:
     return int(local.rsplit(":", 1)[1])
-
-
-def _hold_cloud_bytes(
-    topology: Topology, conn_id: int, expected: int, duration_s: float, what: str
-) -> None:
-    """The cloud's app bytes on `conn_id` stay `expected` for `duration_s` (sampled)."""
-    end = time.monotonic() + duration_s
-    for _ in range(int(duration_s / 0.05) + 2):
-        got = cloud_conn_by_id(topology, conn_id)["app_bytes"]
-        assert got == expected, f"{what}: the cloud received {got - expected} bytes while held"
-        if time.monotonic() >= end:
-            return
-        time.sleep(0.05)
 
 
 def _quic_data_datagrams(topology: Topology, known: set[int]) -> tuple[int, list[dict[str, Any]]]:
@@ -402,7 +370,7 @@ def test_quic_block_refuses_udp_443_at_once_and_tcp_443_still_works(
     up = pend[0]
     assert up["device"] == "nest" and up["remote"] == _remote(topology, GOOGLE_VOICE), up
     assert up["host"] == GOOGLE_VOICE and up["category"] == "voice", up
-    _hold_cloud_bytes(topology, conn["id"], 0, 0.3, "TCP upload of a quic = block device")
+    cloud_bytes_stay(topology, conn["id"], 0, 0.3, "TCP upload of a quic = block device")
     g.cli_ok("allow", str(up["id"]))
     result = sp.result(timeout_s=30.0)
     assert result["error"] is None and not result["reset"] and result["acks"] == 1, result

@@ -25,17 +25,16 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from guard.control import ControlError, request
 from guard.sim import quic
 from guard.sim.topology import Topology
 from tests.e2e.guardkit import (
     Guard,
+    MakeGuard,
     SpeakerRun,
     cloud_conn,
     cloud_conn_by_id,
@@ -67,29 +66,8 @@ METRICS_PORT = 9877
 DSCP_MARK = 10
 MARK_COMMENT = "hg-faults-malformed"
 
-MakeGuard = Callable[..., Guard]
 
 
-@pytest.fixture
-def guards(topology: Topology, request: pytest.FixtureRequest) -> Iterator[MakeGuard]:
-    """Start guards; all are stopped and their rules removed when the test ends, pass or fail.
-    A failing test shows the daemons' log tails."""
-    made: list[Guard] = []
-    failed_before = request.session.testsfailed
-
-    def make(devices: list[dict[str, Any]] | None = None, **kw: Any) -> Guard:
-        devices = devices if devices is not None else [device(topology, "echo")]
-        g = Guard(topology, devices, queue=QUEUE, **kw)
-        made.append(g)
-        return g.__enter__()  # starts it unless autostart=False
-
-    try:
-        yield make
-    finally:
-        for g in made:
-            if request.session.testsfailed > failed_before:
-                print(f"\n{g.log_tail(40)}")
-            g.close()
 
 
 # --- helpers -------------------------------------------------------------------------------------

@@ -13,16 +13,15 @@ from __future__ import annotations
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
-
-import pytest
 
 from guard.sim import profiles, quic
 from guard.sim.topology import Topology
 from tests.e2e.guardkit import (
     Guard,
+    MakeGuard,
     SpeakerRun,
+    cloud_bytes_stay,
     cloud_conn,
     cloud_conn_by_id,
     device,
@@ -57,29 +56,8 @@ INITIAL_BYTES = len(quic.build_initial(GOOGLE_VOICE, bytes(8), bytes(8)))  # 1,2
 CAPTURES = profiles.default_captures_dir()
 CAPTURE_PROFILE = "capture:sean_kennedy__flip_a_coin_5_30s#1"
 
-MakeGuard = Callable[..., Guard]
 
 
-@pytest.fixture
-def guards(topology: Topology, request: pytest.FixtureRequest) -> Iterator[MakeGuard]:
-    """Start guards (echo in strict mode unless told otherwise); all are stopped and their rules
-    removed when the test ends, pass or fail. A failing test shows the daemons' log tails."""
-    made: list[Guard] = []
-    failed_before = request.session.testsfailed
-
-    def make(devices: list[dict[str, Any]] | None = None, **kw: Any) -> Guard:
-        devices = devices if devices is not None else [device(topology, "echo")]
-        g = Guard(topology, devices, queue=QUEUE, **kw)
-        made.append(g)
-        return g.__enter__()
-
-    try:
-        yield make
-    finally:
-        for g in made:
-            if request.session.testsfailed > failed_before:
-                print(f"\n{g.log_tail(40)}")
-            g.close()
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -88,19 +66,6 @@ def guards(topology: Topology, request: pytest.FixtureRequest) -> Iterator[MakeG
 def _remote(topology: Topology, host: str, family: int, port: int = 443) -> set[str]:
     addr = topology.hosts[host][0 if family == 4 else 1]
     return {f"{addr}:{port}", f"[{addr}]:{port}"}
-
-
-def _hold_cloud_bytes(
-    topology: Topology, conn_id: int, expected: int, duration_s: float, what: str
-) -> None:
-    """The cloud's app bytes on `conn_id` stay `expected` for `duration_s` (sampled)."""
-    end = time.monotonic() + duration_s
-    for _ in range(int(duration_s / 0.05) + 2):
-        got = cloud_conn_by_id(topology, conn_id)["app_bytes"]
-        assert got == expected, f"{what}: the cloud received {got - expected} bytes while held"
-        if time.monotonic() >= end:
-            return
-        time.sleep(0.05)
 
 
 def _connected_speaker(
@@ -144,7 +109,7 @@ def _allow_and_check_delivery(
     assert len(pend) == 1, pend
     up = pend[0]
     _check_pending_entry(topology, up, "echo", host, family)
-    _hold_cloud_bytes(topology, conn["id"], 0, 0.5, "first upload")
+    cloud_bytes_stay(topology, conn["id"], 0, 0.5, "first upload")
     g.cli_ok("allow", str(up["id"]))
     delivered_before: list[int] = []
     decided = {up["id"]}
@@ -154,7 +119,7 @@ def _allow_and_check_delivery(
         up2 = pend2[0]
         assert up2["remote"] == up["remote"], (up, up2)
         c = cloud_conn_by_id(topology, conn["id"])
-        _hold_cloud_bytes(topology, conn["id"], c["app_bytes"], 0.3, f"upload {k + 1}")
+        cloud_bytes_stay(topology, conn["id"], c["app_bytes"], 0.3, f"upload {k + 1}")
         delivered_before.append(c["app_bytes"])
         g.cli_ok("allow", str(up2["id"]))
         decided.add(up2["id"])
@@ -360,7 +325,7 @@ def test_deny_resets_the_speaker_at_once_and_nothing_leaks(
     sp.go()
     pend, _ = g.wait_pending(1, timeout_s=4.0)
     up = pend[0]
-    _hold_cloud_bytes(topology, conn["id"], 0, 0.3, "before deny")
+    cloud_bytes_stay(topology, conn["id"], 0, 0.3, "before deny")
     denied_at = time.time()
     g.cli_ok("deny", str(up["id"]))
     result = sp.result(timeout_s=10.0)
@@ -515,7 +480,7 @@ def test_followups_mode_passes_a_first_turn_and_holds_a_follow_up(
     turn1_bytes = first["app_bytes"]
     # Turn 2, ~3 s later: held.
     pend, _ = g.wait_pending(1, timeout_s=8.0)
-    _hold_cloud_bytes(topology, conn["id"], turn1_bytes, 0.5, "follow-up turn")
+    cloud_bytes_stay(topology, conn["id"], turn1_bytes, 0.5, "follow-up turn")
     g.cli_ok("deny", str(pend[0]["id"]))
     result = sp.result(timeout_s=10.0)
     assert result["reset"], result
@@ -542,7 +507,7 @@ def test_kill_9_during_a_hold_leaks_nothing_and_restart_resets_it_as_lost(
     pend, _ = g.wait_pending(1, timeout_s=4.0)
     lost_id = pend[0]["id"]
     g.kill9()
-    _hold_cloud_bytes(topology, conn["id"], 0, 1.0, "after kill -9")
+    cloud_bytes_stay(topology, conn["id"], 0, 1.0, "after kill -9")
     restarted_at = time.time()
     g.start()
     result = sp.result(timeout_s=25.0)  # the next retransmission after the restart is reset
@@ -631,7 +596,7 @@ def test_run_exits_cleanly_on_sigterm_without_releasing_a_held_upload(
     rc = g.stop(signal.SIGTERM, timeout_s=10.0)
     record("sigterm", exit_code=rc, exit_after_s=round(time.monotonic() - t0, 3))
     assert rc == 0, g.log_tail()
-    _hold_cloud_bytes(topology, conn["id"], 0, 1.0, "after SIGTERM")
+    cloud_bytes_stay(topology, conn["id"], 0, 1.0, "after SIGTERM")
     left = hushgate_rules(topology)
     assert not any("NFQUEUE" in line for line in left), f"queue rules left: {left}"
     assert any("-j DROP" in line for line in left), f"no safety net after SIGTERM: {left}"

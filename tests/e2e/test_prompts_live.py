@@ -29,7 +29,6 @@ import threading
 import time
 import urllib.request
 import warnings
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +39,10 @@ from tests.e2e.guardkit import (
     ARTIFACTS,
     Guard,
     GuardError,
+    MakeGuard,
     SpeakerRun,
     cloud_conn,
     cloud_conn_by_id,
-    device,
     hushgate_rules,
     record,
 )
@@ -97,28 +96,8 @@ FAMILIES = (
 
 IN_CI = os.environ.get("CI") == "true"
 
-MakeGuard = Callable[..., Guard]
 
 
-@pytest.fixture
-def guards(topology: Topology, request: pytest.FixtureRequest) -> Iterator[MakeGuard]:
-    """Start guards (echo in strict mode); all are stopped and their rules removed when the test
-    ends, pass or fail. A failing test shows the daemons' log tails."""
-    made: list[Guard] = []
-    failed_before = request.session.testsfailed
-
-    def make(**kw: Any) -> Guard:
-        g = Guard(topology, [device(topology, "echo")], queue=QUEUE, **kw)
-        made.append(g)
-        return g.__enter__()
-
-    try:
-        yield make
-    finally:
-        for g in made:
-            if request.session.testsfailed > failed_before:
-                print(f"\n{g.log_tail(40)}")
-            g.close()
 
 
 # --- speakers and the cloud ----------------------------------------------------------------------
