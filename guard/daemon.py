@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import selectors
 import signal
 import socket
@@ -47,6 +46,7 @@ from guard.engine import (
     UploadSeen,
 )
 from guard.firewall import FirewallError, IptablesBackend, compose_mark
+from guard.firewall import neighbour_mac as _neighbour_mac
 from guard.fwspec import run_backend, spec_from_config
 from guard.hooks import Hooks
 from guard.inject import Injector
@@ -577,17 +577,6 @@ NEIGHBOUR_START_WAIT_S = 1.0
 def _macless(config: GuardConfig) -> list[str]:
     return [d.address for d in config.devices
             if d.mac is None and d.address and ":" not in d.address]
-
-
-def _neighbour_mac(address: str) -> str | None:
-    try:
-        out = subprocess.run(["ip", "-4", "neigh", "show", address], capture_output=True,
-                             text=True, timeout=5, check=False).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    # FAILED and INCOMPLETE entries carry no lladdr: only a resolved entry matches
-    match = re.search(r"lladdr ([0-9a-f]{2}(?::[0-9a-f]{2}){5})", out.lower())
-    return match.group(1) if match else None
 
 
 def _probe(address: str) -> None:

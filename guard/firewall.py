@@ -26,6 +26,8 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
+from guard.detector import DetectorConfig
+
 DEFAULT_MARK_MASK = 0x00FF0000
 
 __all__ = [
@@ -103,9 +105,10 @@ class FirewallError(RuntimeError):
 
 # --------------------------------------------------------------------------- marks
 
-# A UDP payload below this cannot carry an audio codec frame plus its framing (detector.py,
-# min_mean_datagram_bytes): what a control-marked flow may send past the queue. As IP lengths:
-CONTROL_MAX_PAYLOAD_BYTES = 99
+# A UDP payload below the detector's min_mean_datagram_bytes cannot carry an audio codec frame
+# plus its framing: what a control-marked flow may send past the queue (the engine applies the
+# same bound, so `analyze` decides as the kernel does). As IP lengths:
+CONTROL_MAX_PAYLOAD_BYTES = DetectorConfig().min_mean_datagram_bytes - 1
 _CONTROL_MAX_IP_LEN = {4: 20 + 8 + CONTROL_MAX_PAYLOAD_BYTES, 6: 40 + 8 + CONTROL_MAX_PAYLOAD_BYTES}
 # TCP segments of a control-marked connection flagged ACK alone (no PSH, SYN, FIN, RST, URG) and
 # no longer than an IP header and the largest TCP header: pure ACKs and keepalives (at most 40
@@ -289,6 +292,20 @@ class FirewallSpec:
         return out
 
 
+_LLADDR_RE = re.compile(r"lladdr ([0-9a-f]{2}(?::[0-9a-f]{2}){5})")
+
+
+def neighbour_mac(address: str, run: Runner = run_command) -> str | None:
+    """The MAC the router's neighbour table (`ip -4 neigh`) holds for an IPv4 address, or None.
+    FAILED and INCOMPLETE entries carry no lladdr: only a resolved entry counts."""
+    try:
+        res = run(["ip", "-4", "neigh", "show", address], None)
+    except OSError:
+        return None
+    m = _LLADDR_RE.search(res.stdout.lower()) if res.ok else None
+    return m.group(1) if m else None
+
+
 def with_neighbour_macs(spec: FirewallSpec, run: Runner = run_command) -> FirewallSpec:
     """Fill in missing MACs from the router's neighbour table (`ip neigh`), so an address-only
     device's IPv6 traffic (and its traffic after a new lease) is matched too. Devices whose
@@ -296,10 +313,9 @@ def with_neighbour_macs(spec: FirewallSpec, run: Runner = run_command) -> Firewa
     devices = []
     for d in spec.devices:
         if d.mac is None and d.address is not None:
-            res = run(["ip", "-4", "neigh", "show", d.address], None)
-            m = re.search(r"lladdr ([0-9a-fA-F:]{17})", res.stdout) if res.ok else None
-            if m:
-                d = replace(d, mac=m.group(1))
+            mac = neighbour_mac(d.address, run)
+            if mac:
+                d = replace(d, mac=mac)
         devices.append(d)
     return replace(spec, devices=tuple(devices))
 
