@@ -41,6 +41,8 @@ DEFAULT_CATEGORY_ACTIONS: dict[str, CategoryAction] = {
     "connectivity": CategoryAction.ALLOW,
 }
 
+AUDIT_MIN_BYTES = 64 << 10  # the smallest guard.audit_max_bytes accepted
+
 _MAC = re.compile(r"^[0-9a-f]{2}([:-][0-9a-f]{2}){5}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -110,6 +112,13 @@ class GuardConfig:
     max_held_bytes_total: int = 8 << 20
     audit_max_age_s: float = 90 * 86400.0
     audit_max_rows: int = 20000
+    # Bytes the state database may use (its pages in use; the file shrinks to match when pruning
+    # frees space). A realistic audit record takes ~200 bytes with its two index entries, so 4 MiB
+    # holds ~21000 records: about the 20000-row bound, which stays the usual limit on a PC. On a
+    # router, where the database sits on flash (/etc/hushgate), 4 MiB is a small share of the
+    # overlay of any router that can run Python (python3 alone takes over 10 MiB) and leaves room
+    # for SQLite's -wal file and the one-time VACUUM copy of a database made before this bound.
+    audit_max_bytes: int = 4 << 20
     metrics_listen: str | None = "127.0.0.1:9877"
     web_listen: str | None = None
     web_password_hash: str | None = None
@@ -134,7 +143,7 @@ _GUARD_KEYS = {
     "window_segments", "mark_mask", "quic", "socket", "socket_group", "state_db", "rules_dir",
     "backend", "max_held_packets_per_upload", "max_held_bytes_per_upload",
     "max_held_packets_total", "max_held_bytes_total", "audit_max_age_s", "audit_max_rows",
-    "reset_midstream",
+    "audit_max_bytes", "reset_midstream",
 }
 _DEVICE_KEYS = {"name", "address", "mac", "address6", "mode", "categories", "quic"}
 
@@ -279,6 +288,11 @@ def parse_config(data: dict[str, Any]) -> GuardConfig:
     ):
         if key in guard:
             kw[key] = _number(guard, key, "guard", 1, 0, integer=True)
+    if "audit_max_bytes" in guard:
+        # an empty store takes ~10 pages (40 KiB): below 64 KiB no audit record would ever fit
+        kw["audit_max_bytes"] = _number(
+            guard, "audit_max_bytes", "guard", AUDIT_MIN_BYTES, 0, integer=True
+        )
     if "mark_mask" in guard:
         raw = guard["mark_mask"]
         try:

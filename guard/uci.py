@@ -301,7 +301,7 @@ def parse_uci(text: str, package: str = "hushgate") -> list[UciSection]:
 _GUARD_INT = {
     "queue_count", "window_segments", "max_held_packets_per_upload",
     "max_held_bytes_per_upload", "max_held_packets_total", "max_held_bytes_total",
-    "audit_max_rows",
+    "audit_max_rows", "audit_max_bytes",
 }
 _GUARD_FLOAT = {"hold_timeout_s", "max_turn_s", "followup_window_s", "audit_max_age_s"}
 _GUARD_STR = {"fail", "quic", "socket", "socket_group", "state_db", "rules_dir", "backend",
