@@ -289,7 +289,7 @@ def parse_config(data: dict[str, Any]) -> GuardConfig:
         if key in guard:
             kw[key] = _number(guard, key, "guard", 1, 0, integer=True)
     if "audit_max_bytes" in guard:
-        # an empty store takes ~10 pages (40 KiB): below 64 KiB no audit record would ever fit
+        # an empty store takes 11 pages (44 KiB): below 64 KiB hardly any audit record fits
         kw["audit_max_bytes"] = _number(
             guard, "audit_max_bytes", "guard", AUDIT_MIN_BYTES, 0, integer=True
         )

@@ -247,7 +247,10 @@ class Daemon:
 
     def _housekeeping(self, now: float) -> None:
         try:
-            self.store.prune(now, self.config.audit_max_age_s, self.config.audit_max_rows)
+            pruned = self.store.prune(now, self.config.audit_max_age_s,
+                                      self.config.audit_max_rows, self.config.audit_max_bytes)
+            if pruned.warning:
+                log(f"store: {pruned.warning}")
             self._load_standing(self.engine, now)
         except StoreError as exc:
             self.errors["store"] += 1

@@ -8,6 +8,8 @@ Rules of this module:
   aside as `<name>.corrupt-<now>` (with its -wal/-shm) and reported as `StoreCorrupt`; the caller
   decides what to do (come up fail-closed on a new store). Nothing is ever silently reset.
 - Upload ids come from a persisted sequence, never from rowids of pruned tables: never reused.
+- The audit log is bounded by age, rows and bytes (`prune`); only audit records are ever pruned
+  for size, and the file is shrunk only when pruning freed enough to matter (flash wear).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ __all__ = [
     "AuditRecord",
     "Outcome",
     "PendingUpload",
+    "Pruned",
     "Store",
     "StoreCorrupt",
     "StoreError",
@@ -135,6 +138,39 @@ class AuditRecord:
     packets: int = 0
     started: float | None = None
 
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """What `Store.prune` did. `used_bytes`: the database's pages in use; `file_bytes`: its pages
+    in all, which is the main file's size once the WAL is checkpointed (done after a reclaim)."""
+
+    removed: int  # audit records removed, for age, rows and size together
+    removed_for_size: int
+    used_bytes: int
+    file_bytes: int
+    reclaimed: bool  # free pages were handed back to the file system
+    over_bound: bool  # the data that is never pruned for size alone exceeds max_bytes
+    # for the log: the first prune that finds the bound unreachable, or a failed VACUUM
+    warning: str | None = None
+
+
+# The byte bound deletes the oldest tenth of the audit log (as counted when it starts) per round:
+# at most this many rounds empty it, so the loop is bounded whatever the b-tree does.
+_SIZE_ROUNDS = 10
+# Free pages are handed back to the file system (the file shrinks) only when the file exceeds the
+# byte bound or the free pages reach a quarter of it: the routine trickle freed by age pruning is
+# reused by new records instead of rewriting pages on flash every housekeeping round.
+_RECLAIM_SHARE = 4
+# SQLite lets the -wal grow to 1000 pages (~4 MiB) before a checkpoint and keeps the file at its
+# high-water size; with a byte bound it is held to a quarter of the bound instead (16 pages at
+# least). Checkpoints come more often, but each copies only the distinct pages changed since the
+# last one (mostly the same few tail pages of the audit log and its indexes), while what goes
+# into the WAL is the same either way.
+_WAL_SHARE = 4
+_WAL_MIN_PAGES = 16
+_WAL_MAX_PAGES = 1000  # SQLite's default wal_autocheckpoint: never a bigger WAL than without bound
+# A failed VACUUM (flash full, say) is retried no sooner than this.
+_VACUUM_RETRY_S = 3600.0
 
 # The pending table's columns, in PendingUpload's field order.
 _P_FIELDS = (
@@ -261,6 +297,8 @@ class Store:
         self._lock = threading.Lock()
         self.path = path
         self._lost = lost
+        self._over_bound = False  # warned that max_bytes is below the data kept regardless
+        self._vacuum_not_before = float("-inf")
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -603,9 +641,37 @@ class Store:
             for r in self._query(sql, tuple(args))
         ]
 
-    def prune(self, now: float, max_age_s: float, max_rows: int) -> int:
+    def prune(
+        self, now: float, max_age_s: float, max_rows: int, max_bytes: int | None = None
+    ) -> Pruned:
         """Retention for the audit log (spares flash): drop records decided before now-max_age_s,
-        then all but the newest max_rows; expired windows go too. Returns audit rows removed."""
+        then all but the newest max_rows, then, while the database uses more than max_bytes, the
+        oldest tenth of the records at a time; expired windows go too. Always-rules, windows and
+        pending uploads are never removed for size: when they alone exceed max_bytes they are
+        kept and the result says so (`over_bound`, and `warning` the first time).
+
+        Freed pages are reused by new records; the file shrinks (incremental vacuum, then a WAL
+        checkpoint that truncates the -wal) only when it exceeds max_bytes or a quarter of
+        max_bytes is free. A database made without auto_vacuum is VACUUMed once, into
+        auto_vacuum=INCREMENTAL, the first time it needs shrinking. SQLite errors (disk full,
+        damage found at run time) are raised as StoreError: the caller logs them and goes on."""
+        try:
+            return self._prune(now, max_age_s, max_rows, max_bytes)
+        except sqlite3.Error as exc:
+            raise StoreError(f"pruning the audit log failed: {exc}") from None
+
+    def _prune(
+        self, now: float, max_age_s: float, max_rows: int, max_bytes: int | None
+    ) -> Pruned:
+        bound = None if max_bytes is None else max(int(max_bytes), 0)
+        reclaimed = False
+        warnings: list[str] = []
+        if bound is not None:
+            self._limit_wal(bound)
+        if bound is not None and not self._incremental() and self._wants_reclaim(bound, 0):
+            # an old database: convert it (and compact it) before pruning, so the byte count
+            # below already includes the pointer-map pages auto_vacuum adds
+            reclaimed = self._convert(now, warnings)
         with self._tx() as c:
             n = c.execute("DELETE FROM audit WHERE decided_at < ?", (now - max_age_s,)).rowcount
             n += c.execute(
@@ -614,9 +680,113 @@ class Store:
                 (max(int(max_rows), 0),),
             ).rowcount
             c.execute("DELETE FROM windows WHERE until <= ?", (now,))
-        return n
+            by_size = 0
+            if bound is not None and _used_bytes(c) > bound:
+                rows = int(c.execute("SELECT COUNT(*) FROM audit").fetchone()[0])
+                batch = max(1, -(-rows // _SIZE_ROUNDS))
+                for _ in range(_SIZE_ROUNDS + 1):  # the last round finds nothing left
+                    if _used_bytes(c) <= bound:
+                        break
+                    deleted = c.execute(
+                        "DELETE FROM audit WHERE id IN "
+                        "(SELECT id FROM audit ORDER BY decided_at, id LIMIT ?)",
+                        (batch,),
+                    ).rowcount
+                    if deleted <= 0:
+                        break
+                    by_size += deleted
+            used = _used_bytes(c)
+        over = bound is not None and used > bound  # only when no audit record is left
+        if bound is not None and self._wants_reclaim(bound):
+            reclaimed = (self._incremental_vacuum() if self._incremental()
+                         else self._convert(now, warnings)) or reclaimed
+        if over and not self._over_bound:
+            kept = self._query(
+                "SELECT (SELECT COUNT(*) FROM rules), (SELECT COUNT(*) FROM windows), "
+                "(SELECT COUNT(*) FROM pending)"
+            )[0]
+            warnings.append(
+                f"the state database needs {used} bytes without any audit record, more than "
+                f"audit_max_bytes ({bound}): kept {kept[0]} always-rules, {kept[1]} windows and "
+                f"{kept[2]} pending uploads, and no audit record fits; raise audit_max_bytes"
+            )
+        self._over_bound = over
+        with self._lock:
+            page_count, free, page_size = _pages(self._conn)
+        return Pruned(
+            n + by_size,
+            by_size,
+            (page_count - free) * page_size,
+            page_count * page_size,
+            reclaimed,
+            over,
+            "; ".join(warnings) or None,
+        )
+
+    def _limit_wal(self, bound: int) -> None:
+        """Hold the -wal to a quarter of the byte bound (see _WAL_SHARE); connection settings,
+        cheap to repeat."""
+        with self._lock:
+            page_size = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
+            pages = min(_WAL_MAX_PAGES, max(_WAL_MIN_PAGES, bound // _WAL_SHARE // page_size))
+            self._conn.execute(f"PRAGMA wal_autocheckpoint = {pages}").fetchall()
+            self._conn.execute(f"PRAGMA journal_size_limit = {pages * page_size}").fetchall()
+
+    def _incremental(self) -> bool:
+        return int(self._query("PRAGMA auto_vacuum")[0][0]) == 2  # INCREMENTAL
+
+    def _wants_reclaim(self, bound: int, min_free: int = 1) -> bool:
+        """Free pages worth handing back: the file is over the bound, or a quarter of it is free.
+        min_free=0: also a file over the bound with nothing free yet (it is about to be pruned)."""
+        with self._lock:
+            page_count, free, page_size = _pages(self._conn)
+        return free >= min_free and (
+            page_count * page_size > bound or free * page_size >= bound / _RECLAIM_SHARE
+        )
+
+    def _incremental_vacuum(self) -> bool:
+        with self._lock:
+            # executescript steps the pragma to the end: execute() frees a single page
+            self._conn.executescript("PRAGMA incremental_vacuum")
+            self._checkpoint()
+        return True
+
+    def _convert(self, now: float, warnings: list[str]) -> bool:
+        """VACUUM once into auto_vacuum=INCREMENTAL (the only way to change it for a database
+        with tables). It rewrites the whole file and needs room for a copy, so a failure (flash
+        full) is a warning, retried no sooner than an hour later; pruning goes on meanwhile."""
+        with self._lock:
+            if now < self._vacuum_not_before:
+                return False
+            try:
+                self._conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                self._conn.execute("VACUUM")
+            except sqlite3.Error as exc:
+                self._vacuum_not_before = now + _VACUUM_RETRY_S
+                warnings.append(f"could not shrink the state database (VACUUM: {exc}); "
+                                f"retrying in {_VACUUM_RETRY_S / 3600:g} h")
+                return False
+            self._checkpoint()
+        return True
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL into the file and truncate the -wal (caller holds the lock): a shrunk
+        database is only shrunk on flash once its truncation has left the WAL."""
+        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
 
+def _pages(conn: sqlite3.Connection) -> tuple[int, int, int]:
+    """page_count, freelist_count, page_size (as the connection sees them, in a transaction too)."""
+    return (
+        int(conn.execute("PRAGMA page_count").fetchone()[0]),
+        int(conn.execute("PRAGMA freelist_count").fetchone()[0]),
+        int(conn.execute("PRAGMA page_size").fetchone()[0]),
+    )
+
+
+def _used_bytes(conn: sqlite3.Connection) -> int:
+    page_count, free, page_size = _pages(conn)
+    return (page_count - free) * page_size
 
 
 def _pending(row: tuple[Any, ...]) -> PendingUpload:
@@ -645,6 +815,9 @@ def _pragmas(conn: sqlite3.Connection) -> None:
 
 
 def _create(conn: sqlite3.Connection, upload_id_floor: int) -> None:
+    # Before anything writes the header (the switch to WAL does): free pages can then be handed
+    # back to the file system by `PRAGMA incremental_vacuum` instead of a VACUUM of the file.
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
     _pragmas(conn)
     conn.execute("BEGIN IMMEDIATE")
     try:

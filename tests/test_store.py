@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from guard.config import AUDIT_MIN_BYTES, ConfigError, GuardConfig, parse_config
 from guard.store import (
     Action,
     Outcome,
@@ -23,6 +24,7 @@ from guard.store import (
     StoreTooNew,
     WindowKind,
 )
+from guard.uci import uci_to_config
 
 NOW = 1_700_000_000.0
 
@@ -187,13 +189,237 @@ def test_prune_bounds_age_and_rows(db: Path) -> None:
             )
         s.add_window("d", "allow", 150.0, 0.0)
         s.add_window("d", "quiet", 50.0, 0.0)
-        removed = s.prune(now=100.0, max_age_s=50, max_rows=30)
+        removed = s.prune(now=100.0, max_age_s=50, max_rows=30).removed
         assert removed == 70
         kept = [r.decided_at for r in s.log(limit=1000)]
         assert kept == [float(i) for i in range(99, 69, -1)]
         assert [w.until for w in s.active_windows(0.0)] == [150.0]
-        assert s.prune(now=100.0, max_age_s=10, max_rows=1000) == 20  # age alone
-        assert s.prune(now=100.0, max_age_s=10, max_rows=1000) == 0
+        assert s.prune(now=100.0, max_age_s=10, max_rows=1000).removed == 20  # age alone
+        assert s.prune(now=100.0, max_age_s=10, max_rows=1000).removed == 0
+
+
+# -- the byte bound ------------------------------------------------------------------------------
+
+BOUND = 256 << 10  # small enough to fill quickly, 64 pages of 4 KiB
+
+
+def decide_many(s: Store, count: int, t0: float = NOW) -> None:
+    """Realistic records through the store's own API: an id, a pending row, then the decision."""
+    for i in range(count):
+        uid = s.next_upload_id()
+        s.record_upload_start(pending(uid, started=t0 + i))
+        s.record_decision(
+            uid,
+            device="kitchen-echo",
+            outcome="approved" if i % 3 else "denied",
+            decided_by="web:192.168.1.23",
+            decided_at=t0 + i,
+            host="bob-dispatch-prod-eu.amazon.com",
+            remote="[2a01:4f8:c2c:123f::1]:443",
+            category="voice",
+            upload_bytes=14000 + i,
+            packets=11 + i % 50,
+            started=t0 + i - 3,
+        )
+
+
+def on_disk(db: Path) -> int:
+    """The database's bytes on flash: the file and its -wal (the store runs in WAL mode). The
+    -shm is left out: SQLite's fixed 32 KiB WAL index, not data."""
+    wal = db.with_name(db.name + "-wal")
+    return db.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
+
+
+def standing(s: Store) -> tuple[list[object], list[object], list[object]]:
+    return s.rules(), s.active_windows(NOW), s.pending()
+
+
+def make_standing(s: Store) -> None:
+    s.add_rule("kitchen-echo", "deny", NOW, category="messaging", source="cli:root")
+    s.add_rule("kitchen-echo", "allow", NOW, host="api.amazonalexa.com", source="web")
+    s.add_window("kitchen-echo", "quiet", NOW + 10**6, NOW, source="cli:root")
+    s.record_upload_start(pending(s.next_upload_id()))  # undecided: pending, never pruned
+
+
+def test_prune_bounds_bytes_on_disk_keeping_newest_records_and_rules(db: Path) -> None:
+    with Store.open(db, NOW) as s:
+        assert s._query("PRAGMA journal_mode")[0][0] == "wal"
+        assert s._query("PRAGMA auto_vacuum")[0][0] == 2  # INCREMENTAL from the start
+        make_standing(s)
+        before = standing(s)
+        decide_many(s, 3000)
+        filled = on_disk(db)
+        assert filled > 2 * BOUND
+        result = s.prune(NOW + 3000, max_age_s=10**9, max_rows=10**6, max_bytes=BOUND)
+        size = on_disk(db)
+        print(f"filled {filled} bytes on disk; after prune {size} (bound {BOUND}): {result}")
+        # No slack: the incremental vacuum cuts the file to its pages in use, which the loop
+        # brought under the bound, and the TRUNCATE checkpoint leaves an empty -wal.
+        assert size <= BOUND
+        assert result.file_bytes == db.stat().st_size and result.used_bytes <= BOUND
+        assert result.reclaimed and not result.over_bound and result.warning is None
+        assert result.removed == result.removed_for_size > 0
+        # batches of a tenth (300 records, ~60 KiB): what is left still fills most of the bound
+        assert result.used_bytes > BOUND * 0.6
+        kept = [r.decided_at for r in s.log(limit=10**6)]
+        assert len(kept) == 3000 - result.removed
+        assert kept == [NOW + i for i in range(2999, 2999 - len(kept), -1)]  # the newest, in order
+        assert standing(s) == before
+    with Store.open(db, NOW + 3000) as s:  # and it is all still there after a reopen
+        assert len(s.log(limit=10**6)) == len(kept) and standing(s) == before
+        assert [p.id for p in s.lost_pending()] == [p.id for p in before[2]]
+
+
+def test_prune_under_the_bound_neither_deletes_nor_rewrites(db: Path) -> None:
+    with Store.open(db, NOW) as s:
+        decide_many(s, 200)  # ~60 KiB
+        result = s.prune(NOW + 200, max_age_s=10**9, max_rows=10**6, max_bytes=BOUND)
+        assert (result.removed, result.reclaimed) == (0, False)
+        # a few records aged out leave free pages for the next ones: no rewrite of the file
+        result = s.prune(NOW + 200 + 10**6, max_age_s=10**6 + 190, max_rows=10**6,
+                         max_bytes=BOUND)
+        assert result.removed == 10 and not result.reclaimed
+        assert len(s.log(limit=10**6)) == 190
+
+
+def test_prune_keeps_non_audit_data_larger_than_the_bound_and_terminates(db: Path) -> None:
+    small = 64 << 10
+    with Store.open(db, NOW) as s:
+        for i in range(400):
+            s.add_rule(f"device-{i:03}", "deny", NOW, host=f"{'x' * 150}.{i}.example",
+                       source="cli:root")
+        s.add_window("kitchen-echo", "allow", NOW + 3600, NOW, category="voice")
+        s.record_upload_start(pending(s.next_upload_id()))
+        decide_many(s, 100)
+        before = standing(s)
+        result = s.prune(NOW + 100, max_age_s=10**9, max_rows=10**6, max_bytes=small)
+        print(result)
+        assert result.over_bound and result.used_bytes > small
+        assert result.warning is not None and "audit_max_bytes" in result.warning
+        assert "400 always-rules" in result.warning
+        assert s.log() == [] and standing(s) == before and len(before[0]) == 400
+        assert on_disk(db) == result.used_bytes  # what is left is still compacted
+        # the next rounds: nothing loops, the warning is not repeated, new records still go
+        decide_many(s, 5, t0=NOW + 200)
+        again = s.prune(NOW + 300, max_age_s=10**9, max_rows=10**6, max_bytes=small)
+        assert again.over_bound and again.warning is None and again.removed == 5
+        assert s.log() == [] and standing(s) == before
+        # once the bound fits again, records are kept and a later overflow warns anew
+        decide_many(s, 5, t0=NOW + 400)
+        fits = s.prune(NOW + 500, max_age_s=10**9, max_rows=10**6, max_bytes=4 << 20)
+        assert not fits.over_bound and fits.removed == 0 and len(s.log()) == 5
+        assert s.prune(NOW + 500, 10**9, 10**6, small).warning is not None
+
+
+def test_prune_shrinks_a_database_made_without_auto_vacuum(db: Path) -> None:
+    Store.open(db, NOW).close()
+    conn = sqlite3.connect(db)  # as hushgate made it before the byte bound: auto_vacuum NONE
+    conn.execute("PRAGMA auto_vacuum = NONE")
+    conn.execute("VACUUM")
+    assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
+    conn.close()
+    with Store.open(db, NOW) as s:
+        make_standing(s)
+        before = standing(s)
+        decide_many(s, 3000)
+        filled = on_disk(db)
+        result = s.prune(NOW + 3000, max_age_s=10**9, max_rows=10**6, max_bytes=BOUND)
+        size = on_disk(db)
+        print(f"old database: filled {filled} bytes on disk; after prune {size}: {result}")
+        assert filled > 2 * BOUND and size <= BOUND and result.reclaimed
+        assert s._query("PRAGMA auto_vacuum")[0][0] == 2  # converted, once: incremental now
+        kept = [r.decided_at for r in s.log(limit=10**6)]
+        assert kept and kept[0] == NOW + 2999 and len(kept) == 3000 - result.removed
+        assert standing(s) == before
+        # later rounds shrink it by incremental vacuum, like a new database
+        decide_many(s, 1000, t0=NOW + 5000)
+        assert on_disk(db) > BOUND
+        later = s.prune(NOW + 6000, max_age_s=10**9, max_rows=10**6, max_bytes=BOUND)
+        assert later.reclaimed and on_disk(db) <= BOUND and standing(s) == before
+
+
+def test_prune_holds_the_wal_to_a_fraction_of_the_bound(db: Path) -> None:
+    bound = 1 << 20
+    wal = db.with_name(db.name + "-wal")
+    with Store.open(db, NOW) as s:
+        s.prune(NOW, max_age_s=10**9, max_rows=10**6, max_bytes=bound)  # sets the WAL limits
+        largest = 0
+        for start in range(0, 2000, 100):
+            decide_many(s, 100, t0=NOW + start)
+            largest = max(largest, wal.stat().st_size)
+    print(f"largest -wal {largest} bytes with a {bound}-byte bound")
+    # a quarter of the bound (256 KiB), plus the commits since the last checkpoint; SQLite's
+    # default would have let it reach ~4 MiB (1000 pages)
+    assert largest <= bound // 2
+
+
+class _FailingConnection:
+    """The store's connection, failing the statements that start with `fail`."""
+
+    def __init__(self, conn: sqlite3.Connection, fail: str) -> None:
+        self._conn, self._fail, self.attempts = conn, fail, 0
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql.startswith(self._fail):
+            self.attempts += 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._conn, name)
+
+
+def test_a_failed_vacuum_is_a_warning_and_pruning_goes_on(db: Path) -> None:
+    Store.open(db, NOW).close()
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA auto_vacuum = NONE")
+    conn.execute("VACUUM")
+    conn.close()
+    with Store.open(db, NOW) as s:
+        decide_many(s, 1500)
+        failing = _FailingConnection(s._conn, "VACUUM")
+        s._conn = failing  # type: ignore[assignment]
+        result = s.prune(NOW + 1500, max_age_s=10**9, max_rows=10**6, max_bytes=BOUND)
+        assert result.warning is not None and "VACUUM" in result.warning
+        assert result.used_bytes <= BOUND and result.removed_for_size > 0  # pruned all the same
+        assert failing.attempts == 1
+        again = s.prune(NOW + 1560, max_age_s=10**9, max_rows=10**6, max_bytes=BOUND)
+        assert failing.attempts == 1 and not again.reclaimed  # not retried within the hour
+        s._conn = failing._conn
+        later = s.prune(NOW + 1500 + 3600, max_age_s=10**9, max_rows=10**6, max_bytes=BOUND)
+        assert later.reclaimed and on_disk(db) <= BOUND
+
+
+def test_sqlite_errors_while_pruning_are_store_errors(db: Path) -> None:
+    """The daemon's housekeeping catches StoreError and goes on; a bare sqlite3 error would end
+    the guard."""
+    with Store.open(db, NOW) as s:
+        decide_many(s, 10)
+        real = s._conn
+        s._conn = _FailingConnection(real, "DELETE FROM audit")  # type: ignore[assignment]
+        with pytest.raises(StoreError, match="pruning the audit log failed"):
+            s.prune(NOW, max_age_s=1, max_rows=0, max_bytes=BOUND)
+        s._conn = real
+        assert len(s.log()) == 10  # rolled back whole
+        assert s.prune(NOW + 10**6, max_age_s=1, max_rows=0, max_bytes=BOUND).removed == 10
+
+
+@pytest.mark.parametrize("value", [0, -1, -(4 << 20), 1.5, 4194304.5, "4MiB", "4194304", True,
+                                   1000, float("inf")])
+def test_config_rejects_a_bad_audit_max_bytes(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"^guard\.audit_max_bytes: "):
+        parse_config({"guard": {"audit_max_bytes": value}})
+
+
+def test_config_audit_max_bytes_default_toml_and_uci() -> None:
+    assert GuardConfig().audit_max_bytes == parse_config({}).audit_max_bytes == 4 << 20
+    assert parse_config({"guard": {"audit_max_bytes": 1 << 20}}).audit_max_bytes == 1 << 20
+    assert parse_config({"guard": {"audit_max_bytes": AUDIT_MIN_BYTES}}).audit_max_bytes \
+        == AUDIT_MIN_BYTES
+    uci = "config guard 'guard'\n\toption audit_max_bytes '2097152'\n"
+    assert uci_to_config(uci).audit_max_bytes == 2 << 20
+    with pytest.raises(ConfigError, match="audit_max_bytes"):
+        uci_to_config("config guard 'guard'\n\toption audit_max_bytes '0'\n")
 
 
 def test_garbage_file_is_moved_aside_and_reported(db: Path) -> None:
