@@ -13,7 +13,8 @@ line continues it. A repeated `option` replaces the earlier value, `list` append
 
 Mapping (one UCI section per TOML table, keys as in the TOML file):
 
-    config guard 'guard'    -> [guard]     every guard key; `option enabled` is the init script's
+    config guard 'guard'    -> [guard]     every guard key; `option enabled` and `option jail` are
+                                           the init script's
     config metrics 'metrics'-> [metrics]   option listen ('' turns metrics off)
     config web 'web'        -> [web]       listen, password_hash, tls, list host
     config hook             -> [[hook]]    list event, option command (a path) or list command
@@ -62,7 +63,7 @@ OPENWRT_DEFAULTS: Mapping[str, Any] = {
     "backend": "nftables",
 }
 
-INIT_ONLY = frozenset({"enabled"})  # read by /etc/init.d/hushgate, not by the guard
+INIT_ONLY = frozenset({"enabled", "jail"})  # booleans read by /etc/init.d/hushgate only
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")  # libuci: option and section names
 _TYPE_RE = re.compile(r"^[A-Za-z0-9_-]+$")  # libuci: section types
@@ -388,8 +389,7 @@ class _Lines:
 def _guard_table(section: UciSection, out: dict[str, Any], lines: _Lines) -> None:
     for opt in section.options.values():
         if opt.name in INIT_ONLY:
-            if opt.name == "enabled":
-                _bool(opt)  # validated here, read by the init script
+            _bool(opt)  # validated here, read by the init script
             continue
         if opt.name not in _GUARD_KEYS:
             raise UciError(f"unknown option {opt.name!r} in config guard", opt.line)

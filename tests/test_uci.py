@@ -88,10 +88,13 @@ def test_shipped_config_round_trips_through_uci_export_form():
     assert uci_to_dict("\n".join(lines)) == from_file
 
 
-def test_enabled_is_the_init_scripts_option_and_never_reaches_the_toml():
+def test_enabled_and_jail_are_the_init_scripts_options_and_never_reach_the_toml():
     toml = uci_to_toml(shipped_text())
-    assert "enabled" not in toml
+    assert "enabled" not in toml and "jail" not in toml
+    assert "\toption jail '1'\n" in shipped_text()  # the procd jail, on by default
+    assert "jail" not in uci_to_toml("config guard 'guard'\n\toption jail '0'\n")
     assert error_line("config guard 'guard'\n\toption enabled 'maybe'\n") == 2
+    assert error_line("config guard 'guard'\n\n\toption jail 'maybe'\n") == 3
 
 
 # --------------------------------------------------------------------------- quoting
