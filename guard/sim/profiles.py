@@ -130,6 +130,24 @@ def _echo_opus_118() -> Profile:
     )
 
 
+def _echo_preroll() -> Profile:
+    # The same upload as the app would write it: the pre-roll (the 500 ms before the wake word
+    # and the wake word itself) is audio already recorded when the upload starts, so it goes
+    # into the socket at once; the captures' clumps within it are their ACK clock, not the
+    # app's writes. Then a 118-B record per Opus frame at 55/s.
+    rng = random.Random(1180)
+    items = [(0.0, 233), (0.0, 136)]
+    items += _burst(0.0, 13 * MSS_BYTES)
+    items += _records(rng, 0.12, 2.7, 118, 55.0, 0.3)
+    return Profile(
+        "echo-preroll",
+        Transport.TCP,
+        tuple(sorted(items)),
+        "Echo (2018) Opus: header records and a 13-segment pre-roll written at once, then "
+        "118-B records at 55/s",
+    )
+
+
 def _echo_opus_437() -> Profile:
     # Captures (vcfingerprinting haipeng_li__*): ~230-B header, a few 1,460-B clumps in 0.2 s,
     # then 437-B records at 20-29/s; 2.0-3.4 s, 30-55 KB.
@@ -260,6 +278,7 @@ BUILTIN: dict[str, Profile] = {
     p.name: p
     for p in (
         _echo_opus_118(),
+        _echo_preroll(),
         _echo_opus_437(),
         _echo_dot_pcm(),
         _homepod(),

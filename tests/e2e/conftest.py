@@ -8,6 +8,7 @@ CI never hides an untested kernel path. All addresses are in 198.18.0.0/15 and 2
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -84,3 +85,14 @@ def guards(topology: Topology, request: pytest.FixtureRequest) -> Iterator[MakeG
             if request.session.testsfailed > failed_before:
                 print(f"\n{g.log_tail(40)}")
             g.close()
+        if made:
+            _kill_leftover_sockets(topology)
+
+
+def _kill_leftover_sockets(topology: Topology) -> None:
+    """A speaker killed while its upload was held leaves a socket in its namespace that keeps
+    retransmitting the held bytes for minutes; the next test's guard would see them as a
+    connection from before it started (and hold them, as it should). Each test starts clean."""
+    for host in topology.lan_hosts.values():
+        subprocess.run(["ip", "netns", "exec", host.ns, "ss", "-K", "-t", "state", "all"],
+                       capture_output=True, timeout=10, check=False)
