@@ -20,15 +20,6 @@ The physics it rests on (design.md section 7):
   when it streams slowly (HomePod, ~21 records/s); from then on it only retransmits. The quiet
   that follows is the hold's, so a run that was a paced stream until the sender retransmitted
   is judged a stream.
-- A held sender that has more to send than its congestion window lets out stops mid-burst: a
-  real 2018 Echo's first flight after idle is 5-8 segments, then it waits for ACKs that the hold
-  keeps from it. The quiet that follows is the hold's, not the end of a message. A sender that
-  did finish says so: Linux (RFC 8985 TLP, on by default with SACK) probes ~2 SRTT after its
-  last segment by retransmitting that last segment when it has nothing new (a sender with more
-  data sends a new segment instead); in a capture, where nothing was held, the remote's ACK of
-  the run's last byte arriving with nothing new after it says the same; so does a FIN. So a
-  multi-segment TCP run that goes quiet is a message only when its sender finished; otherwise
-  it was cut off by the hold and is judged an upload.
 """
 
 from __future__ import annotations
@@ -76,11 +67,6 @@ class DetectorConfig:
     # over this long, not one flight written at once) is judged a stream, not a message.
     stalled_stream_s: float = 0.15
     stalled_stream_packets: int = 4
-    # A TCP run of at least this many segments that goes quiet without its sender finishing
-    # (a tail-loss probe of its last segment, the remote's ACK of its last byte, a FIN) was cut
-    # off by the hold: an upload. A single segment cannot be a held sender's whole window.
-    unfinished_is_audio: bool = True
-    unfinished_packets: int = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,12 +89,9 @@ def judge(
     now: float,
     config: DetectorConfig,
     stalled: bool = False,
-    finished: bool = False,
 ) -> Verdict:
     """Judge the current run: (time, payload bytes) of its packets, oldest first; `stalled`
-    when the sender retransmitted held data (TCP); `finished` when, since the run's last new
-    segment, its sender showed it had nothing more to send (TCP: a tail-loss probe of the last
-    segment, the remote's ACK of the run's last byte, a FIN).
+    when the sender retransmitted held data (TCP).
 
     Called after each new packet of the run (`now` = that packet's time) and from timers.
     """
@@ -131,32 +114,17 @@ def judge(
             # has more to send and is blocked by its congestion window (our hold). A message
             # ends on a partial segment or an end-of-stream record.
             return Verdict(Judgement.AUDIO, "stalled on a full segment")
-        if tcp and not finished:
-            if (stalled and count >= config.stalled_stream_packets
-                    and last_time - run[0][0] >= config.stalled_stream_s - _EPSILON_S):
-                return Verdict(Judgement.AUDIO, "stalled stream")
-            if config.unfinished_is_audio and count >= config.unfinished_packets:
-                # A sender that finished probes its last segment before its RTO fires (the probe
-                # timer is capped by the RTO's): a retransmission without that probe, or no
-                # probe within the decision window, means it was cut off. Until then, wait: an
-                # RTT inflated by earlier holds delays the probe past the quiet period.
-                if stalled or now - run[0][0] >= config.decide_within_s - _EPSILON_S:
-                    return Verdict(Judgement.AUDIO, "cut off by the hold")
-                return UNDECIDED
+        if (tcp and stalled and count >= config.stalled_stream_packets
+                and last_time - run[0][0] >= config.stalled_stream_s - _EPSILON_S):
+            return Verdict(Judgement.AUDIO, "stalled stream")
         return Verdict(Judgement.MESSAGE, "quiet")
     if now - run[0][0] >= config.decide_within_s - _EPSILON_S:
         return Verdict(Judgement.AUDIO, "sustained stream")
     return UNDECIDED
 
 
-def next_deadline(run: Sequence[tuple[float, int]], config: DetectorConfig,
-                  now: float | None = None) -> float | None:
-    """When `judge` may change its mind without a new packet (a quiet period that has already
-    passed at `now` leaves the decision window's end)."""
+def next_deadline(run: Sequence[tuple[float, int]], config: DetectorConfig) -> float | None:
+    """When `judge` may change its mind without a new packet."""
     if not run:
         return None
-    quiet = run[-1][0] + config.quiet_s
-    decide = run[0][0] + config.decide_within_s
-    if now is not None and quiet <= now + _EPSILON_S:
-        return decide
-    return min(quiet, decide)
+    return min(run[-1][0] + config.quiet_s, run[0][0] + config.decide_within_s)
