@@ -20,6 +20,23 @@ The physics it rests on (design.md section 7):
   when it streams slowly (HomePod, ~21 records/s); from then on it only retransmits. The quiet
   that follows is the hold's, so a run that was a paced stream until the sender retransmitted
   is judged a stream.
+- A held sender that has more to send than its congestion window lets out stops mid-burst: a
+  real 2018 Echo's first flight after idle is 5-8 segments, then it waits for ACKs that the hold
+  keeps from it. The quiet that follows is the hold's, not the end of a message. A sender that
+  did finish says so: Linux (RFC 8985 TLP, on by default with SACK) probes ~2 SRTT after its
+  last segment by retransmitting that last segment when it has nothing new (a sender with more
+  data sends a new segment instead); in a capture, where nothing was held, the remote's ACK of
+  the run's last byte arriving with nothing new after it says the same; so does a FIN. So a
+  multi-segment TCP run that goes quiet is a message only when its sender finished.
+- But the probe comes ~2 SRTT after the flight, and every hold inflates the sender's SRTT (the
+  ACKs of what a hold releases come late): on a connection with many held bursts the probe
+  comes after the quiet period, and waiting for it would make the holds, and so the next probe,
+  longer still. So when the quiet period ends with no word from the sender, the engine nudges
+  it, on the ACK clock instead of the sender's timers: it releases the run's first segment only
+  (on an Echo, the HTTP/2 HEADERS record of the new stream) and watches. The cloud's ACK makes
+  room in the sender's window: a sender that has more sends new data within a round trip (the
+  run was cut off: an upload), one that finished sends nothing (a message: the rest is
+  released `nudge_wait_s` later).
 """
 
 from __future__ import annotations
@@ -33,6 +50,7 @@ class Judgement(str, Enum):
     UNDECIDED = "undecided"  # keep holding, keep watching
     MESSAGE = "message"  # not audio: release in order
     AUDIO = "audio"  # an upload: the policy decides what happens to it
+    NUDGE = "nudge"  # release the run's first segment only, and watch the sender's answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +85,15 @@ class DetectorConfig:
     # over this long, not one flight written at once) is judged a stream, not a message.
     stalled_stream_s: float = 0.15
     stalled_stream_packets: int = 4
+    # A TCP run of at least this many segments that goes quiet without its sender finishing
+    # (a tail-loss probe of its last segment, the remote's ACK of its last byte, a FIN) was cut
+    # off by the hold: an upload. A single segment cannot be a held sender's whole window.
+    unfinished_is_audio: bool = True
+    unfinished_packets: int = 2
+    # After a nudge, a sender with more to send answers within one round trip of the cloud's
+    # ACK (WAN RTT to the voice clouds 10-60 ms, plus up to 40 ms of delayed ACK at a Linux
+    # receiver); nothing new in this long: it had finished.
+    nudge_wait_s: float = 0.15
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,15 +116,22 @@ def judge(
     now: float,
     config: DetectorConfig,
     stalled: bool = False,
+    finished: bool = False,
+    nudged_at: float | None = None,
 ) -> Verdict:
     """Judge the current run: (time, payload bytes) of its packets, oldest first; `stalled`
-    when the sender retransmitted held data (TCP).
+    when the sender retransmitted held data (TCP); `finished` when, since the run's last new
+    segment, its sender showed it had nothing more to send (TCP: a tail-loss probe of the last
+    segment, the remote's ACK of the run's last byte, a FIN); `nudged_at` when the run's first
+    segment was released to see whether the sender has more (TCP).
 
     Called after each new packet of the run (`now` = that packet's time) and from timers.
     """
     if not run:
         return UNDECIDED
     last_time, last_size = run[-1]
+    if nudged_at is not None and last_time > nudged_at:
+        return Verdict(Judgement.AUDIO, "more after a nudge")
     if tcp and last_size <= config.tiny_record_bytes:
         return Verdict(Judgement.MESSAGE, "end-of-message record")
     count = len(run)
@@ -114,17 +148,38 @@ def judge(
             # has more to send and is blocked by its congestion window (our hold). A message
             # ends on a partial segment or an end-of-stream record.
             return Verdict(Judgement.AUDIO, "stalled on a full segment")
-        if (tcp and stalled and count >= config.stalled_stream_packets
-                and last_time - run[0][0] >= config.stalled_stream_s - _EPSILON_S):
-            return Verdict(Judgement.AUDIO, "stalled stream")
+        if tcp and not finished:
+            if (stalled and count >= config.stalled_stream_packets
+                    and last_time - run[0][0] >= config.stalled_stream_s - _EPSILON_S):
+                return Verdict(Judgement.AUDIO, "stalled stream")
+            if config.unfinished_is_audio and count >= config.unfinished_packets:
+                # Nudged: only new data counts now (a retransmission may cross the ACK).
+                if nudged_at is not None:
+                    if now - nudged_at >= config.nudge_wait_s - _EPSILON_S:
+                        return Verdict(Judgement.MESSAGE, "nothing more after a nudge")
+                    return UNDECIDED
+                # A sender that finished probes its last segment before its RTO fires (the probe
+                # timer is capped by the RTO's): a retransmission without that probe means it
+                # was cut off. No word at all: nudge it, then wait for its answer.
+                if stalled:
+                    return Verdict(Judgement.AUDIO, "cut off by the hold")
+                return Verdict(Judgement.NUDGE, "quiet, sender silent")
         return Verdict(Judgement.MESSAGE, "quiet")
     if now - run[0][0] >= config.decide_within_s - _EPSILON_S:
         return Verdict(Judgement.AUDIO, "sustained stream")
     return UNDECIDED
 
 
-def next_deadline(run: Sequence[tuple[float, int]], config: DetectorConfig) -> float | None:
-    """When `judge` may change its mind without a new packet."""
+def next_deadline(run: Sequence[tuple[float, int]], config: DetectorConfig,
+                  now: float | None = None, nudged_at: float | None = None) -> float | None:
+    """When `judge` may change its mind without a new packet (a quiet period that has already
+    passed at `now` leaves the decision window's end; a nudge, the end of its wait)."""
     if not run:
         return None
-    return min(run[-1][0] + config.quiet_s, run[0][0] + config.decide_within_s)
+    if nudged_at is not None:
+        return nudged_at + config.nudge_wait_s
+    quiet = run[-1][0] + config.quiet_s
+    decide = run[0][0] + config.decide_within_s
+    if now is not None and quiet <= now + _EPSILON_S:
+        return decide
+    return min(quiet, decide)

@@ -238,6 +238,13 @@ class Flow:
     control_marked: bool = False  # the kernel was told (MarkFlow "control")
     # The sender retransmitted data of the held burst: our hold, not its own end, stops it
     stalled: bool = False
+    # Since the run's last new segment its sender showed it had sent everything (a tail-loss
+    # probe of the last held segment, the remote's ACK of the last held byte, a FIN): see
+    # guard/detector.py
+    finished: bool = False
+    # The run's first segment, released to see whether its sender has more, and when
+    nudged: Held | None = None
+    nudged_at: float | None = None
 
     def move(self, state: FlowState) -> None:
         if state is self.state:
@@ -523,6 +530,7 @@ class Engine:
             "packets_in": 0, "accepted": 0, "dropped": 0, "rejected": 0, "held": 0,
             "malformed": 0, "not_ours": 0, "duplicates": 0, "bursts_released": 0,
             "flows_blocked": 0, "caps_hit": 0, "dns_answers": 0, "midstream_resets": 0,
+            "nudges": 0,
         }
 
     # -- time ---------------------------------------------------------------------------------
@@ -552,7 +560,7 @@ class Engine:
     def _reschedule(self, flow: Flow) -> None:
         when: float | None = None
         if flow.state is FlowState.PROVISIONAL:
-            when = next_deadline(flow.run, self.detector)
+            when = next_deadline(flow.run, self.detector, self.now, flow.nudged_at)
         elif flow.state is FlowState.PENDING and flow.upload is not None:
             when = flow.upload.expires
             if self.expire_on_idle:
@@ -582,13 +590,39 @@ class Engine:
                 # never loop on a deadline that did not move: try again a moment later
                 self._schedule(flow, when + 1e-3)
 
+    def _rejudge(self, flow: Flow, now: float) -> None:
+        """New evidence about a held run's sender without a new packet of the run (it finished,
+        or it retransmitted): judge again now."""
+        verdict = judge(flow.run, flow.key.proto == TCP, now, self.detector, flow.stalled,
+                        flow.finished, flow.nudged_at)
+        if verdict.judgement is Judgement.NUDGE:
+            if len(flow.burst) > 1 and flow.device.mode is not Mode.MONITOR:
+                self._nudge(flow, now)
+            else:
+                # nothing held to nudge with (monitor mode lets runs through): quiet is the end
+                self._release_burst(flow, now, "quiet")
+        elif verdict.judgement is Judgement.MESSAGE:
+            self._release_burst(flow, now, verdict.reason)
+        elif verdict.judgement is Judgement.AUDIO:
+            self._upload_detected(flow, now, verdict.reason)
+        else:
+            self._reschedule(flow)
+
+    def _nudge(self, flow: Flow, now: float) -> None:
+        """Release the held run's first segment only: the cloud's ACK of it gives the sender
+        room, and whether it then sends new data tells a cut-off upload from a finished
+        message (guard/detector.py)."""
+        first = flow.burst.pop(0)
+        self.actions.append(Release((first.token,)))
+        self._unhold([first])
+        flow.activity_passed += first.payload
+        flow.nudged, flow.nudged_at = first, now
+        self.counters["nudges"] += 1
+        self._reschedule(flow)
+
     def _on_deadline(self, flow: Flow, now: float) -> None:
         if flow.state is FlowState.PROVISIONAL:
-            verdict = judge(flow.run, flow.key.proto == TCP, now, self.detector, flow.stalled)
-            if verdict.judgement is Judgement.MESSAGE:
-                self._release_burst(flow, now, verdict.reason)
-            elif verdict.judgement is Judgement.AUDIO:
-                self._upload_detected(flow, now, verdict.reason)
+            self._rejudge(flow, now)
         elif flow.state is FlowState.PENDING and flow.upload is not None:
             upload = flow.upload
             if upload.expires is not None and now >= upload.expires or self.expire_on_idle and now >= flow.last_up + UPLOAD_END_GAP_S:
@@ -779,6 +813,9 @@ class Engine:
                 self.actions.append(MarkFlow(flow.key, "allow"))
             return Verdict.ACCEPT
         if not payload_len:
+            if proto == TCP and pkt.flags & FIN and flow.state is FlowState.PROVISIONAL:
+                flow.finished = True  # the sender closed: the held run is all it had
+                self._rejudge(flow, now)
             if (self.reset_midstream and flow.midstream and proto == TCP
                     and flow.host is None and flow.state is FlowState.IDLE
                     and not pkt.flags & (SYN | RST | FIN) and pkt.flags & ACK
@@ -851,6 +888,14 @@ class Engine:
         flow.bytes_down += pkt.payload_len
         if proto == TCP and pkt.flags & ACK:
             flow.remote_ack = pkt.ack
+            if flow.state is FlowState.PROVISIONAL and flow.burst:
+                # Only in a capture (held bytes never reach the remote live): the remote has
+                # the whole run and the sender sent nothing after it, as a tail probe says.
+                last = flow.burst[-1]
+                if (not flow.finished
+                        and not _seq_after((last.seq + last.payload) & 0xFFFFFFFF, pkt.ack)):
+                    flow.finished = True
+                    self._rejudge(flow, now)
         if flow.state is FlowState.BLOCKED:
             return Verdict.REJECT
         if proto == UDP and pkt.hint in REALTIME_HINTS:
@@ -959,21 +1004,53 @@ class Engine:
             flow.burst = []
             flow.run = []
             flow.stalled = False
+            flow.nudged = flow.nudged_at = None
         held = Held(token, pkt.wire_len, pkt.payload_len, pkt.seq, now)
+        nudged = flow.nudged
+        if (nudged is not None and pkt.proto == TCP
+                and ((pkt.seq - nudged.seq) & 0xFFFFFFFF) + pkt.payload_len <= nudged.payload):
+            # the nudged segment again (the sender's timer fired before the cloud's ACK came
+            # back): it is out already
+            self.counters["duplicates"] += 1
+            self._reschedule(flow)
+            return Verdict.DROP
         if pkt.proto == TCP and flow.burst and _within_held(flow.burst, pkt.seq,
                                                             pkt.payload_len):
             # A retransmission of held bytes (also several held segments collapsed into one,
             # as an RTO retransmission does): one copy is enough. It tells the detector the
-            # sender is stalled by the hold: whatever quiet follows is ours, not its end.
-            self.counters["duplicates"] += 1
+            # sender is stalled by the hold: whatever quiet follows is ours, not its end. A
+            # retransmission of the last held segment alone is a tail-loss probe: the sender
+            # had nothing new to send instead, so it finished.
             flow.stalled = True
-            self._reschedule(flow)
+            last = flow.burst[-1]
+            burst = flow.burst
+            if (pkt.seq != burst[0].seq
+                    and (pkt.seq + pkt.payload_len) & 0xFFFFFFFF
+                    == (last.seq + last.payload) & 0xFFFFFFFF):
+                flow.finished = True
+                if not (len(burst) > 1 and burst[-2].seq == last.seq):
+                    # Kept (one copy) and released after the original: the remote acknowledges
+                    # it as a duplicate (a D-SACK), which ends the sender's probe episode.
+                    # Dropped, the episode would stay open and the sender would not probe its
+                    # next burst (Linux allows one outstanding probe).
+                    burst.append(held)
+                    self._hold(held)
+                    verdict = judge(flow.run, True, now, self.detector, True, True)
+                    if verdict.judgement is Judgement.MESSAGE:
+                        self._release_burst(flow, now, verdict.reason, current=held)
+                        return Verdict.ACCEPT
+                    self._reschedule(flow)
+                    return Verdict.HOLD
+            self.counters["duplicates"] += 1
+            self._rejudge(flow, now)
             return Verdict.DROP
+        flow.finished = False
         flow.burst.append(held)
         flow.run.append((now, pkt.payload_len))
         self._hold(held)
         monitor = flow.device.mode is Mode.MONITOR
-        verdict = judge(flow.run, flow.key.proto == TCP, now, self.detector, flow.stalled)
+        verdict = judge(flow.run, flow.key.proto == TCP, now, self.detector, flow.stalled,
+                        flow.finished, flow.nudged_at)
         if verdict.judgement is Judgement.MESSAGE:
             self._release_burst(flow, now, verdict.reason, current=held)
             return Verdict.ACCEPT
@@ -1013,13 +1090,21 @@ class Engine:
             self.actions.append(Release(tokens))
         self._unhold(burst)
         start = flow.run[0][0] if flow.run else now
-        size = sum(h.payload for h in burst)
+        # a kept tail probe follows its original: its bytes are not counted twice; a nudged
+        # first segment went out earlier
+        size = sum(h.payload for i, h in enumerate(burst) if not i or burst[i - 1].seq != h.seq)
+        packets = len(burst)
+        if flow.nudged is not None:
+            size += flow.nudged.payload
+            packets += 1
+            flow.activity_passed -= flow.nudged.payload  # counted again below, with the rest
+            flow.nudged = flow.nudged_at = None
         flow.activity_passed += sum(size for _, size in flow.run) if flow.device.mode is Mode.MONITOR else size
-        if burst:
+        if packets:
             self.counters["bursts_released"] += 1
             self.actions.append(BurstReleased(
                 flow.key, flow.device.name, flow.host, start, now, now - start, size,
-                len(burst), reason))
+                packets, reason))
         flow.burst = []
         flow.run = []
         if reason == CONTROL_DATAGRAMS and flow.key.proto != TCP:
@@ -1053,6 +1138,7 @@ class Engine:
                          ) -> None:
         device = flow.device
         burst, flow.burst = flow.burst, []
+        flow.nudged = flow.nudged_at = None  # a nudged segment is out: counted as passed
         self._decided_after = len(flow.run) or 1
         # the packet being judged gets its verdict from the caller, never also from an action
         self._current = current

@@ -52,9 +52,17 @@ def test_pure_acks_and_downstream_are_never_held() -> None:
 
 
 def test_event_burst_then_silence_is_released_in_order_after_quiet() -> None:
+    """A held Linux sender that sent all it had probes ~2 SRTT later by retransmitting its last
+    segment (a tail-loss probe): the quiet after that is the end of a message."""
     eng = engine()
     conn = Conn(eng)
     tokens = [conn.up(size, T0 + i * 0.002)[1] for i, size in enumerate((233, 136, 1460, 900))]
+    # the tail probe: one copy is kept, to be released after the original (the remote's D-SACK
+    # of it ends the sender's probe episode); a second copy is dropped
+    verdict, probe = conn.up(900, T0 + 0.05, seq=conn.seq - 900)
+    assert verdict is Verdict.HOLD
+    tokens.append(probe)
+    assert conn.up(900, T0 + 0.09, seq=conn.seq - 900)[0] is Verdict.DROP
     assert eng.take_actions() == []
     eng.handle_timer(T0 + 0.1)
     assert eng.take_actions() == []  # still inside the quiet period
@@ -173,15 +181,154 @@ def test_a_paced_stream_stalled_by_the_hold_is_an_upload_not_a_message() -> None
 
 
 def test_one_flight_then_quiet_is_a_message_even_when_retransmitted() -> None:
-    """An event written at once (a few KB in 3 ms), held past the sender's RTO: released."""
+    """An event written at once (a few KB in 3 ms), held past the sender's RTO: its tail-loss
+    probe said it had nothing more, so it is released."""
     eng = engine()
     conn = Conn(eng)
     conn.syn(T0 - 1)
     first_seq = conn.seq
     for i, size in enumerate((233, 1460, 1460, 700)):
         conn.up(size, T0 + 0.001 * i)
-    conn.up(233, T0 + 0.15, seq=first_seq)  # a retransmission: stalled, but one flight
+    conn.up(700, T0 + 0.05, seq=conn.seq - 700)  # the tail probe
+    conn.up(233, T0 + 0.15, seq=first_seq)  # the RTO's retransmission: stalled, but finished
     eng.handle_timer(T0 + 0.5)
+    assert not eng.pending() and of(eng.take_actions(), BurstReleased)
+
+
+@pytest.mark.parametrize("flight", [
+    (232, 136, 1460, 1460),  # a sender whose restart window is 4 segments
+    (241, 1460, 1460, 1460, 90, 82),  # a 2018 Echo's first flight after idle (6)
+    (232, 136, 1460, 1460, 1460, 245, 78, 126),  # and another one (8)
+])
+def test_a_flight_cut_off_by_the_hold_is_an_upload(flight: tuple[int, ...]) -> None:
+    """A sender whose congestion window is smaller than the detector's window stops mid-burst,
+    waiting for ACKs the hold keeps from it; its tail-loss probe carries new data (it has more),
+    not its last segment. At the end of the quiet period the guard nudges it: only the first
+    segment is released, the cloud's ACK gives the sender room, and it sends new data at once:
+    an upload, of which only that first segment passed."""
+    eng = engine()
+    conn = Conn(eng)
+    tokens = [conn.up(size, T0 + 0.001 * i)[1] for i, size in enumerate(flight)]
+    assert conn.up(1460, T0 + 0.07)[0] is Verdict.HOLD  # the probe: new data
+    eng.handle_timer(T0 + 0.07 + eng.detector.quiet_s)
+    actions = eng.take_actions()
+    assert of(actions, Release) == [Release((tokens[0],))]  # the nudge
+    assert not of(actions, BurstReleased) and not eng.pending()
+    assert eng.next_timer() == pytest.approx(T0 + 0.07 + eng.detector.quiet_s
+                                             + eng.detector.nudge_wait_s)
+    nudged_at = T0 + 0.07 + eng.detector.quiet_s
+    assert conn.up(1460, nudged_at + 0.03)[0] is Verdict.HOLD  # the sender's answer
+    (up,) = eng.pending()
+    assert up.reason == "more after a nudge"
+    assert len(up.held) == len(flight) + 1  # the rest of the flight, the probe, the answer
+    assert up.leaked_bytes == flight[0]
+    assert not of(eng.take_actions(), Release)
+
+
+def test_a_silent_sender_is_nudged_and_then_released() -> None:
+    """No probe came (holds have inflated the sender's RTT: its probe timer is slower than the
+    quiet period): the nudge's ACK gets no new data out of it within `nudge_wait_s`, so it had
+    finished: the rest of the run is released in order, after the nudged segment."""
+    eng = engine()
+    conn = Conn(eng)
+    tokens = [conn.up(size, T0 + 0.001 * i)[1] for i, size in enumerate((241, 1460, 1460, 700))]
+    quiet_end = T0 + 0.003 + eng.detector.quiet_s
+    eng.handle_timer(quiet_end)
+    assert of(eng.take_actions(), Release) == [Release((tokens[0],))]
+    first_seq = conn.seq - 700 - 1460 - 1460 - 241
+    # the sender's RTO crossing the cloud's ACK: the nudged segment again changes nothing
+    assert conn.up(241, quiet_end + 0.05, seq=first_seq)[0] is Verdict.DROP
+    eng.handle_timer(quiet_end + eng.detector.nudge_wait_s)
+    actions = eng.take_actions()
+    assert of(actions, Release) == [Release(tuple(tokens[1:]))]
+    released = of(actions, BurstReleased)[0]
+    assert released.reason == "nothing more after a nudge"
+    assert released.bytes == 241 + 1460 + 1460 + 700 and released.packets == 4
+    assert released.delay_s == pytest.approx(0.003 + eng.detector.quiet_s
+                                             + eng.detector.nudge_wait_s)
+    assert not eng.pending() and eng.held() == (0, 0)
+    assert eng.counters["nudges"] == 1
+
+
+def test_monitor_mode_never_nudges() -> None:
+    """Monitor mode holds nothing, so its runs are not cut off: quiet is the end."""
+    eng = engine(mode=Mode.MONITOR)
+    conn = Conn(eng)
+    for i, size in enumerate((241, 1460, 1460, 700)):
+        assert conn.up(size, T0 + 0.001 * i)[0] is Verdict.ACCEPT
+    eng.handle_timer(T0 + 0.5)
+    assert eng.counters["nudges"] == 0 and not of(eng.take_actions(), Release)
+
+
+@pytest.mark.parametrize("finish", ["tail probe", "remote ack", "fin"])
+def test_a_run_whose_sender_finished_is_released(finish: str) -> None:
+    """The same flight, but its sender showed it had sent everything: a tail-loss probe of its
+    last segment (live), the remote's ACK of its last byte (a capture: nothing was held), or a
+    FIN. New data after that evidence would cancel it (see the next test)."""
+    eng = engine()
+    conn = Conn(eng)
+    flight = (241, 1460, 1460, 1460, 90, 82)
+    tokens = [conn.up(size, T0 + 0.001 * i)[1] for i, size in enumerate(flight)]
+    if finish == "tail probe":
+        tokens.append(conn.up(82, T0 + 0.07, seq=conn.seq - 82)[1])
+    elif finish == "remote ack":
+        conn.down(0, T0 + 0.04)
+    else:
+        conn.up(0, T0 + 0.01, flags=ACK | FIN)
+    eng.handle_timer(T0 + 0.3)
+    actions = eng.take_actions()
+    assert not eng.pending()
+    assert of(actions, Release)[0].tokens == tuple(tokens)
+
+
+def test_new_data_after_the_evidence_of_an_end_cancels_it() -> None:
+    """A tail probe while the app had nothing, then more data (a paced sender's next write),
+    then quiet without a new probe: not finished."""
+    eng = engine()
+    conn = Conn(eng)
+    for i, size in enumerate((241, 1460, 1460)):
+        conn.up(size, T0 + 0.001 * i)
+    conn.up(1460, T0 + 0.02, seq=conn.seq - 1460)  # tail probe: finished for now
+    conn.up(600, T0 + 0.05)  # but then new data
+    eng.handle_timer(T0 + 0.05 + eng.detector.quiet_s)
+    assert [u.reason for u in eng.pending()] == ["cut off by the hold"]
+
+
+def test_in_a_capture_a_late_ack_of_the_run_releases_it() -> None:
+    """analyze: the remote's ACK of the run's last byte, even after the quiet period, is the
+    evidence that the sender finished (a held sender would have probed its tail)."""
+    eng = engine()
+    conn = Conn(eng)
+    for i, size in enumerate((241, 1460, 1460, 700)):
+        conn.up(size, T0 + 0.001 * i)
+    eng.handle_timer(T0 + 0.3)
+    assert not of(eng.take_actions(), BurstReleased)
+    conn.down(0, T0 + 0.35)
+    released = of(eng.take_actions(), BurstReleased)
+    assert released and released[0].delay_s == pytest.approx(0.35)
+    assert not eng.pending()
+
+
+def test_a_head_retransmission_is_no_evidence_of_an_end() -> None:
+    """The RTO retransmits from the first unacknowledged byte whether or not the sender has
+    more: only a probe of the last segment counts."""
+    eng = engine()
+    conn = Conn(eng)
+    first_seq = conn.seq
+    for i, size in enumerate((241, 1460, 1460)):
+        conn.up(size, T0 + 0.001 * i)
+    conn.up(241, T0 + 0.15, seq=first_seq)
+    eng.handle_timer(T0 + 0.5)
+    assert [u.reason for u in eng.pending()] == ["cut off by the hold"]
+
+
+def test_a_single_segment_going_quiet_is_a_message() -> None:
+    """No sender's window is one segment: a lone record then quiet ends a message, probe or
+    not (its probe would come only after 2 SRTT + 200 ms)."""
+    eng = engine()
+    conn = Conn(eng)
+    conn.up(700, T0)
+    eng.handle_timer(T0 + 0.3)
     assert not eng.pending() and of(eng.take_actions(), BurstReleased)
 
 
@@ -469,6 +616,7 @@ def test_time_running_backwards_is_tolerated() -> None:
     conn = Conn(eng)
     conn.up(233, T0)
     conn.up(136, T0 - 50)  # a damaged capture
+    conn.down(0, T0 - 49)  # the remote has it all
     eng.handle_timer(T0 - 100)
     eng.handle_timer(T0 + 1)
     assert of(eng.take_actions(), BurstReleased)
