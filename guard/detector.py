@@ -158,11 +158,10 @@ def judge(
                     if now - nudged_at >= config.nudge_wait_s - _EPSILON_S:
                         return Verdict(Judgement.MESSAGE, "nothing more after a nudge")
                     return UNDECIDED
-                # A sender that finished probes its last segment before its RTO fires (the probe
-                # timer is capped by the RTO's): a retransmission without that probe means it
-                # was cut off. No word at all: nudge it, then wait for its answer.
-                if stalled:
-                    return Verdict(Judgement.AUDIO, "cut off by the hold")
+                # No word that it finished: nudge it, then wait for its answer. Also after its
+                # RTO: the nudge's ACK is of the original segment, so Linux undoes the spurious
+                # timeout (or, by F-RTO, RFC 5682, sends new data first) and a sender that has
+                # more sends it.
                 return Verdict(Judgement.NUDGE, "quiet, sender silent")
         return Verdict(Judgement.MESSAGE, "quiet")
     if now - run[0][0] >= config.decide_within_s - _EPSILON_S:

@@ -286,12 +286,13 @@ def test_new_data_after_the_evidence_of_an_end_cancels_it() -> None:
     then quiet without a new probe: not finished."""
     eng = engine()
     conn = Conn(eng)
-    for i, size in enumerate((241, 1460, 1460)):
-        conn.up(size, T0 + 0.001 * i)
+    tokens = [conn.up(size, T0 + 0.001 * i)[1] for i, size in enumerate((241, 1460, 1460))]
     conn.up(1460, T0 + 0.02, seq=conn.seq - 1460)  # tail probe: finished for now
     conn.up(600, T0 + 0.05)  # but then new data
     eng.handle_timer(T0 + 0.05 + eng.detector.quiet_s)
-    assert [u.reason for u in eng.pending()] == ["cut off by the hold"]
+    actions = eng.take_actions()
+    assert of(actions, Release) == [Release((tokens[0],))]  # not finished: nudged
+    assert not of(actions, BurstReleased) and not eng.pending()
 
 
 def test_in_a_capture_a_late_ack_of_the_run_releases_it() -> None:
@@ -309,17 +310,27 @@ def test_in_a_capture_a_late_ack_of_the_run_releases_it() -> None:
     assert not eng.pending()
 
 
-def test_a_head_retransmission_is_no_evidence_of_an_end() -> None:
+@pytest.mark.parametrize("answer", [True, False])
+def test_a_head_retransmission_is_no_evidence_either_way(answer: bool) -> None:
     """The RTO retransmits from the first unacknowledged byte whether or not the sender has
-    more: only a probe of the last segment counts."""
+    more: the sender is nudged all the same. The nudge's ACK is of the original segment, so a
+    Linux sender undoes the spurious timeout (or, by F-RTO, sends new data first): one with
+    more sends it (an upload), one without stays silent (a message)."""
     eng = engine()
     conn = Conn(eng)
     first_seq = conn.seq
-    for i, size in enumerate((241, 1460, 1460)):
-        conn.up(size, T0 + 0.001 * i)
-    conn.up(241, T0 + 0.15, seq=first_seq)
-    eng.handle_timer(T0 + 0.5)
-    assert [u.reason for u in eng.pending()] == ["cut off by the hold"]
+    tokens = [conn.up(size, T0 + 0.001 * i)[1] for i, size in enumerate((241, 1460, 1460))]
+    assert conn.up(241, T0 + 0.15, seq=first_seq)[0] is Verdict.DROP
+    nudged_at = T0 + 0.002 + eng.detector.quiet_s
+    eng.handle_timer(nudged_at)
+    assert of(eng.take_actions(), Release) == [Release((tokens[0],))]
+    if answer:
+        conn.up(1460, nudged_at + 0.01)
+        assert [u.reason for u in eng.pending()] == ["more after a nudge"]
+    else:
+        eng.handle_timer(nudged_at + eng.detector.nudge_wait_s)
+        assert of(eng.take_actions(), Release) == [Release(tuple(tokens[1:]))]
+        assert not eng.pending()
 
 
 def test_a_single_segment_going_quiet_is_a_message() -> None:
