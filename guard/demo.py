@@ -73,8 +73,9 @@ def run_demo(out: Out = print) -> int:
     finally:
         _close_quietly(topo)
     out("")
-    out("That was the real guard. On your router: `hushgate firewall apply`, then")
-    out("`hushgate run --config /etc/hushgate/config.toml`; `hushgate watch` to answer prompts.")
+    out("That was the real guard. On your router (README, \"Five minutes on a real gateway\"):")
+    out("`hushgate firewall apply --config /etc/hushgate/hushgate.toml`, then")
+    out("`hushgate run --config /etc/hushgate/hushgate.toml`; `hushgate watch` to answer prompts.")
     return 0
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 from guard.sim.topology import _netns_list
 
@@ -24,3 +26,9 @@ def test_demo_walks_through_every_step_and_leaves_nothing_behind(kernel_world: N
     # the demo's namespaces are named after its PID (other tests may run their own meanwhile)
     leftovers = [ns for ns in _netns_list() if ns.startswith(f"hg{proc.pid}x")]
     assert leftovers == []
+    # its parting advice names the commands the packaged service runs, with the packaged config
+    unit = (Path(__file__).resolve().parents[2] / "packaging/systemd/hushgate.service").read_text()
+    advised = re.findall(r"`(hushgate (?:firewall apply|run) [^`]*)`", out)
+    assert len(advised) == 2, out
+    for command in advised:
+        assert f"/opt/hushgate/bin/{command}\n" in unit, command
