@@ -211,6 +211,11 @@ def format_table(result: dict[str, Any]) -> str:
                 f"{to:<40} {u['category']:<10} {u['bytes'] / 1000:6.1f} {u['action']:<8} "
                 f"{u['leaked_bytes']:5d} {u['turn']:4d} "
                 f"{(u['decided'] - u['start']) * 1000:6.0f}ms")
+        if any(u["leaked_bytes"] for u in result["uploads"]):
+            lines.append("LEAK: bytes that passed before the hold within the upload's activity "
+                         "(upstream with no gap of 1 s),")
+            lines.append("      bursts released as not audio included (see below); START and "
+                         "DECIDED count from its first packet")
     blocked = [f for f in result["flows"] if f["category"] == "messaging"]
     if blocked:
         lines.append("")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
+from guard.analyze import format_table
 from guard.cli import main
 
 UPLOAD_KEYS = {"device", "remote", "host", "category", "start", "end", "bytes", "packets",
@@ -59,6 +60,24 @@ def test_analyze_table_is_readable() -> None:
     result = CliRunner().invoke(main, ["analyze"])
     assert result.exit_code == 0
     assert "bob-dispatch-prod-na.amazon.com" in result.output and "hold" in result.output
+
+
+def test_analyze_table_explains_bytes_passed_before_a_hold() -> None:
+    """The simulated dialogue's second turn starts 0.8 s after a SpeechFinished event that was
+    released as not audio: within one activity, so its bytes are the upload's `leaked_bytes`
+    (counted conservatively: a misjudged audio head would be a real leak). The table says so."""
+    out = json.loads(CliRunner().invoke(main, ["analyze", "--json"]).output)
+    leaky = [u for u in out["uploads"] if u["leaked_bytes"]]
+    assert [u["turn"] for u in leaky] == [2]
+    (upload,) = leaky
+    released = [r for r in out["releases"]
+                if r["remote"] == upload["remote"] and r["start"] == upload["start"]]
+    assert [r["bytes"] for r in released] == [upload["leaked_bytes"]]
+    table = CliRunner().invoke(main, ["analyze"]).output
+    assert "LEAK: bytes that passed before the hold" in table
+    assert "released as not audio included" in table
+    unleaky = dict(out, uploads=[dict(u, leaked_bytes=0) for u in out["uploads"]])
+    assert "LEAK:" not in format_table(unleaky)
 
 
 def test_analyze_missing_file_is_one_line_exit_1(tmp_path: Path) -> None:
