@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 from guard.sim.topology import _netns_list
+from tests.e2e.guardkit import REPO
 
 
 def test_demo_walks_through_every_step_and_leaves_nothing_behind(kernel_world: None) -> None:
@@ -27,7 +27,7 @@ def test_demo_walks_through_every_step_and_leaves_nothing_behind(kernel_world: N
     leftovers = [ns for ns in _netns_list() if ns.startswith(f"hg{proc.pid}x")]
     assert leftovers == []
     # its parting advice names the commands the packaged service runs, with the packaged config
-    unit = (Path(__file__).resolve().parents[2] / "packaging/systemd/hushgate.service").read_text()
+    unit = (REPO / "packaging/systemd/hushgate.service").read_text()
     advised = re.findall(r"`(hushgate (?:firewall apply|run) [^`]*)`", out)
     assert len(advised) == 2, out
     for command in advised:
