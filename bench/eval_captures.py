@@ -418,6 +418,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--only", metavar="TEXT", help="only captures whose file name contains TEXT")
     ap.add_argument(
+        "--shape-only",
+        action="store_true",
+        help="evaluate shape-only copies instead (payloads zeroed, no SYNs, neutral names: "
+        "bench/shape_only.py), written to a temporary directory",
+    )
+    ap.add_argument(
         "--synthetic",
         type=int,
         metavar="SEED",
@@ -427,10 +433,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     try:
-        captures = [c for c in load_labels(args.shared) if not args.only or args.only in c["file"]]
-        results = run(captures, args.shared, args.mode)
-        if args.synthetic is not None:
-            with tempfile.TemporaryDirectory(prefix="hushgate-eval-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="hushgate-eval-") as tmp:
+            shared = args.shared
+            if args.shape_only:
+                if str(REPO) not in sys.path:
+                    sys.path.insert(0, str(REPO))
+                from bench.shape_only import write_shape_only
+
+                shared = Path(tmp) / "shape-only"
+                names = {copy["file"]: cap["file"] for cap, copy in zip(
+                    load_labels(args.shared), write_shape_only(args.shared, shared), strict=True)}
+            captures = [c for c in load_labels(shared)
+                        if not args.only or args.only in (names[c["file"]] if args.shape_only
+                                                          else c["file"])]
+            results = run(captures, shared, args.mode)
+            if args.synthetic is not None:
                 results.append(run_synthetic(args.mode, args.synthetic, Path(tmp)))
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback
         print(f"eval_captures: {type(exc).__name__}: {exc}", file=sys.stderr)
