@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ci import missing_or_fail
+
 FIXTURES = Path(__file__).parent / "fixtures"
 # CI runs in a fresh clone with ../shared beside it; the captures are never copied here.
 SHARED = Path(os.environ.get("HUSHGATE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -22,7 +24,5 @@ def client_hello() -> bytes:
 @pytest.fixture(scope="session")
 def captures() -> Path:
     if not (CAPTURES / "labels.toml").exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"shared captures missing at {CAPTURES}")
-        pytest.skip(f"shared captures not found at {CAPTURES} (set HUSHGATE_SHARED)")
+        missing_or_fail(f"shared captures not found at {CAPTURES} (set HUSHGATE_SHARED)")
     return CAPTURES

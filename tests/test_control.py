@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from guard.control import ControlError, ControlServer, Peer, reply_error, reply_ok, request
+from tests import ci
 
 NOBODY = 65534
 
@@ -307,10 +308,7 @@ def test_concurrent_clients_are_all_answered(server: ControlServer) -> None:
 
 
 def need_root() -> None:
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the peer-credential tests must run as root in CI")
-        pytest.skip("needs root to run a client as another user")
+    ci.need_root("running a client as another user")
 
 
 CLIENT = r"""

@@ -31,6 +31,7 @@ from guard.firewall import (
 )
 from guard.fwspec import spec_from_config
 from guard.policy import Mode
+from tests.ci import need_root
 
 ECHO = DeviceConfig("kitchen-echo", address="198.18.10.10", mac="02:00:5e:10:00:10")
 NEST = DeviceConfig("nest", mac="02:00:5e:10:00:11", address6=("2001:2:0:10::11",))
@@ -576,17 +577,12 @@ def test_report_strips_control_characters_from_what_it_prints():
 
 # --------------------------------------------------------------------------- a real kernel
 
-IS_ROOT = os.geteuid() == 0
-IN_CI = os.environ.get("CI") == "true"
 
 
 def test_doctor_against_a_real_kernel_in_a_namespace():
     """The safety net applied in a throw-away namespace passes rules and fail mode; a foreign
     ACCEPT inserted above our jump is then reported at position 2."""
-    if not IS_ROOT:
-        if IN_CI:
-            pytest.fail("the namespace test needs root in CI")
-        pytest.skip("needs root (runs, and must pass, in CI)")
+    need_root("the namespace test")
     for tool in ("ip", "iptables", "ip6tables"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is not installed")

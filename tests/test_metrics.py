@@ -4,9 +4,7 @@ bounded and inert labels."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import threading
 import urllib.request
@@ -25,6 +23,7 @@ from guard.metrics import (
     serve_metrics,
 )
 from guard.policy import Outcome
+from tests.ci import need_tool
 
 MONITORING = Path(__file__).resolve().parents[1] / "packaging" / "monitoring"
 
@@ -68,11 +67,7 @@ def fresh(fail_mode: str = "closed", **kwargs: object) -> tuple[Metrics, Collect
 
 def promtool(*args: str, stdin: str | None = None, cwd: Path | None = None) -> None:
     """Run promtool and require success; a missing promtool fails in CI, skips elsewhere."""
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool not found (apt-get install prometheus)")
-        pytest.skip("promtool not found (apt-get install prometheus)")
+    path = need_tool("promtool", "prometheus")
     done = subprocess.run([path, *args], input=stdin.encode() if stdin is not None else None,
                           capture_output=True, timeout=60, cwd=cwd)
     assert done.returncode == 0, (done.stdout + done.stderr).decode()

@@ -41,7 +41,7 @@ import pytest
 
 from guard.config import GuardConfig, load_config, parse_config
 from guard.uci import OPENWRT_DEFAULTS
-from tests.ci import missing_or_fail
+from tests.ci import missing_or_fail, need_root, need_tool
 
 REPO = Path(__file__).resolve().parents[1]
 OPENWRT = REPO / "packaging/openwrt"
@@ -52,24 +52,6 @@ CAP_HEADER = Path("/usr/include/linux/capability.h")
 CAP_SETS = ("bounding", "effective", "inheritable", "permitted", "ambient")
 UNINSTALL = REPO / "packaging/systemd/uninstall.sh"
 DEFAULT_TOML = REPO / "packaging/hushgate.toml"
-IS_ROOT = os.geteuid() == 0
-IN_CI = os.environ.get("CI") == "true"
-
-
-def need_tool(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if IN_CI:
-            pytest.fail(f"{name} is not installed (apt-get install {package})")
-        pytest.skip(f"{name} is not installed (apt-get install {package})")
-    return path
-
-
-def need_root() -> None:
-    if not IS_ROOT:
-        if IN_CI:
-            pytest.fail("this test needs root in CI (run .ci/run as root)")
-        pytest.skip("needs root (runs, and must pass, in CI)")
 
 
 def sh(*argv: str | Path, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:

@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from tests import ci
+
 # Debian's /usr/bin/chromium is a shell wrapper that sources /etc/chromium.d; the binary behind
 # it takes exactly the flags below, nothing more.
 BROWSER_CANDIDATES = ("/usr/lib/chromium/chromium", "chromium", "chromium-browser")
@@ -51,10 +53,8 @@ def _which(candidates: tuple[str, ...], env: str) -> str | None:
 
 def missing_or_fail(reason: str) -> None:
     """Skip (outside CI) or fail (in CI) with `reason`."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI must run the browser tests: install chromium, "
-                    "chromium-driver and selenium)")
-    pytest.skip(reason)
+    ci.missing_or_fail(reason, f"{reason} (CI must run the browser tests: install chromium, "
+                       "chromium-driver and selenium)")
 
 
 def require_browser() -> tuple[str, str]:

@@ -7,7 +7,6 @@ CI never hides an untested kernel path. All addresses are in 198.18.0.0/15 and 2
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -15,10 +14,8 @@ from typing import Any
 import pytest
 
 from guard.sim.topology import Topology, cleanup_stale, missing_tools
+from tests.ci import need_root
 from tests.e2e.guardkit import Guard, MakeGuard, device
-
-IS_ROOT = os.geteuid() == 0
-IN_CI = os.environ.get("CI") == "true"
 
 # The speakers every module's topology has, with their vendors' real OUIs (the Echo Dot's and the
 # HomePod's MACs are the ones in ../shared/captures/smart-speakers-study; the Nest has a Google OUI)
@@ -32,10 +29,7 @@ SPEAKERS: tuple[tuple[str, str | None, str | None, str | None], ...] = (
 
 def require_kernel_world() -> None:
     """Skip (only off CI, only without root) or fail when the namespace world cannot be built."""
-    if not IS_ROOT:
-        if IN_CI:
-            pytest.fail("end-to-end tests need root in CI (run .ci/run as root)")
-        pytest.skip("end-to-end tests need root (they run, and must pass, in CI)")
+    need_root("the end-to-end suite")
     missing = missing_tools()
     if missing:
         pytest.fail(

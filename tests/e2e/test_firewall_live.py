@@ -31,9 +31,7 @@ from guard.firewall import (
     NftablesBackend,
     netns_runner,
 )
-
-IS_ROOT = os.geteuid() == 0
-IN_CI = os.environ.get("CI") == "true"
+from tests.ci import IN_CI, IS_ROOT
 
 if not IS_ROOT and not IN_CI:
     pytest.skip(

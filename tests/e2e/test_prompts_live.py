@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 
 from guard.sim.topology import Topology
+from tests.ci import IN_CI
 from tests.e2e.guardkit import (
     ARTIFACTS,
     Guard,
@@ -94,7 +95,6 @@ FAMILIES = (
     "hushgate_build_info",
 )
 
-IN_CI = os.environ.get("CI") == "true"
 
 
 
