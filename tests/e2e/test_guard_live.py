@@ -398,9 +398,11 @@ def test_smart_home_and_media_run_at_full_speed_while_an_upload_is_held(
     # Alternate unguarded and guarded runs; more rounds (up to MEASURE_ROUNDS) only while the
     # comparison fails: this 2-vCPU box has millisecond hiccups, and throughput on it is
     # bimodal (1.3 or 2.6-3.1 Gbit/s between identical runs of either host, by where the
-    # scheduler puts the two ends). Both sides get the same tries and are compared best to best:
-    # the best p99 of each side, the best throughput of each side. That the media flow runs in
-    # the kernel is checked separately, by the packets it sent to userspace.
+    # scheduler puts the two ends). Both sides get the same tries. Latency is compared best to
+    # best (the best p99 of each side); throughput round by round (a guarded download against
+    # the unguarded one just before it), so that one lucky unguarded run (4.7 against 2.0-2.5
+    # Gbit/s in its other rounds, seen in CI) cannot fail every round after it. That the media
+    # flow runs in the kernel is checked separately, by the packets it sent to userspace.
     rtt_free: list[dict[str, Any]] = []
     rtt_echo: list[dict[str, Any]] = []
     for _ in range(MEASURE_ROUNDS):
@@ -416,7 +418,7 @@ def test_smart_home_and_media_run_at_full_speed_while_an_upload_is_held(
         before = sum(queue_counters(topology).values())
         dl_echo.append(download("echo"))
         queued.append(sum(queue_counters(topology).values()) - before)
-        if max(dl_echo) >= THROUGHPUT_RATIO * max(dl_free):
+        if dl_echo[-1] >= THROUGHPUT_RATIO * dl_free[-1]:
             break
     p99_free = min(r["p99"] for r in rtt_free)
     p99_echo = min(r["p99"] for r in rtt_echo)
@@ -429,8 +431,8 @@ def test_smart_home_and_media_run_at_full_speed_while_an_upload_is_held(
     assert p99_echo <= p99_free + RTT_P99_MARGIN_MS, (
         f"smart-home p99 {p99_echo} ms vs unguarded {p99_free} ms"
     )
-    assert max(dl_echo) >= THROUGHPUT_RATIO * max(dl_free), (
-        f"media {dl_echo} Mbit/s vs unguarded {dl_free} Mbit/s"
+    assert any(e >= THROUGHPUT_RATIO * f for f, e in zip(dl_free, dl_echo, strict=True)), (
+        f"media {dl_echo} Mbit/s vs unguarded {dl_free} Mbit/s, round by round"
     )
     # Kernel speed by construction: a 300 MB download is ~200,000 packets; the fast path leaves
     # only its first few (handshake, SNI, request) to userspace.
