@@ -91,6 +91,21 @@ def discover(packets: list[tuple[float, Packet | Malformed | None]], rules: Rule
     return sorted(found.values(), key=lambda d: d["address"])
 
 
+def busiest_lan_hosts(path: str | Path, limit: int = 5) -> list[dict[str, Any]]:
+    """The LAN hosts that sent the most payload to non-LAN addresses, most first: the
+    candidates for `--device` when no speaker was recognised (a capture whose MACs were
+    rewritten, with no DNS or TLS names in it)."""
+    sent: Counter[str] = Counter()
+    remotes: dict[str, set[str]] = defaultdict(set)
+    for _, pkt in read_capture(str(path)):
+        if (isinstance(pkt, Packet) and pkt.payload_len and _lan(pkt.src)
+                and not _lan(pkt.dst)):
+            sent[pkt.src] += pkt.payload_len
+            remotes[pkt.src].add(pkt.dst)
+    return [{"address": addr, "bytes_up": up, "remotes": len(remotes[addr])}
+            for addr, up in sent.most_common(limit)]
+
+
 def _lan(addr: str) -> bool:
     try:
         ip = ipaddress.ip_address(addr)

@@ -81,8 +81,25 @@ def analyze(capture: str | None, devices: tuple[str, ...], mode: str, config_pat
             cleanup.cleanup()
     if as_json:
         emit_json(result)
-    else:
-        click.echo(format_table(result))
+        return
+    click.echo(format_table(result))
+    if not result["devices"] and cleanup is None:
+        from guard.analyze import busiest_lan_hosts
+
+        click.echo("\nNo speaker recognised: no vendor MAC prefix (rules/*.toml) and no voice "
+                   "host name in the capture.")
+        try:
+            hosts = busiest_lan_hosts(capture)
+        except (CaptureError, OSError) as exc:
+            fail(str(exc))
+        if not hosts:
+            click.echo("No LAN host sent anything to the Internet in it.")
+            return
+        click.echo("The LAN hosts that sent the most to the Internet; name a speaker with "
+                   "--device ADDR:")
+        for host in hosts:
+            click.echo(f"  {host['address']:<40} {host['bytes_up'] / 1000:10.1f} KB up "
+                       f"to {host['remotes']} address(es)")
 
 
 @main.group()

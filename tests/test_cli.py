@@ -113,3 +113,40 @@ def test_rules_check_reports_file_and_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["rules", "check", str(tmp_path)])
     assert result.exit_code == 1
     assert f"{tmp_path / 'bad.toml'}:4:" in result.output
+
+
+def test_analyze_names_the_candidates_when_no_speaker_is_recognised(tmp_path: Path) -> None:
+    """A shape-only capture whose MACs were rewritten names nothing: the table says so and lists
+    the LAN hosts that sent the most to the Internet, the speaker first; --device then works."""
+    import sys
+
+    import dpkt
+
+    from guard import synth
+    from guard.capture import write_pcap
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.shape_only import shape_only_frame
+
+    def anonymous(frame: bytes) -> bytes | None:
+        shaped = shape_only_frame(frame)
+        if shaped is None:
+            return None
+        eth = dpkt.ethernet.Ethernet(shaped)
+        eth.src, eth.dst = b"\x02" + eth.src[1:], b"\x02" + eth.dst[1:]
+        return bytes(eth)
+
+    path = tmp_path / "anonymous.pcap"
+    write_pcap(str(path), [(ts, f) for ts, frame in synth.generate_session(1)
+                           if (f := anonymous(frame)) is not None])
+    result = CliRunner().invoke(main, ["analyze", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "0 speaker(s), 0 upload(s)" in result.output
+    assert "No speaker recognised" in result.output
+    candidates = result.output.split("--device ADDR:\n", 1)[1].split()
+    assert candidates[0] == synth.ECHO.ip, result.output
+    named = CliRunner().invoke(main, ["analyze", str(path), "--device", candidates[0], "--json"])
+    assert named.exit_code == 0, named.output
+    assert json.loads(named.output)["uploads"]
+    quiet = CliRunner().invoke(main, ["analyze", str(path), "--json"])
+    assert json.loads(quiet.output)["devices"] == []  # the JSON contract is unchanged
