@@ -4,13 +4,14 @@ The issue's hidden test set includes "shape-only traces with no handshake, no na
 payloads, under neutral file names". This makes such copies of the shared captures: every TCP
 and UDP payload is overwritten with zeros (its length kept, so IP and L4 lengths, sequence
 numbers and timing are untouched), TCP segments with SYN are dropped (no connection is seen
-from its start), and the files are renamed `traceNN.pcap`. With the payloads go the TLS and QUIC
+from its start), each file's clock starts at 0, and the files are renamed `traceNN.pcap`. With the payloads go the TLS and QUIC
 names (SNI), the DNS answers and every record header: only the rules' address prefixes and MAC
 OUIs are left to name anything.
 
 Rules of this file: `shape_only_frame` is a pure function of one frame; the copies are written
 only where the caller says (a temporary directory), never into the repository, and the labels
-are carried over unchanged (they are times, remotes and byte counts, all still true).
+are carried over with their times moved by the same offset as the clock (each copy's label
+says it: `offset`, the original time of its first packet).
 
     python bench/shape_only.py OUT_DIR [--shared DIR]   # writes OUT_DIR/captures/...
 """
@@ -56,7 +57,8 @@ def shape_only_frame(frame: bytes) -> bytes | None:
 
 def write_shape_only(shared: Path, out: Path) -> list[dict]:
     """Shape-only copies of every capture in `shared`/captures/labels.toml, written to
-    `out`/captures/traceNN.pcap with a labels.toml beside them; returns the new labels."""
+    `out`/captures/traceNN.pcap with a labels.toml beside them; returns the new labels, each
+    with `offset`: what was subtracted from its times."""
     captures_in = shared / "captures"
     labels = tomllib.loads((captures_in / "labels.toml").read_text())["capture"]
     captures_out = out / "captures"
@@ -68,20 +70,26 @@ def write_shape_only(shared: Path, out: Path) -> list[dict]:
             reader = dpkt.pcap.UniversalReader(f)
             if reader.datalink() != ETHERNET:
                 raise ValueError(f"{cap['file']}: link type {reader.datalink()}, not Ethernet")
+            offset = None
             with open(captures_out / name, "wb") as g:
                 writer = dpkt.pcap.Writer(g, linktype=ETHERNET, nano=True)
                 for ts, frame in reader:
+                    if offset is None:
+                        offset = float(ts)
                     shaped = shape_only_frame(frame)
                     if shaped is not None:
-                        writer.writepkt(shaped, ts)
-        renamed.append({**cap, "file": name})
+                        writer.writepkt(shaped, float(ts) - offset)
+        offset = offset or 0.0
+        voice = [{**v, "start": v["start"] - offset, "end": v["end"] - offset}
+                 for v in cap.get("voice", [])]
+        renamed.append({**cap, "file": name, "voice": voice, "offset": offset})
     (captures_out / "labels.toml").write_text("".join(_toml(cap) for cap in renamed))
     return renamed
 
 
 def _toml(cap: dict) -> str:
     text = (f'[[capture]]\nfile = "{cap["file"]}"\ndevice = "{cap["device"]}"\n'
-            f'vendor = "{cap["vendor"]}"\n')
+            f'vendor = "{cap["vendor"]}"\noffset = {cap["offset"]!r}\n')
     for v in cap.get("voice", []):
         text += (f'[[capture.voice]]\nstart = {v["start"]!r}\nend = {v["end"]!r}\n'
                  f'remote = "{v["remote"]}"\nbytes = {v["bytes"]}\n')
