@@ -420,7 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--shape-only",
         action="store_true",
-        help="evaluate shape-only copies instead (payloads zeroed, no SYNs, neutral names: "
+        help="evaluate shape-only copies instead (payloads zeroed, no SYNs, clocks from 0, "
+        "neutral names: "
         "bench/shape_only.py), written to a temporary directory",
     )
     ap.add_argument(
