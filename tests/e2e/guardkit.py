@@ -525,15 +525,19 @@ def _port(local: str) -> int:
     return int(local.rsplit(":", 1)[1])
 
 
-def cloud_conn(topo: Topology, local: str, host: str, timeout_s: float = 5.0) -> dict[str, Any]:
+def cloud_conn(topo: Topology, local: str, host: str, timeout_s: float = 5.0,
+               handshake: bool = False) -> dict[str, Any]:
     """The cloud's record of the TCP connection the speaker knows as `local` ("addr:port"):
     same host, and the peer port is the speaker's (IPv6 is routed as is; the router's IPv4
-    masquerade keeps free source ports). The newest such connection if there are several."""
+    masquerade keeps free source ports). The newest such connection if there are several.
+    With `handshake`, only once the cloud has finished its TLS handshake: the speaker's end
+    of TLS 1.3 is done a moment before the cloud has read its Finished."""
     assert topo.cloud is not None
     port = _port(local)
 
     def matches(c: dict[str, Any]) -> bool:
-        return c["host"] == host and _port(c["peer"]) == port
+        return (c["host"] == host and _port(c["peer"]) == port
+                and (not handshake or c["handshake_done"] is not None))
 
     stats = topo.cloud.wait_for(lambda s: any(matches(c) for c in s["tcp"]), timeout_s=timeout_s)
     return max((c for c in stats["tcp"] if matches(c)), key=lambda c: c["id"])

@@ -363,7 +363,7 @@ def test_quic_block_refuses_udp_443_at_once_and_tcp_443_still_works(
     sp = g.speaker("nest", "--host", GOOGLE_VOICE, "-4", "--max-seconds", "30", "upload",
                    "--profile", "echo-opus-118", wait_file=True)  # fmt: skip
     info = sp.ready(timeout_s=10.0)
-    conn = cloud_conn(topology, info["local"], GOOGLE_VOICE)
+    conn = cloud_conn(topology, info["local"], GOOGLE_VOICE, handshake=True)
     assert conn["handshake_done"] and conn["app_bytes"] == 0, conn
     sp.go()
     pend, _ = g.wait_pending(1, timeout_s=PENDING_WITHIN_S)
@@ -403,7 +403,7 @@ def midstream(topology: Topology) -> dict[str, Any]:
                            wait_file=True)  # fmt: skip
             # (never released: the connection stays quiet but for its keepalives)
             info = sp.ready(timeout_s=10.0)
-            out["conn"] = cloud_conn(topology, info["local"], VOICE)
+            out["conn"] = cloud_conn(topology, info["local"], VOICE, handshake=True)
             # Quiet for longer than one keepalive period before the guard: probes were answered.
             time.sleep(KEEPALIVE_S + 0.5)
             out["guard_started"] = time.time()

@@ -80,7 +80,7 @@ def _connected_speaker(
     connection at setup, when the cloud has received no application byte yet)."""
     sp = g.speaker(host, *args, wait_file=True)
     info = sp.ready(timeout_s=10.0)
-    conn = cloud_conn(g.topo, info["local"], remote_host)
+    conn = cloud_conn(g.topo, info["local"], remote_host, handshake=True)
     assert conn["handshake_done"] and conn["app_bytes"] == 0, conn
     return sp, conn
 

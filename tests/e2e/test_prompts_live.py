@@ -108,7 +108,7 @@ def _connected_speaker(g: Guard, *args: str) -> tuple[SpeakerRun, dict[str, Any]
     record of the connection, with no application byte received yet)."""
     sp = g.speaker("echo", "--host", VOICE, "-4", *args, wait_file=True)
     info = sp.ready(timeout_s=10.0)
-    conn = cloud_conn(g.topo, info["local"], VOICE)
+    conn = cloud_conn(g.topo, info["local"], VOICE, handshake=True)
     assert conn["handshake_done"] and conn["app_bytes"] == 0, conn
     return sp, conn
 
