@@ -158,3 +158,28 @@ def test_shape_only_copies_hold_what_the_originals_hold(shape_only: list) -> Non
             assert categories.get(remote) and categories[remote] <= allowed, (cap["file"], upload)
             extra_remotes.add(remote)
     assert len(extra_remotes) <= 2, extra_remotes
+
+
+@pytest.mark.parametrize("speaker", ["echo-session", "nest-quic"])
+def test_shape_only_synthetic_speakers_are_held_as_with_names(speaker: str, tmp_path: Path) -> None:
+    """The two speaker kinds the shared captures lack: the synthetic Echo session (follow-up,
+    telemetry, a call) and a Nest's QUIC upload (~1,350-byte datagrams, no name once its Initial
+    is zeroed). Shape-only, every true upload is held exactly as with names."""
+    from guard import synth
+    from guard.capture import write_pcap
+
+    if speaker == "nest-quic":
+        frames, device, truth = synth.generate_nest_quic(1), synth.NEST.ip, synth.nest_quic_truth(1)
+    else:
+        frames, device, truth = synth.generate_session(1), synth.ECHO.ip, synth.session_truth(1)
+    named_path, shaped_path = tmp_path / "named.pcap", tmp_path / "shaped.pcap"
+    write_pcap(str(named_path), frames)
+    write_pcap(str(shaped_path), [(ts, s) for ts, f in frames if (s := shape_only_frame(f))])
+    named = analyze_capture(named_path, devices=[device])["uploads"]
+    shaped = analyze_capture(shaped_path, devices=[device])["uploads"]
+    for t in truth:
+        held = [u for u in shaped if u["action"] == "hold" and u["start"] <= t["end"]
+                and u["end"] >= t["start"]]
+        assert held, (t, shaped)
+    for upload in named:
+        assert [u for u in shaped if _same_upload(upload, u, 0.0)], (upload, shaped)
