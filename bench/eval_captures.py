@@ -442,11 +442,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from bench.shape_only import write_shape_only
 
                 shared = Path(tmp) / "shape-only"
-                names = {copy["file"]: cap["file"] for cap, copy in zip(
-                    load_labels(args.shared), write_shape_only(args.shared, shared), strict=True)}
-            captures = [c for c in load_labels(shared)
-                        if not args.only or args.only in (names[c["file"]] if args.shape_only
-                                                          else c["file"])]
+                labels = write_shape_only(args.shared, shared)
+            else:
+                labels = load_labels(shared)
+            captures = [c for c in labels
+                        if not args.only or args.only in c.get("original", c["file"])]
             results = run(captures, shared, args.mode)
             if args.synthetic is not None:
                 results.append(run_synthetic(args.mode, args.synthetic, Path(tmp)))

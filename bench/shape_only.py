@@ -11,7 +11,7 @@ OUIs are left to name anything.
 Rules of this file: `shape_only_frame` is a pure function of one frame; the copies are written
 only where the caller says (a temporary directory), never into the repository, and the labels
 are carried over with their times moved by the same offset as the clock (each copy's label
-says it: `offset`, the original time of its first packet).
+says it: `offset`, the original time of its first packet; `original`, the capture it copies).
 
     python bench/shape_only.py OUT_DIR [--shared DIR]   # writes OUT_DIR/captures/...
 """
@@ -58,7 +58,7 @@ def shape_only_frame(frame: bytes) -> bytes | None:
 def write_shape_only(shared: Path, out: Path) -> list[dict]:
     """Shape-only copies of every capture in `shared`/captures/labels.toml, written to
     `out`/captures/traceNN.pcap with a labels.toml beside them; returns the new labels, each
-    with `offset`: what was subtracted from its times."""
+    with `offset` (what was subtracted from its times) and `original` (the file it copies)."""
     captures_in = shared / "captures"
     labels = tomllib.loads((captures_in / "labels.toml").read_text())["capture"]
     captures_out = out / "captures"
@@ -82,14 +82,16 @@ def write_shape_only(shared: Path, out: Path) -> list[dict]:
         offset = offset or 0.0
         voice = [{**v, "start": v["start"] - offset, "end": v["end"] - offset}
                  for v in cap.get("voice", [])]
-        renamed.append({**cap, "file": name, "voice": voice, "offset": offset})
+        renamed.append({**cap, "file": name, "voice": voice, "offset": offset,
+                        "original": cap["file"]})
     (captures_out / "labels.toml").write_text("".join(_toml(cap) for cap in renamed))
     return renamed
 
 
 def _toml(cap: dict) -> str:
     text = (f'[[capture]]\nfile = "{cap["file"]}"\ndevice = "{cap["device"]}"\n'
-            f'vendor = "{cap["vendor"]}"\noffset = {cap["offset"]!r}\n')
+            f'vendor = "{cap["vendor"]}"\noffset = {cap["offset"]!r}\n'
+            f'original = "{cap["original"]}"\n')
     for v in cap.get("voice", []):
         text += (f'[[capture.voice]]\nstart = {v["start"]!r}\nend = {v["end"]!r}\n'
                  f'remote = "{v["remote"]}"\nbytes = {v["bytes"]}\n')

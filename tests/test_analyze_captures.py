@@ -95,16 +95,13 @@ def _same_upload(a: dict, b: dict, offset: float) -> bool:
 
 @pytest.fixture(scope="module")
 def shape_only(captures: Path, tmp_path_factory: pytest.TempPathFactory) -> list[tuple]:
-    """(labels, result on the capture, result on its shape-only copy, the copy's clock offset)
-    per capture."""
+    """(the copy's labels, result on the original capture, result on the copy) per capture."""
     out = tmp_path_factory.mktemp("shape-only")
-    copies = write_shape_only(captures.parent, out)
-    labels = tomllib.loads((captures / "labels.toml").read_text())["capture"]
     return [
-        (cap, analyze_capture(captures / cap["file"], devices=[cap["device"]], mode="strict"),
-         analyze_capture(out / "captures" / copy["file"], devices=[copy["device"]], mode="strict"),
-         copy["offset"])
-        for cap, copy in zip(labels, copies, strict=True)
+        (copy,
+         analyze_capture(captures / copy["original"], devices=[copy["device"]], mode="strict"),
+         analyze_capture(out / "captures" / copy["file"], devices=[copy["device"]], mode="strict"))
+        for copy in write_shape_only(captures.parent, out)
     ]
 
 
@@ -128,9 +125,7 @@ def test_shape_only_frame_zeroes_payload_keeps_lengths_and_drops_syn(client_hell
 
 
 def test_shape_only_copies_meet_the_recall_leak_and_delay_targets(shape_only: list) -> None:
-    moved = tomllib.loads((Path(shape_only[0][2]["capture"]).parent / "labels.toml").read_text())
-    overall = evaluate(list(zip(moved["capture"], [shaped for _, _, shaped, _ in shape_only],
-                                strict=True)))["overall"]
+    overall = evaluate([(copy, shaped) for copy, _, shaped in shape_only])["overall"]
     assert overall["labels"] == 48
     assert overall["recall_pct"] >= 98.0, overall
     assert overall["leak_pct"] <= 1.0, overall
@@ -143,19 +138,20 @@ def test_shape_only_copies_hold_what_the_originals_hold(shape_only: list) -> Non
     telemetry to device-metrics: with no name it looks like a pre-roll, see README)."""
     allowed = {c for c, a in DEFAULT_CATEGORY_ACTIONS.items() if a is CategoryAction.ALLOW}
     extra_remotes = set()
-    for cap, named, shaped, offset in shape_only:
-        assert named["uploads"], cap["file"]
+    for copy, named, shaped in shape_only:
+        assert named["uploads"], copy["original"]
         extra = list(shaped["uploads"])
         for upload in named["uploads"]:
-            same = [u for u in extra if _same_upload(upload, u, offset)]
-            assert len(same) == 1, (cap["file"], upload, shaped["uploads"])
+            same = [u for u in extra if _same_upload(upload, u, copy["offset"])]
+            assert len(same) == 1, (copy["original"], upload, shaped["uploads"])
             extra.remove(same[0])
         categories: dict[str, set] = {}
         for flow in named["flows"]:
             categories.setdefault(flow["remote"], set()).add(flow["category"])
         for upload in extra:
             remote = upload["remote"]
-            assert categories.get(remote) and categories[remote] <= allowed, (cap["file"], upload)
+            assert categories.get(remote) and categories[remote] <= allowed, (
+                copy["original"], upload)
             extra_remotes.add(remote)
     assert len(extra_remotes) <= 2, extra_remotes
 
