@@ -19,6 +19,7 @@ from typing import Any
 
 from guard.config import DeviceConfig, GuardConfig, normalize_mac
 from guard.detector import CONTROL_DATAGRAMS, DetectorConfig, Judgement, judge, next_deadline
+from guard.detector import Verdict as Judged
 from guard.names import NameCache
 from guard.packet import ACK, FIN, RST, SYN, TCP, UDP, Hint, Malformed, Packet
 from guard.policy import (
@@ -44,6 +45,8 @@ UPLOAD_END_GAP_S = 1.0
 TCP_IDLE_S = 900.0
 UDP_IDLE_S = 120.0
 MAX_FLOWS = 16384
+# A burst's packet that finds the caps in total full: the burst is judged an upload at its cap.
+NO_ROOM = Judged(Judgement.AUDIO, "no room in total")
 # Real-time media from a speaker (calls, Drop-In): STUN and DTLS on UDP (design.md section 7).
 REALTIME_HINTS = frozenset({Hint.STUN, Hint.DTLS})
 # Ports whose UDP is infrastructure, never an upload: DNS, NTP, DHCP, mDNS, SSDP.
@@ -1028,7 +1031,8 @@ class Engine:
                     and (pkt.seq + pkt.payload_len) & 0xFFFFFFFF
                     == (last.seq + last.payload) & 0xFFFFFFFF):
                 flow.finished = True
-                if not (len(burst) > 1 and burst[-2].seq == last.seq):
+                if (not (len(burst) > 1 and burst[-2].seq == last.seq)
+                        and not self._total_full(held.size)):
                     # Kept (one copy) and released after the original: the remote acknowledges
                     # it as a duplicate (a D-SACK), which ends the sender's probe episode.
                     # Dropped, the episode would stay open and the sender would not probe its
@@ -1044,13 +1048,20 @@ class Engine:
             self.counters["duplicates"] += 1
             self._rejudge(flow, now)
             return Verdict.DROP
+        full = self._total_full(held.size)
         flow.finished = False
         flow.burst.append(held)
         flow.run.append((now, pkt.payload_len))
         self._hold(held)
         monitor = flow.device.mode is Mode.MONITOR
-        verdict = judge(flow.run, flow.key.proto == TCP, now, self.detector, flow.stalled,
-                        flow.finished, flow.nudged_at)
+        if full and not monitor:
+            # No room in total for this packet. The caps bound memory, so they count held
+            # bursts too; and a burst cut short here could not be told from a message, so it
+            # is never released on that guess: it is an upload at its cap, denied (fail-closed)
+            verdict = NO_ROOM
+        else:
+            verdict = judge(flow.run, flow.key.proto == TCP, now, self.detector, flow.stalled,
+                            flow.finished, flow.nudged_at)
         if verdict.judgement is Judgement.MESSAGE:
             self._release_burst(flow, now, verdict.reason, current=held)
             return Verdict.ACCEPT
@@ -1071,6 +1082,11 @@ class Engine:
             return Verdict.ACCEPT
         self._reschedule(flow)
         return Verdict.HOLD
+
+    def _total_full(self, size: int) -> bool:
+        """Would holding one more packet of `size` bytes pass a cap in total?"""
+        return (self.held_packets + 1 > self.config.max_held_packets_total
+                or self.held_bytes + size > self.config.max_held_bytes_total)
 
     def _hold(self, held: Held) -> None:
         self.held_packets += 1

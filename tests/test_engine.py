@@ -372,6 +372,34 @@ def test_cap_on_held_packets_denies_the_upload_fail_closed() -> None:
     assert upload.state.value == "denied" and eng.held() == (0, 0)
 
 
+def test_cap_in_total_counts_held_bursts_and_denies_the_burst_that_finds_no_room() -> None:
+    """The caps in total bound memory, so a burst held while the detector watches counts
+    against them too. A burst that finds no room is cut short before its window: it could not
+    be told from a message, so it is never released on that guess. It is an upload at its cap,
+    denied (fail-closed, design.md 5), and the upload already pending is left alone."""
+    eng = engine(max_held_packets_total=13)
+    first = Conn(eng)
+    start_burst(first, T0)
+    upload = eng.pending()[0]
+    eng.take_actions()
+    assert eng.held()[0] == 10
+    second = Conn(eng, sport=40001)
+    verdicts = [v for v, _ in start_burst(second, T0 + 0.05)]
+    assert verdicts == [Verdict.HOLD] * 3 + [Verdict.DROP] * 7
+    actions = eng.take_actions()
+    assert not of(actions, Release) and not of(actions, BurstReleased)
+    decided = of(actions, UploadDecided)
+    assert [(d.outcome, d.upload["decided_by"]) for d in decided] == [(Outcome.CAPPED, "cap")]
+    assert len(of(actions, Discard)[0].tokens) == 3 and of(actions, Reset)
+    assert eng.counters["caps_hit"] == 1
+    assert eng.held()[0] == 10 and [u.id for u in eng.pending()] == [upload.id]
+    # with room again (the pending upload denied), a new burst is held and judged as usual
+    eng.decide(upload.id, Decision(Verb.DENY), T0 + 0.1)
+    third = Conn(eng, sport=40002)
+    assert [v for v, _ in start_burst(third, T0 + 0.2)] == [Verdict.HOLD] * 10
+    assert len(eng.pending()) == 1 and eng.held()[0] == 10
+
+
 def test_messaging_host_is_blocked_at_once() -> None:
     eng = engine()
     dns = Packet(4, "198.18.10.1", ECHO, 17, 53, 40001, 80, 108,

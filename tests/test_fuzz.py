@@ -1125,6 +1125,10 @@ class Ledger:
             held += flow.burst
         assert eng.held_packets == len(held)
         assert eng.held_bytes == sum(h.size for h in held)
+        # the caps in total bound memory: provisional bursts count too (design.md 5)
+        cfg = eng.config
+        assert eng.held_packets <= cfg.max_held_packets_total, (eng.held_packets, cfg)
+        assert eng.held_bytes <= cfg.max_held_bytes_total, (eng.held_bytes, cfg)
         tokens = [h.token for h in held]
         assert len(set(tokens)) == len(tokens) and set(tokens) == self.outstanding
         when = eng.next_timer()
