@@ -1032,7 +1032,7 @@ class Engine:
                     == (last.seq + last.payload) & 0xFFFFFFFF):
                 flow.finished = True
                 if (not (len(burst) > 1 and burst[-2].seq == last.seq)
-                        and not self._total_full(held.size)):
+                        and self._total_cap(held.size) is None):
                     # Kept (one copy) and released after the original: the remote acknowledges
                     # it as a duplicate (a D-SACK), which ends the sender's probe episode.
                     # Dropped, the episode would stay open and the sender would not probe its
@@ -1048,7 +1048,7 @@ class Engine:
             self.counters["duplicates"] += 1
             self._rejudge(flow, now)
             return Verdict.DROP
-        full = self._total_full(held.size)
+        full = self._total_cap(held.size) is not None
         flow.finished = False
         flow.burst.append(held)
         flow.run.append((now, pkt.payload_len))
@@ -1083,10 +1083,13 @@ class Engine:
         self._reschedule(flow)
         return Verdict.HOLD
 
-    def _total_full(self, size: int) -> bool:
-        """Would holding one more packet of `size` bytes pass a cap in total?"""
-        return (self.held_packets + 1 > self.config.max_held_packets_total
-                or self.held_bytes + size > self.config.max_held_bytes_total)
+    def _total_cap(self, size: int, count: int = 1) -> str | None:
+        """Which cap in total holding `count` more packets of `size` bytes would pass, if any."""
+        if self.held_packets + count > self.config.max_held_packets_total:
+            return "packets in total"
+        if self.held_bytes + size > self.config.max_held_bytes_total:
+            return "bytes in total"
+        return None
 
     def _hold(self, held: Held) -> None:
         self.held_packets += 1
@@ -1246,15 +1249,12 @@ class Engine:
         """Deny the upload (fail-closed) when holding `extra` too would pass a cap."""
         cfg = self.config
         count, size = (1, extra.size) if extra is not None else (0, 0)
-        which = None
         if len(upload.held) + count > cfg.max_held_packets_per_upload:
             which = "packets per upload"
         elif upload.held_bytes + size > cfg.max_held_bytes_per_upload:
             which = "bytes per upload"
-        elif self.held_packets + count > cfg.max_held_packets_total:
-            which = "packets in total"
-        elif self.held_bytes + size > cfg.max_held_bytes_total:
-            which = "bytes in total"
+        else:
+            which = self._total_cap(size, count)
         if which is None:
             return False
         self.counters["caps_hit"] += 1
