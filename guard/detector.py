@@ -1,4 +1,28 @@
-"""Is this burst the start of an audio upload? Judged from what a held sender can emit.
+"""Is this burst the start of an audio upload? Two judges: whole bursts of a relayed TCP stream
+(`judge_stream`), and what a held sender can emit for the packet hold (`judge`, QUIC/UDP and the
+legacy `tcp_hold = "packet"` mode).
+
+The stream judge (design.md 5, "hold the stream"): the router's kernel terminates the speaker's
+TCP and ACKs it, so a held speaker never stalls and the judge sees every record of a burst while
+nothing of it leaves. It uses only what survives both a live relay (records arrive at LAN speed,
+reads coalesce) and a capture (records paced by the real cloud's ACK clock): whether records keep
+coming at a codec's cadence, and a quiet gap. Its physics:
+- Audio is produced in real time. Whatever the speaker buffered before the upload (pre-roll, wake
+  word, the request's metadata) may arrive at once, but after that a microphone stream can only
+  send what it records: one record per codec frame or packet of frames, 20-60 per second (Opus
+  20 ms frames, PCM chunks), without a pause, for as long as the person (or the TV) speaks. So a
+  burst whose records are still arriving at a stream's cadence `sustain_s` after its first one
+  is audio.
+- Anything else is a message: an event, a state report, a log: a write of a few records that
+  arrives whole (live, within milliseconds; in a capture, within a few round trips) and then
+  stops. A burst that has been quiet for `quiet_s` ended as a message and is released in order.
+- A record that can carry nothing but an HTTP/2 control frame (PING, SETTINGS ack,
+  WINDOW_UPDATE, RST_STREAM, an empty END_STREAM DATA frame: TLS overhead 22-29 B + 9-17 B) holds
+  no audio: it never starts, extends or ends a burst by itself (a download's WINDOW_UPDATEs come
+  at a stream's cadence too).
+- A quiet gap is not always the end (Wi-Fi uplink stalls of 100-300 ms, a pause after the head of
+  an upload): a burst whose head is as large as an upload's start (request metadata plus the
+  buffered pre-roll) waits `start_quiet_s` before it is released.
 
 Rules of this module: the judge sees only the current run of a flow's upstream payload packets
 (sizes and times), never payload bytes, so it works on TLS, QUIC and shape-only traces alike. It
@@ -97,6 +121,42 @@ class DetectorConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamConfig:
+    """Thresholds of the stream judge; each cites the physics it rests on."""
+
+    # A gap this long with no record ends a message. Codec frames are 20-60 ms apart (Opus 20 ms,
+    # 118-B records at 52-59/s; HomePod ~21 records/s: 48 ms); five frame times of silence in
+    # the middle of speech are a stall of the link, not the end of the audio.
+    quiet_s: float = 0.2
+    # The wait for a burst whose head is as large as an upload's start: long enough to ride out
+    # a 400 ms Wi-Fi uplink stall before the stream phase (design.md 5a.4).
+    start_quiet_s: float = 0.45
+    # An upload starts with its request metadata (an HTTP/2 HEADERS record and a JSON event,
+    # ~4 KB on Echos) and the pre-roll buffered since before the wake word (500 ms at 32 kbit/s
+    # Opus is 2 KB; the wake word itself another 0.5-1 s): 8 KB or more. A smaller head cannot
+    # carry a pre-roll, and is released after `quiet_s`.
+    start_head_bytes: int = 8000
+    # The largest record that carries only a control frame: TLS 1.2 GCM overhead (29 B) + the
+    # HTTP/2 frame header (9 B) + at most 17 B of frame (a PING's 8, a WINDOW_UPDATE's 4, a
+    # PRIORITY's 5; a GOAWAY with a short reason) rounded up. The smallest codec record is a
+    # 20-ms Opus frame at 24 kbit/s: 60 B of audio + 38 B of framing = 98 B.
+    control_record_bytes: int = 80
+    # Records still arriving this long after the burst's first one, at a stream's cadence: audio.
+    # A message arrives whole: live within milliseconds, in a capture paced by the cloud's ACK
+    # clock within a few round trips (a 14-16 KB event over 0.05-0.33 s in the 2018 Echo
+    # captures); a real-time source is still sending. Leaves room for pending <= 0.5 s.
+    sustain_s: float = 0.4
+    # The cadence: at least this many records that carry data in the last `cadence_window_s`.
+    # The slowest stream seen is ~20 records/s (5 per 250 ms); an ACK-clocked message completes
+    # one or two records per round trip.
+    cadence_window_s: float = 0.25
+    cadence_records: int = 3
+    # Decide within this long whatever the cadence: a burst that has not gone quiet for this
+    # long is a stream (a slow trickle of records, each under the quiet gap).
+    decide_within_s: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class Verdict:
     judgement: Judgement
     reason: str
@@ -182,3 +242,53 @@ def next_deadline(run: Sequence[tuple[float, int]], config: DetectorConfig,
     if now is not None and quiet <= now + _EPSILON_S:
         return decide
     return min(quiet, decide)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stream judge: whole bursts of a relayed TCP stream (records, in order, with arrival times)
+
+
+def _data_records(run: Sequence[tuple[float, int]], config: StreamConfig
+                  ) -> list[tuple[float, int]]:
+    limit = config.control_record_bytes
+    return [(t, size) for t, size in run if size > limit]
+
+
+def judge_stream(run: Sequence[tuple[float, int]], now: float, config: StreamConfig,
+                 ended: bool = False) -> Verdict:
+    """Judge a burst of a relayed stream: (arrival time, record bytes) of its records, oldest
+    first, control records included; `ended` when the sender closed its side (nothing more can
+    come). Called after each record of the burst (`now` = its arrival) and from timers."""
+    data = _data_records(run, config)
+    if not data:
+        # control records alone: nothing that could be audio (the engine passes them when
+        # nothing else is held; behind a held burst they wait in order)
+        return Verdict(Judgement.MESSAGE, "control records")
+    first, last = data[0][0], data[-1][0]
+    if ended:
+        return Verdict(Judgement.MESSAGE, "sender closed")
+    if now - last >= _quiet(data, config) - _EPSILON_S:
+        return Verdict(Judgement.MESSAGE, "quiet")
+    if last - first >= config.sustain_s - _EPSILON_S:
+        since = last - config.cadence_window_s + _EPSILON_S
+        recent = sum(1 for t, _ in data if t >= since)
+        if recent >= config.cadence_records:
+            return Verdict(Judgement.AUDIO, "sustained stream")
+    if now - first >= config.decide_within_s - _EPSILON_S:
+        return Verdict(Judgement.AUDIO, "no quiet gap")
+    return UNDECIDED
+
+
+def stream_deadline(run: Sequence[tuple[float, int]], config: StreamConfig) -> float | None:
+    """When `judge_stream` may change its mind without a new record: the quiet gap's end, or
+    the decision window's."""
+    data = _data_records(run, config)
+    if not data:
+        return None
+    return min(data[-1][0] + _quiet(data, config), data[0][0] + config.decide_within_s)
+
+
+def _quiet(data: Sequence[tuple[float, int]], config: StreamConfig) -> float:
+    if sum(size for _, size in data) >= config.start_head_bytes:
+        return config.start_quiet_s
+    return config.quiet_s

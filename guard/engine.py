@@ -18,7 +18,16 @@ from enum import Enum
 from typing import Any
 
 from guard.config import DeviceConfig, GuardConfig, normalize_mac
-from guard.detector import CONTROL_DATAGRAMS, DetectorConfig, Judgement, judge, next_deadline
+from guard.detector import (
+    CONTROL_DATAGRAMS,
+    DetectorConfig,
+    Judgement,
+    StreamConfig,
+    judge,
+    judge_stream,
+    next_deadline,
+    stream_deadline,
+)
 from guard.detector import Verdict as Judged
 from guard.names import NameCache
 from guard.packet import ACK, FIN, RST, SYN, TCP, UDP, Hint, Malformed, Packet
@@ -133,6 +142,21 @@ def _join(addr: str, port: int) -> str:
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
+@dataclass(frozen=True, slots=True)
+class StreamBytes:
+    """A held token of a relayed TCP stream: the relay's kept bytes of connection `conn` up to
+    stream offset `end` (offset 0 is the connection's first upstream byte). Releasing or
+    discarding a token acts on every kept byte before `end`: the engine only ever does either
+    in order."""
+
+    conn: int
+    end: int
+
+
+# TLS record types that carry no application data: change_cipher_spec, alert, handshake.
+_TLS_HANDSHAKE_TYPES = frozenset({20, 21, 22})
+
+
 @dataclass(slots=True)
 class Held:
     token: Any
@@ -169,6 +193,9 @@ class Upload:
     seqs: set[tuple[int, int]] = field(default_factory=set)
     reason: str = ""
     first_turn: bool = False  # followups: passed as a first turn, held if it runs too long
+    # Held in a relayed stream: bounded in bytes only (the relay keeps bytes, not packets, and
+    # a speaker that the router ACKs keeps sending: 20 s of 60 records/s)
+    stream: bool = False
 
     def move(self, state: UploadState) -> None:
         if state is not self.state and state not in _UPLOAD_MOVES[self.state]:
@@ -248,6 +275,8 @@ class Flow:
     # The run's first segment, released to see whether its sender has more, and when
     nudged: Held | None = None
     nudged_at: float | None = None
+    # A relayed TCP connection (design.md 5): the relay's id for it; its bursts are judged whole
+    stream: int | None = None
 
     def move(self, state: FlowState) -> None:
         if state is self.state:
@@ -445,6 +474,15 @@ class Devices:
             return self.learned.get(pkt.src)  # router-originated paths carry no MAC
         return None
 
+    def find(self, address: str, mac: str | None) -> DeviceConfig | None:
+        """The device behind a relayed connection: by MAC (the neighbour table's, when the shell
+        knows it), else by address."""
+        if mac is not None and self.by_mac:
+            device = self.by_mac.get(normalize_mac(mac))
+            if device is not None:
+                return device
+        return self.by_addr.get(address) or self.learned.get(address)
+
     def downstream(self, pkt: Packet) -> DeviceConfig | None:
         return self.by_addr.get(pkt.dst) or self.learned.get(pkt.dst)
 
@@ -506,6 +544,8 @@ class Engine:
         self.rules = rules
         self.devices = Devices(config.devices)
         self.detector = detector or DetectorConfig(window_segments=config.window_segments)
+        self.stream_detector = StreamConfig()
+        self.streams: dict[int, Flow] = {}  # relayed connections by the relay's id
         self.names = NameCache()
         self.flows: dict[FlowKey, Flow] = {}
         self.uploads: dict[int, Upload] = {}  # pending or passing: the live ones
@@ -533,7 +573,7 @@ class Engine:
             "packets_in": 0, "accepted": 0, "dropped": 0, "rejected": 0, "held": 0,
             "malformed": 0, "not_ours": 0, "duplicates": 0, "bursts_released": 0,
             "flows_blocked": 0, "caps_hit": 0, "dns_answers": 0, "midstream_resets": 0,
-            "nudges": 0,
+            "nudges": 0, "streams": 0, "stream_records": 0,
         }
 
     # -- time ---------------------------------------------------------------------------------
@@ -563,7 +603,10 @@ class Engine:
     def _reschedule(self, flow: Flow) -> None:
         when: float | None = None
         if flow.state is FlowState.PROVISIONAL:
-            when = next_deadline(flow.run, self.detector, self.now, flow.nudged_at)
+            if flow.stream is not None:
+                when = stream_deadline(flow.run, self.stream_detector)
+            else:
+                when = next_deadline(flow.run, self.detector, self.now, flow.nudged_at)
         elif flow.state is FlowState.PENDING and flow.upload is not None:
             when = flow.upload.expires
             if self.expire_on_idle:
@@ -596,8 +639,7 @@ class Engine:
     def _rejudge(self, flow: Flow, now: float) -> None:
         """New evidence about a held run's sender without a new packet of the run (it finished,
         or it retransmitted): judge again now."""
-        verdict = judge(flow.run, flow.key.proto == TCP, now, self.detector, flow.stalled,
-                        flow.finished, flow.nudged_at)
+        verdict = self._judge(flow, now)
         if verdict.judgement is Judgement.NUDGE:
             if len(flow.burst) > 1 and flow.device.mode is not Mode.MONITOR:
                 self._nudge(flow, now)
@@ -610,6 +652,14 @@ class Engine:
             self._upload_detected(flow, now, verdict.reason)
         else:
             self._reschedule(flow)
+
+    def _judge(self, flow: Flow, now: float) -> Judged:
+        """The detector's verdict on the flow's current burst: whole bursts for a relayed
+        stream, what a held sender can emit for the packet hold."""
+        if flow.stream is not None:
+            return judge_stream(flow.run, now, self.stream_detector, flow.finished)
+        return judge(flow.run, flow.key.proto == TCP, now, self.detector, flow.stalled,
+                     flow.finished, flow.nudged_at)
 
     def _nudge(self, flow: Flow, now: float) -> None:
         """Release the held run's first segment only: the cloud's ACK of it gives the sender
@@ -840,6 +890,109 @@ class Engine:
             return Verdict.ACCEPT  # a TLS/QUIC handshake carries no audio, and names the flow
         return self._payload(flow, pkt, now, token)
 
+    # -- the stream path (TCP terminated by the router's kernel, relayed by the shell) ---------
+
+    def stream_open(self, conn: int, device_addr: str, device_port: int, remote_addr: str,
+                    remote_port: int, device_mac: str | None, host: str | None, now: float
+                    ) -> tuple[Verdict, FlowKey]:
+        """A new relayed connection of a device, named by its ClientHello's SNI (`host`) when it
+        has one. ACCEPT: relay it at once, both ways; REJECT: refuse it (a blocked category, or
+        no guarded device sent it) before any byte leaves; HOLD: inspect its upstream, fed
+        record by record to `stream_data` (downstream is always relayed at once)."""
+        now = self._tick(now)
+        key = _flow_key(TCP, device_addr, device_port, remote_addr, remote_port)
+        device = self.devices.find(key.device_addr, device_mac)
+        if device is None:
+            self.counters["not_ours"] += 1
+            return Verdict.REJECT, key
+        old = self.flows.pop(key, None)  # a reused port: the old connection is gone
+        if old is not None and old.stream is not None:
+            self.streams.pop(old.stream, None)
+        flow = self._flow(key, device, now)
+        flow.midstream = False
+        flow.stream = conn
+        self.streams[conn] = flow
+        self.counters["streams"] += 1
+        if host:
+            self._name_flow(flow, host)
+        if device.mode is Mode.OFF:
+            return Verdict.ACCEPT, key
+        action = device.category_action(flow.category)
+        if action is CategoryAction.BLOCK:
+            return self._block(flow, now, f"{flow.category} is blocked"), key
+        if action is CategoryAction.ALLOW:
+            flow.move(FlowState.ALLOWED)
+            return Verdict.ACCEPT, key
+        return Verdict.HOLD, key
+
+    def stream_data(self, conn: int, end: int, size: int, content_type: int, now: float
+                    ) -> Verdict:
+        """One whole upstream record of a relayed connection (a TLS record of `size` bytes
+        ending at stream offset `end`, or a read when the stream is not TLS: content_type 0).
+        ACCEPT: every kept byte up to `end` may go; HOLD: keep it; DROP: discard the kept bytes
+        up to `end`; REJECT: abort the connection."""
+        if now > self.now:
+            self.now = now
+        else:
+            now = self.now
+        if self._timers and self._timers[0][0] <= now:
+            self.handle_timer(now)
+        flow = self.streams.get(conn)
+        if flow is None:
+            return Verdict.REJECT
+        self.counters["stream_records"] += 1
+        flow.last = now
+        flow.packets_up += 1
+        flow.bytes_up += size
+        state = flow.state
+        if state is FlowState.BLOCKED:
+            return Verdict.REJECT
+        if state is FlowState.ALLOWED or flow.device.mode is Mode.OFF:
+            return Verdict.ACCEPT
+        if state is FlowState.IDLE and (content_type in _TLS_HANDSHAKE_TYPES
+                                        or size <= self.stream_detector.control_record_bytes):
+            # The handshake carries no audio, and a control record alone can carry none: they
+            # pass when nothing is held before them (never ahead of held bytes: no reordering).
+            return Verdict.ACCEPT
+        pkt = Packet(4 if "." in flow.key.device_addr else 6, flow.key.device_addr,
+                     flow.key.remote_addr, TCP, flow.key.device_port, flow.key.remote_port,
+                     size, size, flags=ACK, seq=(end - size) & 0xFFFFFFFF)
+        return self._payload(flow, pkt, now, StreamBytes(conn, end))
+
+    def stream_down(self, conn: int, nbytes: int, now: float) -> None:
+        """Bytes the relay passed from the remote to the device (counted only)."""
+        flow = self.streams.get(conn)
+        if flow is not None:
+            flow.packets_down += 1
+            flow.bytes_down += nbytes
+            flow.last = max(flow.last, now)
+
+    def stream_closed(self, conn: int, now: float, reset: bool = False) -> None:
+        """The device closed its side (`reset`: either leg was reset, or failed). A held burst
+        is judged with nothing more to come; a pending upload whose connection was reset can
+        deliver nothing any more: it is recorded lost."""
+        now = self._tick(now)
+        flow = self.streams.pop(conn, None)
+        if flow is None:
+            return
+        flow.finished = True
+        if flow.state is FlowState.PROVISIONAL:
+            if reset:
+                self._discard_burst(flow)
+            else:
+                self._rejudge(flow, now)
+        elif flow.state is FlowState.PENDING and flow.upload is not None and reset:
+            self._deny(flow.upload, now, Outcome.LOST, "connection reset")
+
+    def _discard_burst(self, flow: Flow) -> None:
+        """A held burst whose connection died: nothing of it can be delivered."""
+        if flow.burst:
+            self.actions.append(Discard(tuple(h.token for h in flow.burst)))
+            self._unhold(flow.burst)
+        flow.burst, flow.run = [], []
+        flow.move(FlowState.IDLE)
+        self._schedule(flow, None)
+
     def learn_mac(self, name: str, mac: str) -> None:
         """The shell found an address-only device's MAC (the neighbour table): known by it."""
         updated = self.devices.learn_mac(name, mac)
@@ -1048,7 +1201,7 @@ class Engine:
             self.counters["duplicates"] += 1
             self._rejudge(flow, now)
             return Verdict.DROP
-        full = self._total_cap(held.size) is not None
+        full = self._total_cap(held.size, _packets(held)) is not None
         flow.finished = False
         flow.burst.append(held)
         flow.run.append((now, pkt.payload_len))
@@ -1060,8 +1213,7 @@ class Engine:
             # is never released on that guess: it is an upload at its cap, denied (fail-closed)
             verdict = NO_ROOM
         else:
-            verdict = judge(flow.run, flow.key.proto == TCP, now, self.detector, flow.stalled,
-                            flow.finished, flow.nudged_at)
+            verdict = self._judge(flow, now)
         if verdict.judgement is Judgement.MESSAGE:
             self._release_burst(flow, now, verdict.reason, current=held)
             return Verdict.ACCEPT
@@ -1092,12 +1244,12 @@ class Engine:
         return None
 
     def _hold(self, held: Held) -> None:
-        self.held_packets += 1
+        self.held_packets += _packets(held)
         self.held_bytes += held.size
 
     def _unhold(self, held: Iterable[Held]) -> None:
         for item in held:
-            self.held_packets -= 1
+            self.held_packets -= _packets(item)
             self.held_bytes -= item.size
 
     def _release_burst(self, flow: Flow, now: float, reason: str, current: Held | None = None
@@ -1147,7 +1299,7 @@ class Engine:
             key=flow.key, host=flow.host, category=flow.category, start=flow.activity_start,
             end=now, decided=now, decided_after_packets=self._decided_after, action=action,
             turn=turn, bytes=flow.activity_bytes, packets=flow.activity_packets,
-            leaked_bytes=flow.activity_passed, reason=reason,
+            leaked_bytes=flow.activity_passed, reason=reason, stream=flow.stream is not None,
         )
         self.uploads[upload.id] = upload
         self.last_upload[device.name] = (now, turn)
@@ -1248,8 +1400,8 @@ class Engine:
     def _check_caps(self, upload: Upload, now: float, extra: Held | None = None) -> bool:
         """Deny the upload (fail-closed) when holding `extra` too would pass a cap."""
         cfg = self.config
-        count, size = (1, extra.size) if extra is not None else (0, 0)
-        if len(upload.held) + count > cfg.max_held_packets_per_upload:
+        count, size = (_packets(extra), extra.size) if extra is not None else (0, 0)
+        if not upload.stream and len(upload.held) + count > cfg.max_held_packets_per_upload:
             which = "packets per upload"
         elif upload.held_bytes + size > cfg.max_held_bytes_per_upload:
             which = "bytes per upload"
@@ -1398,6 +1550,11 @@ class Engine:
 
     def held(self) -> tuple[int, int]:
         return self.held_packets, self.held_bytes
+
+
+def _packets(held: Held) -> int:
+    """What a held item counts against the packet caps: a queued packet 1, stream bytes 0."""
+    return 0 if isinstance(held.token, StreamBytes) else 1
 
 
 def _seq_after(a: int, b: int) -> bool:
