@@ -1,0 +1,296 @@
+"""The relay's record framer (pure) and its buffer bookkeeping over real loopback sockets, with a
+fake engine: what is kept, released, discarded, and when a FIN or a reset passes on."""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from guard.engine import Verdict
+from guard.relay import Record, RecordFramer, Relay, RelayTag
+
+
+def tls(ctype: int, body: bytes) -> bytes:
+    return struct.pack("!BBBH", ctype, 3, 3, len(body)) + body
+
+
+# --- framer ---------------------------------------------------------------------------------------
+
+
+def test_records_split_and_joined_across_reads_are_framed_whole() -> None:
+    stream = tls(22, b"h" * 300) + tls(23, b"a" * 1000) + tls(23, b"") + tls(21, b"xx")
+    f = RecordFramer()
+    out: list[Record] = []
+    for cut in (1, 4, 7, 305, 306, 900, len(stream)):  # arbitrary read boundaries
+        out += f.feed(stream[f.offset:cut])
+    assert [(r.end, r.size, r.content_type) for r in out] == [
+        (305, 305, 22), (1310, 1005, 23), (1315, 5, 23), (1322, 7, 21)]
+    assert f.tls and f.partial == 0
+
+
+def test_a_stream_that_is_not_tls_is_one_record_per_read() -> None:
+    f = RecordFramer()
+    assert f.feed(b"GET / HTTP/1.1\r\n") == [Record(16, 16, 0)]
+    assert f.feed(tls(23, b"x")) == [Record(22, 6, 0)]  # once not TLS, always not TLS
+    assert not f.tls
+
+
+@pytest.mark.parametrize("header", [
+    bytes([24, 3, 3, 0, 1]),  # type 24 (heartbeat) is not one we frame
+    bytes([23, 2, 0, 0, 1]),  # SSLv2-ish version
+    bytes([23, 3, 9, 0, 1]),  # unknown minor
+    struct.pack("!BBBH", 23, 3, 3, 16384 + 2049),  # longer than any TLS record
+])
+def test_a_bad_header_after_good_records_falls_back_covering_every_byte(header: bytes) -> None:
+    f = RecordFramer()
+    good = tls(22, b"h" * 10)
+    out = f.feed(good + header[:3])
+    assert out == [Record(15, 15, 22)] and f.partial == 3
+    out = f.feed(header[3:] + b"rest")
+    assert out == [Record(15 + 5 + 4, 9, 0)]  # the bad header and the rest of this read
+    assert f.feed(b"more") == [Record(28, 4, 0)]
+
+
+def test_an_unfinished_record_is_flushed_at_the_end() -> None:
+    f = RecordFramer()
+    assert f.feed(tls(23, b"x" * 100)[:50]) == []
+    assert f.flush() == Record(50, 50, 23)
+    assert f.flush() is None
+
+
+# --- the relay over loopback ----------------------------------------------------------------------
+
+
+class FakeEngine:
+    def __init__(self, open_verdict: Verdict = Verdict.HOLD,
+                 data: Callable[[int, int, int], Verdict] | None = None) -> None:
+        self.open_verdict = open_verdict
+        self.data = data or (lambda end, size, ctype: Verdict.HOLD)
+        self.calls: list[tuple[Any, ...]] = []
+
+    def stream_open(self, conn: int, device_addr: str, device_port: int, remote_addr: str,
+                    remote_port: int, device_mac: str | None, host: str | None,
+                    now: float) -> tuple[Verdict, Any]:
+        self.calls.append(("open", conn, host))
+        return self.open_verdict, ("key", conn)
+
+    def stream_data(self, conn: int, end: int, size: int, content_type: int,
+                    now: float) -> Verdict:
+        self.calls.append(("data", conn, end, size, content_type))
+        return self.data(end, size, content_type)
+
+    def stream_down(self, conn: int, nbytes: int, now: float) -> None:
+        self.calls.append(("down", conn, nbytes))
+
+    def stream_closed(self, conn: int, now: float, reset: bool) -> None:
+        self.calls.append(("closed", conn, reset))
+
+
+class World:
+    """A device socket, the relay's device leg, and a cloud listener on loopback."""
+
+    def __init__(self, engine: FakeEngine) -> None:
+        self.engine = engine
+        self.sel = selectors.DefaultSelector()
+        self.relay = Relay(engine, port=0, neighbour=lambda a: None)
+        self.relay.selector = self.sel
+        self.cloud_l = socket.create_server(("127.0.0.1", 0))
+        lst = socket.create_server(("127.0.0.1", 0))
+        self.device = socket.create_connection(lst.getsockname())
+        leg, peer = lst.accept()
+        lst.close()
+        self.conn = self.relay.adopt(leg, peer, self.cloud_l.getsockname(), time.time())
+        self.cloud: socket.socket | None = None
+
+    def pump(self, until: Callable[[], bool], timeout_s: float = 2.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for key, mask in self.sel.select(0.02):
+                assert isinstance(key.data, RelayTag)
+                self.relay.on_event(key.data, key.fileobj, mask)
+            self.relay.tick(time.time())
+            if self.cloud is None and self.cloud_l.fileno() != -1:
+                self.cloud_l.setblocking(False)
+                try:
+                    self.cloud, _ = self.cloud_l.accept()
+                    self.cloud.settimeout(0.01)
+                except BlockingIOError:
+                    pass
+            if until():
+                return
+        raise AssertionError("condition not met in time")
+
+    def cloud_read(self, want: int, timeout_s: float = 2.0) -> bytes:
+        got = b""
+        self.pump(lambda: self.cloud is not None)
+        assert self.cloud is not None
+        deadline = time.monotonic() + timeout_s
+        while len(got) < want and time.monotonic() < deadline:
+            self.pump(lambda: True)
+            try:
+                chunk = self.cloud.recv(65536)
+            except TimeoutError:
+                continue
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+    def close(self) -> None:
+        self.relay.close()
+        for s in (self.device, self.cloud, self.cloud_l):
+            if s is not None:
+                s.close()
+        self.sel.close()
+
+
+@pytest.fixture
+def world() -> Iterator[Callable[..., World]]:
+    made: list[World] = []
+
+    def make(engine: FakeEngine) -> World:
+        w = World(engine)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.close()
+
+
+def test_held_records_reach_the_cloud_only_when_released_in_order(world: Any) -> None:
+    e = FakeEngine(Verdict.HOLD, lambda end, size, ctype: Verdict.HOLD)
+    w = world(e)
+    hello, a, b = tls(22, b"h" * 50), tls(23, b"a" * 2000), tls(23, b"b" * 3000)
+    w.device.sendall(hello + a + b + tls(23, b"c" * 100)[:40])  # and half a record
+    n = len(hello + a + b)
+    w.pump(lambda: sum(1 for c in e.calls if c[0] == "data") == 3)
+    assert [c for c in e.calls if c[0] == "data"] == [
+        ("data", w.conn, 55, 55, 22), ("data", w.conn, 55 + 2005, 2005, 23),
+        ("data", w.conn, n, 3005, 23)]
+    assert w.relay.stats()["kept_bytes"] == n + 40
+    assert w.cloud_read(1, timeout_s=0.3) == b""  # nothing left while held
+    w.relay.release(w.conn, 55 + 2005)
+    assert w.cloud_read(55 + 2005) == hello + a
+    w.relay.discard(w.conn, n)  # b dropped, the half record still kept
+    assert w.relay.stats()["kept_bytes"] == 40
+    w.relay.release(w.conn, n + 10_000)  # never past what was read nor into an unjudged record
+    assert w.cloud_read(1, timeout_s=0.3) == b""
+
+
+def test_accepted_flow_relays_both_ways_without_asking(world: Any) -> None:
+    e = FakeEngine(Verdict.ACCEPT)
+    w = world(e)
+    w.device.sendall(tls(22, b"h" * 10) + b"x" * 100_000)
+    assert len(w.cloud_read(15 + 100_000)) == 15 + 100_000
+    assert not [c for c in e.calls if c[0] == "data"]
+    assert w.cloud is not None
+    w.cloud.sendall(b"y" * 5000)
+    w.device.settimeout(2)
+    got = b""
+    while len(got) < 5000:
+        w.pump(lambda: True)
+        got += w.device.recv(65536)
+    assert got == b"y" * 5000
+    assert sum(c[2] for c in e.calls if c[0] == "down") == 5000
+
+
+def test_server_speaks_first_opens_without_a_name_after_the_wait(world: Any) -> None:
+    e = FakeEngine(Verdict.ACCEPT)
+    w = world(e)
+    t0 = time.monotonic()
+    w.pump(lambda: any(c[0] == "open" for c in e.calls))
+    assert 0.25 <= time.monotonic() - t0 < 1.0
+    assert e.calls[0] == ("open", w.conn, None)
+
+
+def test_device_fin_passes_on_only_after_the_kept_bytes(world: Any) -> None:
+    e = FakeEngine(Verdict.HOLD)
+    w = world(e)
+    rec = tls(23, b"z" * 500)
+    w.device.sendall(rec)
+    w.device.shutdown(socket.SHUT_WR)
+    w.pump(lambda: w.cloud is not None and any(c[0] == "data" for c in e.calls))
+    assert w.cloud_read(1, timeout_s=0.3) == b""  # held, and no FIN yet
+    w.relay.release(w.conn, len(rec))
+    assert w.cloud_read(len(rec) + 1) == rec  # the bytes, then EOF
+    assert w.cloud is not None
+    w.cloud.close()
+    w.cloud = None
+    w.pump(lambda: ("closed", w.conn, False) in e.calls)
+    assert w.relay.stats()["connections_open"] == 0
+
+
+def test_reject_aborts_the_device_with_a_reset_and_no_upstream(world: Any) -> None:
+    e = FakeEngine(Verdict.REJECT)
+    w = world(e)
+    w.device.sendall(tls(22, b"h" * 10))
+    w.pump(lambda: ("closed", w.conn, True) in e.calls)
+    w.device.settimeout(1)
+    with pytest.raises(ConnectionResetError):
+        w.device.recv(10)
+    w.cloud_l.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        w.cloud_l.accept()
+
+
+def test_a_late_abort_resets_both_legs_and_tells_the_engine_once(world: Any) -> None:
+    e = FakeEngine(Verdict.HOLD)
+    w = world(e)
+    w.device.sendall(tls(23, b"q" * 100))
+    w.pump(lambda: w.cloud is not None and any(c[0] == "data" for c in e.calls))
+    assert w.relay.abort(w.conn)
+    assert not w.relay.abort(w.conn)
+    assert [c for c in e.calls if c[0] == "closed"] == [("closed", w.conn, True)]
+    w.device.settimeout(1)
+    with pytest.raises(ConnectionResetError):
+        w.device.recv(10)
+    assert w.cloud is not None
+    with pytest.raises(ConnectionResetError):
+        w.cloud.settimeout(1)
+        w.cloud.recv(10)
+
+
+def test_a_reset_from_the_cloud_resets_the_device(world: Any) -> None:
+    e = FakeEngine(Verdict.ACCEPT)
+    w = world(e)
+    w.device.sendall(b"x")
+    w.pump(lambda: w.cloud is not None)
+    assert w.cloud is not None
+    w.cloud.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    w.cloud.close()
+    w.cloud = None
+    w.pump(lambda: ("closed", w.conn, True) in e.calls)
+    w.device.settimeout(1)
+    with pytest.raises(ConnectionResetError):
+        w.device.recv(10)
+
+
+def test_a_failed_connect_resets_the_device(world: Any) -> None:
+    e = FakeEngine(Verdict.ACCEPT)
+    w = world(e)
+    w.cloud_l.close()  # nobody listens: connection refused
+    w.device.sendall(b"hello")
+    w.pump(lambda: ("closed", w.conn, True) in e.calls)
+    assert w.relay.counters["connect_failed"] == 1
+
+
+def test_reading_stops_when_the_kept_bytes_pass_the_cap(world: Any) -> None:
+    e = FakeEngine(Verdict.HOLD)
+    w = world(e)
+    w.relay.max_kept_bytes = 100_000
+    w.device.setblocking(False)
+    sent = 0
+    with pytest.raises(BlockingIOError):
+        for _ in range(10_000):
+            sent += w.device.send(tls(23, b"k" * 16000))
+            w.pump(lambda: True, timeout_s=0.05)
+    kept = w.relay.stats()["kept_bytes"]
+    assert 100_000 <= kept <= 100_000 + 65536 + 16005, kept
+    assert sent > kept  # the rest waits in the kernel's buffers, not in ours
