@@ -119,6 +119,22 @@ class GuardConfig:
     # overlay of any router that can run Python (python3 alone takes over 10 MiB) and leaves room
     # for SQLite's -wal file and the one-time VACUUM copy of a database made before this bound.
     audit_max_bytes: int = 4 << 20
+    # TCP of guarded (strict/followups) devices: "relay" terminates it at the router and holds
+    # the byte stream (design.md 5); "packet" is the legacy NFQUEUE packet hold.
+    tcp_hold: str = "relay"
+    relay_port: int = 7411  # the transparent listener (TPROXY --on-port)
+    # Marks of the relay (design.md 5a.8): one dedicated bit each, outside mark_mask (pbr's
+    # 0x00ff0000), mwan3's 0x3f00, and wg-quick/docker/kube-proxy's low 16 bits. tproxy_mark
+    # routes intercepted packets to the local listener (ip rule fwmark -> table relay_table);
+    # relay_mark is the bypass bit: connmark of a guarded device's connection that FORWARD may
+    # pass (not intercepted: a local destination), and SO_MARK of the relay's upstream leg.
+    tproxy_mark: int = 0x20000000
+    relay_mark: int = 0x40000000
+    relay_table: int = 7411
+    # Evaluated before mwan3 (1000-2254) and pbr (30000-ish), after the local table (0).
+    relay_priority: int = 900
+    max_connections_per_device: int = 512
+    max_relay_connections: int = 4096
     metrics_listen: str | None = "127.0.0.1:9877"
     web_listen: str | None = None
     web_password_hash: str | None = None
@@ -143,7 +159,8 @@ _GUARD_KEYS = {
     "window_segments", "mark_mask", "quic", "socket", "socket_group", "state_db", "rules_dir",
     "backend", "max_held_packets_per_upload", "max_held_bytes_per_upload",
     "max_held_packets_total", "max_held_bytes_total", "audit_max_age_s", "audit_max_rows",
-    "audit_max_bytes", "reset_midstream",
+    "audit_max_bytes", "reset_midstream", "tcp_hold", "relay_port", "tproxy_mark", "relay_mark",
+    "relay_table", "relay_priority", "max_connections_per_device", "max_relay_connections",
 }
 _DEVICE_KEYS = {"name", "address", "mac", "address6", "mode", "categories", "quic"}
 
@@ -308,6 +325,25 @@ def parse_config(data: dict[str, Any]) -> GuardConfig:
         if mask <= 0 or mask > 0xFFFFFFFF or bin(mask).count("1") < 3:
             raise ConfigError("guard.mark_mask: needs at least three bits of a 32-bit mark")
         kw["mark_mask"] = mask
+    kw["tcp_hold"] = _choice(guard, "tcp_hold", "guard", ("relay", "packet"), "relay")
+    if "relay_port" in guard:
+        kw["relay_port"] = _number(guard, "relay_port", "guard", 1, 0, integer=True)
+        if kw["relay_port"] > 65535:
+            raise ConfigError("guard.relay_port: a TCP port goes up to 65535")
+    for key in ("tproxy_mark", "relay_mark"):
+        if key in guard:
+            kw[key] = _mark_bit(guard[key], f"guard.{key}")
+    if "relay_table" in guard:
+        kw["relay_table"] = _number(guard, "relay_table", "guard", 1, 0, integer=True)
+        if kw["relay_table"] in (253, 254, 255) or kw["relay_table"] > 0xFFFFFFFF:
+            raise ConfigError("guard.relay_table: not 253-255 (default, main, local), < 2^32")
+    if "relay_priority" in guard:
+        kw["relay_priority"] = _number(guard, "relay_priority", "guard", 1, 0, integer=True)
+        if kw["relay_priority"] > 32765:
+            raise ConfigError("guard.relay_priority: must be below main's 32766")
+    for key in ("max_connections_per_device", "max_relay_connections"):
+        if key in guard:
+            kw[key] = _number(guard, key, "guard", 1, 0, integer=True)
     if "reset_midstream" in guard:
         if not isinstance(guard["reset_midstream"], bool):
             raise ConfigError("guard.reset_midstream: expected true or false")
@@ -355,7 +391,31 @@ def parse_config(data: dict[str, Any]) -> GuardConfig:
     if duplicates:
         raise ConfigError(f"device names must be unique: {', '.join(duplicates)}")
     kw["devices"] = devices
-    return GuardConfig(**kw)
+    config = GuardConfig(**kw)
+    marks = {"guard.tproxy_mark": config.tproxy_mark, "guard.relay_mark": config.relay_mark}
+    if config.tproxy_mark == config.relay_mark:
+        raise ConfigError("guard.tproxy_mark and guard.relay_mark must be different bits")
+    for key, bit in marks.items():
+        if bit & config.mark_mask:
+            raise ConfigError(f"{key}: {bit:#010x} is inside guard.mark_mask "
+                              f"{config.mark_mask:#010x}")
+    return config
+
+
+def _mark_bit(raw: Any, where: str) -> int:
+    """One bit of the 32-bit packet mark, as a number or a string like "0x20000000"."""
+    try:
+        if isinstance(raw, str):
+            value = int(raw, 0)
+        elif isinstance(raw, int) and not isinstance(raw, bool):
+            value = raw
+        else:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"{where}: not a mark: {raw!r}") from None
+    if value <= 0 or value > 0xFFFFFFFF or value & (value - 1):
+        raise ConfigError(f"{where}: must be a single bit of the 32-bit mark, got {raw!r}")
+    return value
 
 
 def load_config(path: str | Path) -> GuardConfig:

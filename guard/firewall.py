@@ -242,10 +242,26 @@ class FirewallSpec:
     ipv6: bool = True
     tag: str = "hushgate"
     queue_downstream: bool = False
+    # The stream hold (design.md 5): these devices' TCP is intercepted (TPROXY) and relayed by
+    # the guard instead of queued; see relay_rules.
+    relay_devices: tuple[str, ...] = ()
+    relay_port: int = 7411
+    tproxy_mark: int = 0x20000000
+    relay_mark: int = 0x40000000
+    relay_table: int = 7411
+    relay_priority: int = 900
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "devices", tuple(self.devices))
         object.__setattr__(self, "quic_block_devices", tuple(self.quic_block_devices))
+        object.__setattr__(self, "relay_devices", tuple(self.relay_devices))
+        for bit in (self.tproxy_mark, self.relay_mark):
+            if bit <= 0 or bit > 0xFFFFFFFF or bit & (bit - 1) or bit & self.mark_mask:
+                raise ValueError(f"relay mark {bit:#x} must be one bit outside mark_mask")
+        if self.tproxy_mark == self.relay_mark:
+            raise ValueError("tproxy_mark and relay_mark must differ")
+        if not 0 < self.relay_port <= 65535:
+            raise ValueError(f"bad relay port {self.relay_port}")
         if not 0 <= self.queue <= 65535 or self.queue_count < 1:
             raise ValueError(f"bad queue {self.queue} x {self.queue_count}")
         if self.queue + self.queue_count - 1 > 65535:
@@ -259,6 +275,14 @@ class FirewallSpec:
         unknown = set(self.quic_block_devices) - set(names)
         if unknown:
             raise ValueError(f"quic_block_devices not configured: {sorted(unknown)}")
+        unknown = set(self.relay_devices) - set(names)
+        if unknown:
+            raise ValueError(f"relay_devices not configured: {sorted(unknown)}")
+
+    @property
+    def relay(self) -> bool:
+        """Some device's TCP is relayed: the interception rules and policy routing exist."""
+        return bool(self.relay_devices)
 
     @property
     def marks(self) -> Marks:
@@ -354,11 +378,23 @@ class Chains:
     output: str  # mangle OUTPUT: the router's own DNS answers to devices
     post: str  # mangle POSTROUTING: save verdict marks given by userspace
     reject: str  # filter FORWARD: reject connections marked BLOCK
+    tproxy: str = ""  # mangle PREROUTING: relayed devices' TCP (stream hold)
+    relay: str = ""  # mangle: which destinations are intercepted, which bypass
+    relayfwd: str = ""  # filter: relayed devices' TCP that reaches FORWARD is reset
+    relay_on: bool = False
+    # fail = "open": the interception lives only while `run` does (dynamic), since with no
+    # listener TPROXY drops; fail-closed keeps it in the persistent safety net.
+    relay_dynamic: bool = False
 
     @classmethod
-    def for_tag(cls, tag: str) -> Chains:
+    def for_tag(cls, tag: str, relay_on: bool = False, relay_dynamic: bool = False) -> Chains:
         t = tag.upper()
         return cls(
+            tproxy=f"{t}_TPROXY",
+            relay=f"{t}_RELAY",
+            relayfwd=f"{t}_RELAYFWD",
+            relay_on=relay_on,
+            relay_dynamic=relay_dynamic,
             entry=t,
             up=f"{t}_UP",
             down=f"{t}_DOWN",
@@ -384,10 +420,14 @@ class Chains:
             (m, self.input),
             (m, self.output),
             (m, self.post),
-        ]
+        ] + (self._relay_chains() if self.relay_on and not self.relay_dynamic else [])
 
     def dynamic(self) -> list[tuple[str, str]]:
-        return [("mangle", self.queue), ("mangle", self.dns), ("mangle", self.downq)]
+        return [("mangle", self.queue), ("mangle", self.dns), ("mangle", self.downq)] + (
+            self._relay_chains() if self.relay_on and self.relay_dynamic else [])
+
+    def _relay_chains(self) -> list[tuple[str, str]]:
+        return [("filter", self.relayfwd), ("mangle", self.tproxy), ("mangle", self.relay)]
 
     def hooks(self) -> list[tuple[str, str, str]]:
         """(table, built-in chain, our chain): each jumped to from position 1."""
@@ -397,10 +437,24 @@ class Chains:
             ("mangle", "INPUT", self.input),
             ("mangle", "OUTPUT", self.output),
             ("mangle", "POSTROUTING", self.post),
-        ]
+        ] + ([("mangle", "PREROUTING", self.tproxy)] if self.relay_on else [])
 
     def all_names(self) -> set[str]:
         return {c for _, c in self.persistent() + self.dynamic()}
+
+
+def _chains(spec: FirewallSpec) -> Chains:
+    return Chains.for_tag(spec.tag, spec.relay, spec.fail_open)
+
+
+# Destinations a relayed device reaches without interception (design.md 5a.2): the router's
+# own addresses (addrtype LOCAL, matched separately), private, shared, link-local, loopback and
+# multicast ranges. 198.18.0.0/15 (benchmarking) is deliberately NOT here: the test "WAN".
+RELAY_BYPASS_NETS = {
+    4: ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+        "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/4", "255.255.255.255/32"),
+    6: ("::1/128", "fc00::/7", "fe80::/10", "ff00::/8"),
+}
 
 
 TABLES = ("filter", "mangle")  # filter first: the REJECT for BLOCK exists before mangle passes it
@@ -417,7 +471,7 @@ def _queue_target(spec: FirewallSpec) -> str:
 
 def build_rules(spec: FirewallSpec, family: int) -> list[Rule]:
     """The complete rule set for one family (4 or 6), persistent and dynamic, in chain order."""
-    ch = Chains.for_tag(spec.tag)
+    ch = _chains(spec)
     mk = spec.marks
     V, ALLOW, BLOCK, DEV = mk.verdict_mask, mk.allow, mk.block, mk.device
     rules: list[Rule] = []
@@ -447,6 +501,11 @@ def build_rules(spec: FirewallSpec, family: int) -> list[Rule]:
             return [("addr", f"-d {d.address}/32")] if d.address else []
         return [(f"addr6.{i}", f"-d {a}/128") for i, a in enumerate(d.address6)]
 
+    # The stream hold first: its FORWARD reset precedes every other filter rule of ours.
+    relayed = spec.relay and not block_family
+    if relayed:
+        rules += relay_rules(spec, family, ch, sources)
+
     # filter FORWARD: the only place REJECT is allowed; it acts on connections marked BLOCK
     # (by a verdict, by quic = "block", or by IPv6 being off) and lets everything else go on.
     # A packet conntrack has no entry for (invalid, untracked) fails every connmark match, even
@@ -462,6 +521,10 @@ def build_rules(spec: FirewallSpec, family: int) -> list[Rule]:
     for d in spec.devices:
         n = _safe(d.name)
         for kind, match in sources(d):
+            if relayed and d.name in spec.relay_devices:
+                # Its TCP is relayed: what reaches FORWARD bypasses interception on purpose
+                # (a local destination) or is reset in filter (relay_rules); never queued.
+                add("mangle", ch.entry, f"dispatch.{n}.{kind}.tcp", f"{_tcp(match)} -j ACCEPT")
             if block_family:
                 add("mangle", ch.entry, f"dispatch.{n}.{kind}.v6block", f"{match} {set_block}")
             elif d.name in spec.quic_block_devices:
@@ -560,6 +623,57 @@ def build_rules(spec: FirewallSpec, family: int) -> list[Rule]:
     return rules
 
 
+def _tcp(match: str) -> str:
+    """`match` and `-p tcp` in iptables-save's canonical order (addresses first, then -p)."""
+    return f"{match} -p tcp" if match.startswith(("-s ", "-d ")) else f"-p tcp {match}"
+
+
+def relay_rules(spec: FirewallSpec, family: int, ch: Chains,
+                sources: Callable[[DeviceMatch], list[tuple[str, str]]]) -> list[Rule]:
+    """The stream hold's kernel side for one family (design.md 5 and 5a): relayed devices' TCP to
+    a WAN destination is delivered to the relay's transparent listener (TPROXY, which drops when
+    nothing listens: fail-closed); to any other destination it gets the bypass connmark; and in
+    filter FORWARD, a relayed device's TCP without that mark is reset (the guarantee: nothing
+    of it is forwarded, whatever failed before). The relay port is reachable only by tproxied
+    packets (a direct connect would loop)."""
+    dyn = spec.fail_open
+    M, B = spec.tproxy_mark, spec.relay_mark
+    on_ip = "0.0.0.0" if family == 4 else "::"
+    out: list[Rule] = []
+
+    def add(table: str, chain: str, label: str, text: str) -> None:
+        out.append(Rule(table, chain, text, label, dyn))
+
+    relayed = [d for d in spec.devices if d.name in spec.relay_devices]
+    # the jump is persistent (a dynamic chain may be empty, never missing)
+    out.append(Rule("filter", ch.reject, f"-j {ch.relayfwd}", "relay.forward", False))
+    for d in relayed:
+        n = _safe(d.name)
+        for kind, match in sources(d):
+            add("filter", ch.relayfwd, f"relayfwd.{n}.{kind}.untracked",
+                f"{_tcp(match)} -m conntrack --ctstate INVALID,UNTRACKED -j DROP")
+            add("filter", ch.relayfwd, f"relayfwd.{n}.{kind}.reset",
+                f"{_tcp(match)} -m connmark ! --mark {B:#x}/{B:#x} "
+                "-j REJECT --reject-with tcp-reset")
+    add("mangle", ch.tproxy, "tproxy.local", "-m addrtype --dst-type LOCAL -j RETURN")
+    for d in relayed:
+        n = _safe(d.name)
+        for kind, match in sources(d):
+            add("mangle", ch.tproxy, f"tproxy.{n}.{kind}", f"{_tcp(match)} -j {ch.relay}")
+    for i, net in enumerate(RELAY_BYPASS_NETS[family]):
+        add("mangle", ch.relay, f"relay.bypass.{i}",
+            f"-d {net} -j CONNMARK --set-xmark {B:#x}/{B:#x}")
+    add("mangle", ch.relay, "relay.bypassed", f"-m connmark --mark {B:#x}/{B:#x} -j RETURN")
+    add("mangle", ch.relay, "relay.tproxy",
+        f"-p tcp -j TPROXY --on-port {spec.relay_port} --on-ip {on_ip} "
+        f"--tproxy-mark {M:#x}/{M:#x}")
+    # persistent either way: a direct connect to the relay port is never legitimate
+    out.append(Rule("mangle", ch.input,
+                    f"-p tcp -m tcp --dport {spec.relay_port} -m mark ! --mark {M:#x}/{M:#x} "
+                    "-j DROP", "input.relay_port", False))
+    return out
+
+
 # --------------------------------------------------------------------------- iptables-save
 
 
@@ -653,7 +767,7 @@ class IptablesBackend:
             raise ValueError(f"families must be a subset of (4, 6), not {families!r}")
         self._by_family = {4: _Tools(4, binaries[0]), 6: _Tools(6, binaries[1])}
         self.tools = tuple(self._by_family[f] for f in sorted(set(families)))
-        self.chains = Chains.for_tag(spec.tag)
+        self.chains = _chains(spec)
 
     # -- rendering ----------------------------------------------------------------------
 
@@ -741,15 +855,75 @@ class IptablesBackend:
         transaction per family, keeping whatever dynamic rules a running guard has installed."""
         for t in self.tools:
             self._restore(t.family, self.restore_text(t.family, self.saved(t.family), dynamic=None))
+        if self.spec.relay and not self.spec.fail_open:
+            self.install_relay_routing()
+
+    # -- policy routing of the relay (TPROXY needs it: kernel-facts.md) -----------------------
+
+    def _ip(self, family: int, *args: str) -> Completed:
+        return self.run(["ip", f"-{family}", *args], None)
+
+    def relay_routing_status(self) -> dict[str, bool]:
+        """{"ipv4": present, ...}: the fwmark rule and the local route of the relay's table."""
+        s = self.spec
+        out: dict[str, bool] = {}
+        for t in self.tools:
+            rules = self._ip(t.family, "rule", "show", "priority", str(s.relay_priority))
+            route = self._ip(t.family, "route", "show", "table", str(s.relay_table))
+            has_rule = rules.ok and any(
+                f"fwmark {s.tproxy_mark:#x}/{s.tproxy_mark:#x}" in ln
+                and f"lookup {s.relay_table}" in ln for ln in rules.stdout.splitlines())
+            has_route = route.ok and any(ln.startswith("local default") and "dev lo" in ln
+                                         for ln in route.stdout.splitlines())
+            out[f"ipv{t.family}"] = has_rule and has_route
+        return out
+
+    def install_relay_routing(self) -> None:
+        """`ip rule fwmark M/M lookup T` and `local default dev lo` in T, per family; added only
+        when missing, so it is never duplicated (a missing rule means TPROXY'd packets are
+        routed on, to FORWARD, where the relay's reject resets them: still closed)."""
+        s = self.spec
+        present = self.relay_routing_status()
+        # local delivery goes through lo: always up on a router, down in a fresh namespace
+        self.run(["ip", "link", "set", "lo", "up"], None)
+        for t in self.tools:
+            fam = t.family
+            res = self._ip(fam, "route", "replace", "local", "default", "dev", "lo", "table",
+                           str(s.relay_table))
+            if not res.ok:
+                raise FirewallError.from_result("cannot add the relay's route", res)
+            if not present.get(f"ipv{fam}"):
+                self._del_relay_rule(fam)
+                res = self._ip(fam, "rule", "add", "fwmark", f"{s.tproxy_mark:#x}/{s.tproxy_mark:#x}",
+                               "lookup", str(s.relay_table), "priority", str(s.relay_priority))
+                if not res.ok:
+                    raise FirewallError.from_result("cannot add the relay's ip rule", res)
+
+    def _del_relay_rule(self, family: int) -> None:
+        s = self.spec
+        for _ in range(8):  # every copy, bounded
+            res = self._ip(family, "rule", "del", "fwmark", f"{s.tproxy_mark:#x}/{s.tproxy_mark:#x}",
+                           "lookup", str(s.relay_table), "priority", str(s.relay_priority))
+            if not res.ok:
+                return
+
+    def remove_relay_routing(self) -> None:
+        for t in self.tools:
+            self._del_relay_rule(t.family)
+            self._ip(t.family, "route", "flush", "table", str(self.spec.relay_table))
 
     def install_dynamic(self) -> None:
         """`run` start: the persistent rules refreshed to this spec plus fresh queue rules, in one
         transaction, so stale dynamic rules of a crashed run are replaced, never duplicated."""
         for t in self.tools:
             self._restore(t.family, self.restore_text(t.family, self.saved(t.family), dynamic=True))
+        if self.spec.relay:
+            self.install_relay_routing()
 
     def remove_dynamic(self) -> None:
         """`run` exit: empty the dynamic chains; the safety net stays."""
+        if self.spec.relay and self.spec.fail_open:
+            self.remove_relay_routing()
         for t in self.tools:
             cur = self.saved(t.family)
             lines: list[str] = []
@@ -771,6 +945,8 @@ class IptablesBackend:
         """`firewall remove`: delete every jump to our chains, then flush and delete them (any
         chain named TAG or TAG_*, so leftovers of older layouts go too). Conntrack marks stay on
         live connections but no rule reads them any more."""
+        if self.spec.relay:
+            self.remove_relay_routing()
         for t in self.tools:
             cur = self.saved(t.family)
             lines: list[str] = []

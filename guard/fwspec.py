@@ -38,9 +38,12 @@ def spec_from_config(config: GuardConfig) -> FirewallSpec:
     reading)."""
     devices: list[DeviceMatch] = []
     quic_block: list[str] = []
+    relay: list[str] = []
     for d in config.devices:
         if d.mode is Mode.OFF:
             continue
+        if config.tcp_hold == "relay" and d.mode in (Mode.STRICT, Mode.FOLLOWUPS):
+            relay.append(d.name)  # monitor stays a passive dry run on the queue (design 5)
         address, address6 = d.address, tuple(d.address6)
         if address is not None and ipaddress.ip_address(address).version == 6:
             address, address6 = None, (address, *address6)
@@ -54,6 +57,12 @@ def spec_from_config(config: GuardConfig) -> FirewallSpec:
         fail_open=config.fail_open,
         mark_mask=config.mark_mask,
         quic_block_devices=tuple(quic_block),
+        relay_devices=tuple(relay),
+        relay_port=config.relay_port,
+        tproxy_mark=config.tproxy_mark,
+        relay_mark=config.relay_mark,
+        relay_table=config.relay_table,
+        relay_priority=config.relay_priority,
     )
 
 
