@@ -1,10 +1,14 @@
 """`hushgate analyze`: the very same engine, run over a capture on the capture's own clock.
 
 Rules of this module: the engine is driven exactly as the daemon drives it (receive, timers,
-actions), under the same held-sender limit; the only difference is that nobody answers prompts,
-so a held upload expires when its traffic ends (`expire_on_idle`) and what follows on its flow is
-inspected as the speaker's reconnection would be. The result is the JSON object of the contract in
-design.md section 8.
+actions); the only difference is that nobody answers prompts, so a held upload expires when its
+traffic ends (`expire_on_idle`) and what follows on its flow is inspected as the speaker's
+reconnection would be. A guarded device's TCP is what the live relay would see (design.md 5):
+each connection is put back in order (`StreamAssembler`: retransmissions dropped, picked up
+mid-stream when it predates the capture) and cut into TLS records by the relay's own framer, fed
+to the engine's stream path with no window limit; segment sizes stand in for records where the
+payload does not parse (shape-only traces). UDP (QUIC) is judged as `quic = "hold"` would, the
+packet hold. The result is the JSON object of the contract in design.md section 8.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ from typing import Any
 
 from guard.capture import read_capture
 from guard.config import DeviceConfig, GuardConfig, normalize_mac
-from guard.engine import BurstReleased, Engine, Upload, UploadHeld, UploadSeen
-from guard.packet import Malformed, Packet
+from guard.engine import BurstReleased, Engine, Upload, UploadHeld, UploadSeen, Verdict
+from guard.packet import ACK, FIN, RST, SYN, TCP, Malformed, Packet
 from guard.policy import Mode
+from guard.records import RecordFramer, StreamAssembler
 from guard.ruleset import Category, RuleSet, load_rules
+from guard.sni import NeedMore, client_hello_sni
 
 # A MAC that sends from more distinct addresses than this is a router forwarding the Internet's
 # traffic (the Google Wifi gateway in the shared captures has a Google OUI), not a speaker.
@@ -143,7 +149,7 @@ def analyze_capture(
     """Run the engine over a capture; returns the `analyze --json` object."""
     mode = Mode(mode)
     rules = rules if rules is not None else load_rules()
-    packets = list(read_capture(str(path)))
+    packets = list(read_capture(str(path), keep_payload=1 << 16))
     if devices:
         configs = device_configs(list(devices), mode)
         found = []
@@ -151,14 +157,18 @@ def analyze_capture(
         found = discover(packets, rules)
         configs = [DeviceConfig(name=d["address"], address=d["address"], mode=mode)
                    for d in found]
-    config = replace(config or GuardConfig(), devices=tuple(configs))
+    # QUIC: the capture shows a speaker that was allowed it; judged as quic = "hold" would
+    config = replace(config or GuardConfig(),
+                     devices=tuple(replace(c, quic="hold") for c in configs))
     engine = Engine(config, rules, expire_on_idle=True)
+    streams = _Streams(engine)
     uploads: dict[int, Upload] = {}
     releases: list[dict[str, Any]] = []
     macs: dict[str, str] = {}
     wanted = {c.address for c in configs if c.address} | {c.mac for c in configs if c.mac}
     for index, (ts, pkt) in enumerate(packets):
-        engine.receive(pkt, ts, index)
+        if not (isinstance(pkt, Packet) and pkt.proto == TCP and streams.take(pkt, ts)):
+            engine.receive(pkt, ts, index)
         if isinstance(pkt, Packet) and pkt.src_mac and pkt.src in wanted and pkt.src not in macs:
             macs[pkt.src] = pkt.src_mac
         if engine.actions:
@@ -185,6 +195,88 @@ def analyze_capture(
             for f in flows
         ],
     }
+
+
+class _Streams:
+    """Guarded devices' TCP connections in a capture, fed to the engine as the relay would feed
+    them: in order, record by record (design.md 5)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.conns: dict[tuple[str, int, str, int], _Conn] = {}
+        self.next_id = 1
+
+    def take(self, pkt: Packet, now: float) -> bool:
+        """Handle a TCP packet if it belongs to a guarded device's connection."""
+        engine = self.engine
+        device = engine.devices.upstream(pkt)
+        if device is not None:
+            self._upstream(pkt, now)
+            return True
+        if engine.devices.downstream(pkt) is not None:
+            conn = self.conns.get((pkt.dst, pkt.dport, pkt.src, pkt.sport))
+            if conn is not None and conn.id is not None and pkt.payload_len:
+                engine.stream_down(conn.id, pkt.payload_len, now)
+            return True
+        return False
+
+    def _upstream(self, pkt: Packet, now: float) -> None:
+        key = (pkt.src, pkt.sport, pkt.dst, pkt.dport)
+        conn = self.conns.get(key)
+        flags = pkt.flags
+        if flags & SYN and not flags & ACK:
+            if conn is not None and conn.id is not None:
+                self.engine.stream_closed(conn.id, now)
+            conn = self.conns[key] = _Conn()
+            conn.assembler.syn(pkt.seq)
+            conn.assembler_started_at_syn = True
+            return
+        if conn is None:
+            conn = self.conns[key] = _Conn()  # predates the capture: picked up mid-stream
+            conn.framer.tls = None
+        if conn.refused:
+            return
+        if pkt.payload_len:
+            data, length, gap = conn.assembler.segment(pkt.seq, pkt.payload, pkt.payload_len)
+            if length:
+                if conn.id is None:
+                    self._open(conn, pkt, data, now)
+                    if conn.refused:
+                        return
+                if gap:
+                    conn.framer.resync()
+                self._feed(conn, data, length, now)
+        if flags & (FIN | RST) and conn.id is not None:
+            self.engine.stream_closed(conn.id, now, reset=bool(flags & RST))
+            del self.conns[key]
+
+    def _open(self, conn: _Conn, pkt: Packet, first: bytes, now: float) -> None:
+        host = None
+        if conn.assembler_started_at_syn:
+            name = client_hello_sni(first)
+            host = name if isinstance(name, str) else None
+            if isinstance(name, NeedMore):
+                host = None  # a ClientHello over several segments: the DNS name stands in
+        conn.id, self.next_id = self.next_id, self.next_id + 1
+        verdict, _ = self.engine.stream_open(conn.id, pkt.src, pkt.sport, pkt.dst, pkt.dport,
+                                             pkt.src_mac, host, now)
+        conn.refused = verdict is Verdict.REJECT
+
+    def _feed(self, conn: _Conn, data: bytes, length: int, now: float) -> None:
+        assert conn.id is not None
+        for record in conn.framer.feed(data, length):
+            self.engine.stream_data(conn.id, record.end, record.size, record.content_type, now)
+
+
+class _Conn:
+    __slots__ = ("id", "assembler", "framer", "refused", "assembler_started_at_syn")
+
+    def __init__(self) -> None:
+        self.id: int | None = None
+        self.assembler = StreamAssembler()
+        self.framer = RecordFramer()
+        self.refused = False
+        self.assembler_started_at_syn = False
 
 
 def _collect(engine: Engine, uploads: dict[int, Upload], releases: list[dict[str, Any]]) -> None:

@@ -71,13 +71,14 @@ class _Buffer:
         return self._buf[pos:end]
 
 
-def read_capture(path: str) -> Iterator[tuple[float, Parsed]]:
+def read_capture(path: str, keep_payload: int = 64) -> Iterator[tuple[float, Parsed]]:
     """(timestamp, parsed frame) for every packet of a pcap or pcapng file, lazily.
 
     Timestamps are Unix seconds honouring the file's resolution (pcap micro/nano, pcapng
     if_tsresol and if_tsoffset). The parsed frame is what `parse_frame` returns for the
     interface's link type (None for non-IP frames and for pcapng interfaces of link types we
-    do not parse). Raises `CaptureError` at once when the file cannot be opened or does not
+    do not parse); `keep_payload` bytes of each payload are kept (see `parse_ip`). Raises
+    `CaptureError` at once when the file cannot be opened or does not
     start like a capture, and during iteration when it is damaged further on.
     """
     try:
@@ -95,7 +96,7 @@ def read_capture(path: str) -> Iterator[tuple[float, Parsed]]:
             order = None if more is None else _section_header(path, buf, head + more, 0)
             if order is None:
                 raise CaptureError(f"{path}: pcapng section header truncated")
-            packets = _pcapng_packets(path, buf, order)
+            packets = _pcapng_packets(path, buf, order, keep_payload)
         elif magic in _PCAP_MAGICS:
             order, tps, rec_len = _PCAP_MAGICS[magic]
             header = buf.take(20)
@@ -105,7 +106,7 @@ def read_capture(path: str) -> Iterator[tuple[float, Parsed]]:
             linktype = struct.unpack(order + "I", header[16:20])[0] & 0xFFFF
             if linktype not in SUPPORTED_LINKTYPES:
                 raise CaptureError(f"{path}: unsupported link type {linktype}")
-            packets = _pcap_packets(path, buf, order, tps, rec_len, linktype)
+            packets = _pcap_packets(path, buf, order, tps, rec_len, linktype, keep_payload)
         else:
             raise CaptureError(f"{path}: not a pcap or pcapng file (magic {head.hex()})")
     except OSError as e:
@@ -128,7 +129,8 @@ def _closing(
 
 
 def _pcap_packets(
-    path: str, buf: _Buffer, order: str, tps: int, rec_len: int, linktype: int
+    path: str, buf: _Buffer, order: str, tps: int, rec_len: int, linktype: int,
+    keep_payload: int = 64,
 ) -> Iterator[tuple[float, Parsed]]:
     rec = struct.Struct(order + "IIII")
     take = buf.take
@@ -144,7 +146,7 @@ def _pcap_packets(
         frame = take(caplen)
         if frame is None:
             return  # the last record was cut short
-        yield sec + frac / tps, parse_frame(frame, linktype)
+        yield sec + frac / tps, parse_frame(frame, linktype, keep_payload)
 
 
 def _section_header(path: str, buf: _Buffer, head: bytes, start: int) -> str | None:
@@ -167,7 +169,8 @@ def _section_header(path: str, buf: _Buffer, head: bytes, start: int) -> str | N
     return order
 
 
-def _pcapng_packets(path: str, buf: _Buffer, order: str) -> Iterator[tuple[float, Parsed]]:
+def _pcapng_packets(path: str, buf: _Buffer, order: str, keep_payload: int = 64
+                    ) -> Iterator[tuple[float, Parsed]]:
     # per interface: (link type, ticks per second, offset in seconds)
     interfaces: list[tuple[int, int, int]] = []
     last_ts = 0.0
@@ -205,7 +208,7 @@ def _pcapng_packets(path: str, buf: _Buffer, order: str) -> Iterator[tuple[float
             # Split before converting: nanosecond tick counts exceed a float's 53-bit mantissa.
             sec, frac = divmod((hi << 32) | lo, tps)
             last_ts = sec + frac / tps + tsoff
-            yield last_ts, parse_frame(body[20 : 20 + caplen], linktype)
+            yield last_ts, parse_frame(body[20 : 20 + caplen], linktype, keep_payload)
         elif btype == 1:  # Interface Description Block
             if blen < 20:
                 raise CaptureError(f"{path}: damaged interface block at offset {start}")
@@ -214,7 +217,8 @@ def _pcapng_packets(path: str, buf: _Buffer, order: str) -> Iterator[tuple[float
             if blen < 16 or not interfaces:
                 raise CaptureError(f"{path}: damaged packet block at offset {start}")
             (wire,) = struct.unpack_from(order + "I", body)
-            yield last_ts, parse_frame(body[4 : 4 + min(wire, blen - 16)], interfaces[0][0])
+            yield last_ts, parse_frame(body[4 : 4 + min(wire, blen - 16)], interfaces[0][0],
+                                       keep_payload)
         elif btype == 2:  # Packet Block, obsolete since pcapng 1.0 but still written by some
             if blen < 32:
                 raise CaptureError(f"{path}: damaged packet block at offset {start}")
@@ -224,7 +228,7 @@ def _pcapng_packets(path: str, buf: _Buffer, order: str) -> Iterator[tuple[float
             linktype, tps, tsoff = interfaces[iface]
             sec, frac = divmod((hi << 32) | lo, tps)
             last_ts = sec + frac / tps + tsoff
-            yield last_ts, parse_frame(body[20 : 20 + caplen], linktype)
+            yield last_ts, parse_frame(body[20 : 20 + caplen], linktype, keep_payload)
         # Other blocks (statistics, name resolution, decryption secrets, custom) carry no packets.
 
 

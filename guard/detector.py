@@ -146,13 +146,18 @@ class StreamConfig:
     # clock within a few round trips (a 14-16 KB event over 0.05-0.33 s in the 2018 Echo
     # captures); a real-time source is still sending. Leaves room for pending <= 0.5 s.
     sustain_s: float = 0.4
-    # The cadence: at least this many records that carry data in the last `cadence_window_s`.
-    # The slowest stream seen is ~20 records/s (5 per 250 ms); an ACK-clocked message completes
-    # one or two records per round trip.
+    # The cadence: records that carry data arriving at this many distinct moments (arrivals
+    # less than `cluster_s` apart are one moment: one write, one flight, one coalesced read) in
+    # the last `cadence_window_s`. A microphone stream spreads its records evenly: the slowest
+    # seen is ~20 records/s (5 moments per 250 ms, so 4 leaves one to jitter or a coalesced
+    # read); a message is written at once, and a few messages one after another (an Echo sends
+    # three 4.5-KB events within 0.5 s after some answers) arrive as one moment each; events
+    # paced by a person (a volume slider dragged in the app: one every ~100 ms) make 3 at most.
     cadence_window_s: float = 0.25
-    cadence_records: int = 3
-    # Decide within this long whatever the cadence: a burst that has not gone quiet for this
-    # long is a stream (a slow trickle of records, each under the quiet gap).
+    cadence_moments: int = 4
+    cluster_s: float = 0.008
+    # Decide within this long whatever the cadence: a burst still arriving after this long,
+    # with no gap of `quiet_s` at its end, is a stream (a slow trickle of records).
     decide_within_s: float = 1.0
 
 
@@ -267,14 +272,13 @@ def judge_stream(run: Sequence[tuple[float, int]], now: float, config: StreamCon
     first, last = data[0][0], data[-1][0]
     if ended:
         return Verdict(Judgement.MESSAGE, "sender closed")
-    if now - last >= _quiet(data, config) - _EPSILON_S:
+    if now - last >= _quiet(run, data, config) - _EPSILON_S:
         return Verdict(Judgement.MESSAGE, "quiet")
     if last - first >= config.sustain_s - _EPSILON_S:
-        since = last - config.cadence_window_s + _EPSILON_S
-        recent = sum(1 for t, _ in data if t >= since)
-        if recent >= config.cadence_records:
+        if _moments(data, last - config.cadence_window_s, config) >= config.cadence_moments:
             return Verdict(Judgement.AUDIO, "sustained stream")
-    if now - first >= config.decide_within_s - _EPSILON_S:
+    if (now - first >= config.decide_within_s - _EPSILON_S
+            and now - last < config.quiet_s - _EPSILON_S):
         return Verdict(Judgement.AUDIO, "no quiet gap")
     return UNDECIDED
 
@@ -285,10 +289,34 @@ def stream_deadline(run: Sequence[tuple[float, int]], config: StreamConfig) -> f
     data = _data_records(run, config)
     if not data:
         return None
-    return min(data[-1][0] + _quiet(data, config), data[0][0] + config.decide_within_s)
+    first, last = data[0][0], data[-1][0]
+    quiet = last + _quiet(run, data, config)
+    decide = first + config.decide_within_s
+    # the decision window ends a burst that is still arriving (no gap of quiet_s yet)
+    return min(quiet, decide) if decide < last + config.quiet_s else quiet
 
 
-def _quiet(data: Sequence[tuple[float, int]], config: StreamConfig) -> float:
-    if sum(size for _, size in data) >= config.start_head_bytes:
+def _moments(data: Sequence[tuple[float, int]], since: float, config: StreamConfig) -> int:
+    """Distinct arrival moments of the data records after `since`."""
+    count, previous = 0, None
+    for t, _ in data:
+        if t < since - _EPSILON_S:
+            continue
+        if previous is None or t - previous >= config.cluster_s:
+            count += 1
+        previous = t
+    return count
+
+
+def _quiet(run: Sequence[tuple[float, int]], data: Sequence[tuple[float, int]],
+           config: StreamConfig) -> float:
+    """How long the burst must be quiet to have ended: longer when its head is as large as an
+    upload's start, unless its last record closed it. HTTP/2 ends a request with END_STREAM,
+    on a last DATA frame or, when the body was written before it ended, an empty DATA frame: a
+    record of frame header and TLS overhead alone (38 B on Echos), written right behind the
+    body. A stall of the link cuts a stream at an arbitrary record, rarely right after one of
+    those; audio keeps its stream open."""
+    if (sum(size for _, size in data) >= config.start_head_bytes
+            and run[-1][1] > config.control_record_bytes):
         return config.start_quiet_s
     return config.quiet_s

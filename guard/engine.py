@@ -1261,6 +1261,10 @@ class Engine:
             self.actions.append(Release(tokens))
         self._unhold(burst)
         start = flow.run[0][0] if flow.run else now
+        # What the burst suffered: a relayed stream's message waits from its last byte (the
+        # sender is ACKed and never waits; design.md 5: released <= 0.3 s after its last
+        # byte); a held packet burst's sender waits from its first packet.
+        since = flow.run[-1][0] if flow.run and flow.stream is not None else start
         # a kept tail probe follows its original: its bytes are not counted twice; a nudged
         # first segment went out earlier
         size = sum(h.payload for i, h in enumerate(burst) if not i or burst[i - 1].seq != h.seq)
@@ -1274,7 +1278,7 @@ class Engine:
         if packets:
             self.counters["bursts_released"] += 1
             self.actions.append(BurstReleased(
-                flow.key, flow.device.name, flow.host, start, now, now - start, size,
+                flow.key, flow.device.name, flow.host, start, now, now - since, size,
                 packets, reason))
         flow.burst = []
         flow.run = []

@@ -526,8 +526,10 @@ _MAX_VLAN_TAGS = 4
 _NULL_AF_INET6 = frozenset((24, 28, 30))
 
 
-def parse_frame(data: bytes, linktype: int) -> Packet | Malformed | None:
+def parse_frame(data: bytes, linktype: int, keep_payload: int = 64
+                ) -> Packet | Malformed | None:
     """Parse one captured frame of the given pcap link type down to L4. Total: never raises.
+    `keep_payload` as for `parse_ip` (`analyze` keeps whole payloads to read TLS records).
 
     None for frames that carry no IP (ARP, LLDP, 802.3/LLC, EAPOL) and for link types we do not
     know; `Malformed` for IP we cannot parse. The Ethernet (or cooked) source MAC becomes
@@ -557,13 +559,13 @@ def parse_frame(data: bytes, linktype: int) -> Packet | Malformed | None:
             mac = data[12:18].hex(":") if data[8:10] == b"\x00\x01" and data[11] == 6 else None
             off = 20
         elif linktype in _RAW_TYPES:
-            return parse_ip(data) if data else None
+            return parse_ip(data, None, keep_payload) if data else None
         elif linktype == LINKTYPE_NULL:
             if len(data) < 4:
                 return Malformed("loopback header truncated") if data else None
             family = data[0] if data[0] else data[3]  # either byte order; families are < 256
             if family == 2 or family in _NULL_AF_INET6:
-                return parse_ip(data[4:])
+                return parse_ip(data[4:], None, keep_payload)
             return None
         else:
             return None
@@ -577,7 +579,7 @@ def parse_frame(data: bytes, linktype: int) -> Packet | Malformed | None:
             etype = (data[off + 2] << 8) | data[off + 3]
             off += 4
         if etype == _ETH_IP4 or etype == _ETH_IP6:
-            return parse_ip(data[off:], mac)
+            return parse_ip(data[off:], mac, keep_payload)
         return None
     except Exception:  # noqa: BLE001 - the last line of totality; tests assert it is never reached
         return Malformed(INTERNAL_ERROR)

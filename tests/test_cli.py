@@ -31,7 +31,7 @@ def test_analyze_json_follows_the_contract(captures: Path) -> None:
         assert UPLOAD_KEYS <= set(upload)
         assert upload["action"] == "hold" and upload["leaked_bytes"] == 0
         assert upload["decided"] - upload["start"] < 1.0
-        assert 1 <= upload["decided_after_packets"] <= 10
+        assert upload["decided_after_packets"] >= 1  # records of the burst: no window limit
     assert out["releases"] and all(RELEASE_KEYS <= set(r) for r in out["releases"])
     assert all(FLOW_KEYS <= set(f) for f in out["flows"])
     hosts = {f["host"]: f["category"] for f in out["flows"] if f["host"]}
