@@ -38,6 +38,7 @@ from guard.engine import (
     MarkFlow,
     Release,
     Reset,
+    StreamBytes,
     UnknownUpload,
     Unreachable,
     UploadDecided,
@@ -62,6 +63,7 @@ from guard.policy import (
     Window,
     WindowKind,
 )
+from guard.relay import Relay, RelayTag
 from guard.ruleset import RuleError, load_rules
 from guard.store import PendingUpload, Store, StoreCorrupt, StoreError
 from guard.web import WebError
@@ -98,6 +100,16 @@ class Daemon:
         self.metrics_server: Any = None
         self.web: Any = None
         self.hooks = Hooks(config.hooks)
+        self.selector: selectors.BaseSelector = selectors.DefaultSelector()
+        # The stream hold (design.md 5): relayed devices' TCP, when the rules intercept any.
+        self.relay: Relay | None = None
+        if self.spec.relay:
+            self.relay = Relay(
+                self.engine, port=config.relay_port, upstream_mark=config.relay_mark,
+                max_per_device=config.max_connections_per_device,
+                max_total=config.max_relay_connections,
+                max_kept_bytes=config.max_held_bytes_per_upload + RELAY_KEPT_SLACK_BYTES,
+                families=(4, 6) if os.path.exists("/proc/sys/net/ipv6") else (4,), log=log)
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -148,6 +160,9 @@ class Daemon:
                        range=COPY_RANGE)
             self.queues.append(queue)
         self.firewall.install_dynamic()
+        if self.relay is not None:
+            self.relay.start(self.selector)
+            self._flush_relayed_conntrack()
         if self.config.web_listen:
             state_dir = web_state_dir(self.config)
             self.web = WebPrompt(self.config.web_listen, self.handle_request,
@@ -163,6 +178,23 @@ class Daemon:
         self.control.start()
         log(f"guarding {len(self.config.devices)} device(s) on queue {self.config.queue}, "
             f"fail-{'open' if self.config.fail_open else 'closed'}, control {self.config.socket}")
+
+    def _flush_relayed_conntrack(self) -> None:
+        """Fresh start: forget the relayed devices' TCP connections, so ones opened before the
+        guard meet the interception at their next packet and are reset (design.md 5). A device
+        known by MAC only has no address to name here: its old connections are reset when their
+        next packet reaches the listener anyway (TPROXY catches non-SYN packets too)."""
+        relayed = set(self.spec.relay_devices)
+        for d in self.spec.devices:
+            if d.name not in relayed:
+                continue
+            for addr in ([d.address] if d.address else []) + list(d.address6):
+                argv = ["conntrack", "-D", "-f", "ipv6" if ":" in addr else "ipv4", "-p", "tcp",
+                        "-s", addr]
+                try:
+                    subprocess.run(argv, capture_output=True, timeout=5, check=False)
+                except (OSError, subprocess.TimeoutExpired):
+                    self.errors["conntrack"] += 1
 
     def _receive(self, pkt: Any, now: float, token: Any) -> Any:
         if pkt is None or isinstance(pkt, Malformed):
@@ -185,7 +217,7 @@ class Daemon:
     # -- the loop -----------------------------------------------------------------------------
 
     def serve(self) -> None:
-        selector = selectors.DefaultSelector()
+        selector = self.selector
         # One queue: netfilterqueue's own C loop reads until the socket is empty. Several
         # queues (guard.queue = "7-8", --queue-balance): each turn reads at most QUEUE_BATCH
         # packets per queue, round robin, because under sustained load a socket is never
@@ -210,8 +242,15 @@ class Daemon:
                 self.reload()
             with self.lock:
                 deadline = self.engine.next_timer()
+                if self.relay is not None:
+                    relay_deadline = self.relay.next_deadline()
+                    if relay_deadline is not None:
+                        deadline = min(deadline or relay_deadline, relay_deadline)
             timeout = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.time()))
-            for key, _ in selector.select(timeout):
+            for key, mask in selector.select(timeout):
+                if isinstance(key.data, RelayTag):
+                    self._relay_event(key.data, key.fileobj, mask)
+                    continue
                 queue, batch = key.data
                 try:
                     if batch is None:
@@ -224,7 +263,9 @@ class Daemon:
             now = time.time()
             with self.lock:
                 self.engine.handle_timer(now)
-                self._apply(self.engine.take_actions())
+                if self.relay is not None:
+                    self.relay.tick(now)
+                self._drain()
                 if now - last_neighbours >= NEIGHBOUR_POLL_S and self._macless():
                     last_neighbours = now
                     self._poll_neighbours()
@@ -232,6 +273,26 @@ class Daemon:
                     last_housekeeping = now
                     self.engine.expire_flows(now)
                     self._housekeeping(now)
+
+    def _relay_event(self, tag: RelayTag, sock: Any, mask: int) -> None:
+        """One relay socket is ready: the relay moves bytes and asks the engine; the actions
+        that caused are carried out before the lock is released."""
+        with self.lock:
+            try:
+                self.relay.on_event(tag, sock, mask)  # type: ignore[union-attr]
+            except Exception as exc:  # noqa: BLE001 - the relay catches per connection already
+                self.errors["relay"] = self.errors.get("relay", 0) + 1
+                log(f"relay: {exc!r}")
+            self._drain()
+
+    def _drain(self) -> None:
+        """Carry out the engine's actions, and those they cause (a release that completes a
+        close tells the engine, which may act again); bounded."""
+        for _ in range(8):
+            actions = self.engine.take_actions()
+            if not actions:
+                return
+            self._apply(actions)
 
     def _macless(self) -> bool:
         return bool(_macless(self.config))
@@ -282,6 +343,10 @@ class Daemon:
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         self.hooks.close(2.0)
+        if self.relay is not None:
+            with self.lock:  # every relayed connection reset; what was pending is recorded lost
+                self.relay.close()
+                self._drain()
         for queue in self.queues:
             try:
                 queue.unbind()
@@ -321,8 +386,39 @@ class Daemon:
                 self.errors["actions"] = self.errors.get("actions", 0) + 1
                 log(f"could not carry out {type(action).__name__}: {exc!r}")
 
+    def _stream_tokens(self, tokens: tuple[Any, ...]) -> tuple[dict[int, int], list[Any]]:
+        """Split tokens: the relay's (the furthest end per connection) and NFQUEUE packets."""
+        ends: dict[int, int] = {}
+        rest: list[Any] = []
+        for token in tokens:
+            if isinstance(token, StreamBytes):
+                ends[token.conn] = max(ends.get(token.conn, 0), token.end)
+            elif token is not None:
+                rest.append(token)
+        return ends, rest
+
+    def _relayed(self, key: Any) -> int | None:
+        return self.relay.relayed(key) if self.relay is not None else None
+
     def _apply_one(self, action: Any) -> None:
         stats = self.handler.stats if self.handler is not None else None
+        if isinstance(action, (Release, Discard)):
+            ends, packets = self._stream_tokens(action.tokens)
+            if ends and self.relay is not None:
+                for conn, end in ends.items():
+                    if isinstance(action, Release):
+                        self.relay.release(conn, end)
+                    else:
+                        self.relay.discard(conn, end)
+            if ends and not packets:
+                return
+            action = replace(action, tokens=tuple(packets))
+        if (isinstance(action, Reset) or (isinstance(action, MarkFlow)
+                                          and action.verdict == "block")):
+            conn = self._relayed(action.key)
+            if conn is not None:  # a relayed connection: reset both of its sockets
+                self.relay.abort(conn)  # type: ignore[union-attr]
+                return
         if isinstance(action, Release):
             for token in action.tokens:
                 if token is not None and stats is not None:
@@ -485,6 +581,8 @@ class Daemon:
             "counters": dict(self.engine.counters),
             "hooks": self.hooks.stats(),
             "metrics": self.metrics_server.url if self.metrics_server is not None else None,
+            "tcp_hold": self.config.tcp_hold,
+            "relay": self.relay.stats() if self.relay is not None else None,
         }
 
     def _cmd_pending(self, request: dict[str, Any], peer: Any) -> list[dict[str, Any]]:
@@ -641,6 +739,10 @@ def with_neighbour_macs(config: GuardConfig, wait_s: float = 0.0,
                     for d in config.devices)
     return replace(config, devices=devices)
 
+
+# Second guard on a held connection's kept bytes, above the engine's per-upload cap: the relay
+# stops reading it there (the engine denies at its cap; this only bounds a bug's damage).
+RELAY_KEPT_SLACK_BYTES = 64 << 10
 
 QUEUE_BATCH = 64  # packets read from one queue per turn when serving several
 

@@ -114,6 +114,8 @@ class Guard:
         self.state_db = self.dir / "state.db"
         self.log_path = self.dir / "daemon.log"
         self.guard_keys: dict[str, Any] = {
+            # The suites written for the packet hold pin it; relay tests pass tcp_hold="relay".
+            "tcp_hold": "packet",
             "queue": queue,
             "fail": fail,
             "hold_timeout_s": float(hold_timeout_s),
@@ -537,6 +539,20 @@ def cloud_conn(topo: Topology, local: str, host: str, timeout_s: float = 5.0,
 
     def matches(c: dict[str, Any]) -> bool:
         return (c["host"] == host and _port(c["peer"]) == port
+                and (not handshake or c["handshake_done"] is not None))
+
+    stats = topo.cloud.wait_for(lambda s: any(matches(c) for c in s["tcp"]), timeout_s=timeout_s)
+    return max((c for c in stats["tcp"] if matches(c)), key=lambda c: c["id"])
+
+
+def cloud_conn_since(topo: Topology, host: str, since: float, timeout_s: float = 5.0,
+                     handshake: bool = False) -> dict[str, Any]:
+    """The cloud's newest connection for `host` opened at or after `since`: through the relay
+    the cloud sees the router's upstream socket, whose port is not the speaker's."""
+    assert topo.cloud is not None
+
+    def matches(c: dict[str, Any]) -> bool:
+        return (c["host"] == host and c["opened"] >= since
                 and (not handshake or c["handshake_done"] is not None))
 
     stats = topo.cloud.wait_for(lambda s: any(matches(c) for c in s["tcp"]), timeout_s=timeout_s)
