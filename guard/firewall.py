@@ -1172,6 +1172,11 @@ class NftablesBackend:
         L += nset("quic_block_mac", "ether_addr", q_macs)
         L += nset("quic_block_v4", "ipv4_addr", q_v4)
         L += nset("quic_block_v6", "ipv6_addr", q_v6)
+        relayed = [d for d in s.devices if d.name in s.relay_devices]
+        if s.relay:
+            L += nset("relay_mac", "ether_addr", sorted({d.mac for d in relayed if d.mac}))
+            L += nset("relay_v4", "ipv4_addr", sorted({d.address for d in relayed if d.address}))
+            L += nset("relay_v6", "ipv6_addr", sorted({a for d in relayed for a in d.address6}))
 
         def chain(name: str, body: list[str], hook: str | None = None) -> None:
             L.append(f"\tchain {name} {{")
@@ -1180,7 +1185,20 @@ class NftablesBackend:
             L.extend(f"\t\t{b}" for b in body)
             L.append("\t}")
 
-        fwd = [
+        relay_src = ("ether saddr @relay_mac", "ip saddr @relay_v4", "ip6 saddr @relay_v6")
+        M, B = s.tproxy_mark, s.relay_mark
+        fwd: list[str] = []
+        if s.relay:
+            # The guarantee (design.md 5a.1): a relayed device's TCP that reaches forward was
+            # not intercepted; only a bypass-marked connection (a local destination) may pass.
+            # Fail-open: nft's tproxy falls through with no listener, and the packet goes on.
+            for src in relay_src:
+                if not s.fail_open:
+                    fwd += [f"meta l4proto tcp {src} ct state invalid,untracked counter drop",
+                            f"meta l4proto tcp {src} ct mark & {B:#x} != {B:#x} "
+                            "counter reject with tcp reset"]
+                fwd.append(f"meta l4proto tcp {src} ct mark & {B:#x} == {B:#x} accept")
+        fwd += [
             f"ether saddr @quic_block_mac udp dport 443 {set_block}",
             f"ip saddr @quic_block_v4 udp dport 443 {set_block}",
             f"ip6 saddr @quic_block_v6 udp dport 443 {set_block}",
@@ -1254,9 +1272,29 @@ class NftablesBackend:
             chain("safety_net", ['counter comment "hushgate safety net: fail-open, counts only"'])
         else:
             chain("safety_net", ['counter drop comment "hushgate safety net: fail-closed"'])
+        if s.relay:
+            nets4 = ", ".join(RELAY_BYPASS_NETS[4])
+            nets6 = ", ".join(RELAY_BYPASS_NETS[6])
+            chain("prerouting", [
+                "fib daddr type local return",
+                *[f"meta l4proto tcp {src} jump relay" for src in relay_src],
+            ], hook="prerouting")
+            P = s.relay_port
+            chain("relay", [
+                f"ip daddr {{ {nets4} }} ct mark set ct mark | {B:#x}",
+                f"ip6 daddr {{ {nets6} }} ct mark set ct mark | {B:#x}",
+                f"ct mark & {B:#x} == {B:#x} return",
+                f"meta l4proto tcp tproxy ip to :{P} meta mark set meta mark | {M:#x} accept",
+                f"meta l4proto tcp tproxy ip6 to :{P} meta mark set meta mark | {M:#x} accept",
+                # nft's tproxy does NOT drop when no socket listens (the rule breaks, the packet
+                # goes on unproxied: OpenWrt #23480): the drop is explicit when fail-closed.
+                ('counter comment "hushgate relay: fail-open, no listener"' if s.fail_open else
+                 'meta l4proto tcp counter drop comment "hushgate relay: no listener, fail-closed"'),
+            ])
         chain(
             "input",
-            [
+            ([f"tcp dport {s.relay_port} meta mark & {M:#x} != {M:#x} counter drop"]
+             if s.relay else []) + [
                 f"ether saddr @dev_mac ct mark set ct mark | {DEV:#x}",
                 f"ip saddr @dev_v4 ct mark set ct mark | {DEV:#x}",
                 f"ip6 saddr @dev_v6 ct mark set ct mark | {DEV:#x}",

@@ -167,7 +167,8 @@ class NftRunBackend:
         self.spec = spec
         self.run = run
         self.nft = NftablesBackend(spec, run)
-        self._iptables = IptablesBackend(spec, run)  # only for its pure conntrack argv
+        # for its pure conntrack argv and the relay's policy routing (`ip rule`/`ip route`)
+        self._iptables = IptablesBackend(spec, run, families=ip_families())
 
     def _apply(self, what: str, script: str) -> None:
         res = self.run(["nft", "-f", "-"], script)
@@ -179,6 +180,8 @@ class NftRunBackend:
 
     def apply_safety_net(self) -> None:
         self._apply("cannot apply the persistent rules", nft_persistent_script(self.nft))
+        if self.spec.relay:  # the relay's policy routing: same `ip` commands as with iptables
+            self._iptables.install_relay_routing()
 
     def install_dynamic(self) -> None:
         # refresh the persistent part too (a crash followed by a restart leaves nothing stale)
@@ -190,6 +193,8 @@ class NftRunBackend:
 
     def remove_all(self) -> None:
         t = f"inet {self.spec.tag}"
+        if self.spec.relay:
+            self._iptables.remove_relay_routing()
         self._apply("cannot remove the table", f"table {t} {{}}\ndelete table {t}\n")
 
     def conntrack_mark_argv(self, proto: str, src: str, dst: str, sport: int, dport: int,

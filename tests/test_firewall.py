@@ -486,3 +486,91 @@ def test_nft_dynamic_script_flushes_then_refills() -> None:
     assert script.splitlines()[0] == "flush chain inet hushgate queue_up"
     assert "add rule inet hushgate dns queue num 7" in script
     assert "add rule" not in NftablesBackend(spec()).dynamic_script(install=False)
+
+
+# --------------------------------------------------------------------------- the stream hold
+
+
+def _labels(rules: list) -> list[str]:
+    return [r.label for r in rules]
+
+
+def test_relay_rules_intercept_wan_tcp_and_reset_what_reaches_forward() -> None:
+    rules = build_rules(spec(relay_devices=("kitchen-echo",)), 4)
+    lines = {r.label: r for r in rules}
+    tp = lines["relay.tproxy"]
+    assert tp.chain == "HUSHGATE_RELAY" and not tp.dynamic
+    assert tp.spec == ("-p tcp -j TPROXY --on-port 7411 --on-ip 0.0.0.0 "
+                       "--tproxy-mark 0x20000000/0x20000000")
+    bypass = [r.spec for r in rules if r.label.startswith("relay.bypass.")]
+    assert any("-d 10.0.0.0/8 " in b for b in bypass)
+    assert not any("198.18." in b for b in bypass)  # the benchmark range is the tests' WAN
+    # only the relayed device is intercepted, by MAC and address
+    assert lines["tproxy.kitchen-echo.mac"].spec == (
+        "-p tcp -m mac --mac-source 02:00:5e:10:00:10 -j HUSHGATE_RELAY")
+    assert lines["tproxy.kitchen-echo.addr"].spec == "-s 198.18.10.10/32 -p tcp -j HUSHGATE_RELAY"
+    assert not any(label.startswith("tproxy.nest") for label in lines)
+    # the FORWARD guarantee comes before every other rule of the reject chain
+    reject = [r for r in rules if r.chain == "HUSHGATE_REJECT"]
+    assert reject[0].label == "relay.forward"
+    assert lines["relayfwd.kitchen-echo.addr.reset"].spec == (
+        "-s 198.18.10.10/32 -p tcp -m connmark ! --mark 0x40000000/0x40000000 "
+        "-j REJECT --reject-with tcp-reset")
+    assert lines["input.relay_port"].spec == (
+        "-p tcp -m tcp --dport 7411 -m mark ! --mark 0x20000000/0x20000000 -j DROP")
+    # its TCP is never queued; its UDP still is
+    assert lines["dispatch.kitchen-echo.addr.tcp"].spec == "-s 198.18.10.10/32 -p tcp -j ACCEPT"
+    assert "dispatch.kitchen-echo.addr.up" in lines
+
+
+def test_relay_rules_v6_and_packet_mode_has_none() -> None:
+    six = build_rules(spec(relay_devices=("nest",)), 6)
+    tp = next(r for r in six if r.label == "relay.tproxy")
+    assert "--on-ip ::" in tp.spec
+    assert any(r.spec.startswith("-d fc00::/7 ") for r in six)
+    packet = build_rules(spec(), 4)
+    assert not any("relay" in r.label or "tproxy" in r.label for r in packet)
+    assert "PREROUTING" not in IptablesBackend(spec()).restore_text(4)
+
+
+def test_relay_is_dynamic_when_fail_open() -> None:
+    closed = IptablesBackend(spec(relay_devices=("kitchen-echo",)))
+    opened = IptablesBackend(spec(relay_devices=("kitchen-echo",), fail_open=True))
+    assert ("mangle", "HUSHGATE_TPROXY") in closed.chains.persistent()
+    assert ("mangle", "HUSHGATE_TPROXY") in opened.chains.dynamic()
+    tp = next(r for r in opened.rules(4) if r.label == "relay.tproxy")
+    assert tp.dynamic
+    assert "-I PREROUTING 1 -j HUSHGATE_TPROXY" in closed.restore_text(4)
+
+
+def test_relay_marks_must_be_single_bits_outside_the_mask() -> None:
+    with pytest.raises(ValueError):
+        spec(relay_devices=("kitchen-echo",), tproxy_mark=0x00010000)  # inside mark_mask
+    with pytest.raises(ValueError):
+        spec(relay_devices=("kitchen-echo",), relay_mark=0x3)
+    with pytest.raises(ValueError):
+        spec(relay_devices=("ghost",))
+
+
+def test_nft_relay_drops_explicitly_after_tproxy_when_fail_closed() -> None:
+    text = NftablesBackend(spec(relay_devices=("kitchen-echo",))).render()
+    all_lines = text.splitlines()
+    start = all_lines.index("\tchain relay {")
+    lines = [ln.strip() for ln in all_lines[start + 1:all_lines.index("\t}", start)]]
+    assert lines[-3].startswith("meta l4proto tcp tproxy ip to :7411 meta mark set")
+    assert lines[-1].startswith("meta l4proto tcp counter drop")
+    assert "fib daddr type local return" in text
+    assert "ct mark & 0x40000000 != 0x40000000 counter reject with tcp reset" in text
+    opened = NftablesBackend(spec(relay_devices=("kitchen-echo",), fail_open=True)).render()
+    assert "counter drop comment \"hushgate relay" not in opened
+
+
+def test_nft_relay_ruleset_passes_nft_check() -> None:
+    import shutil
+
+    if shutil.which("nft") is None:
+        pytest.skip("nft not installed")
+    for fail_open in (False, True):
+        check = NftablesBackend(spec(relay_devices=("kitchen-echo", "nest"),
+                                     fail_open=fail_open)).check()
+        assert check.ok and check.syntax_ok, check.message

@@ -14,9 +14,9 @@ from guard.fwspec import NftRunBackend, run_backend
 from tests.ci import missing_or_fail
 
 
-def config(backend: str) -> GuardConfig:
+def config(backend: str, tcp_hold: str = "packet") -> GuardConfig:
     devices = (DeviceConfig(name="echo", mac="68:db:f5:90:19:64", address="198.18.10.10"),)
-    return replace(GuardConfig(), devices=devices, backend=backend)
+    return replace(GuardConfig(), devices=devices, backend=backend, tcp_hold=tcp_hold)
 
 
 class Recorder:
@@ -55,6 +55,22 @@ def test_fail_open_queue_has_bypass() -> None:
     backend = run_backend(replace(config("nftables"), fail="open"), rec)
     backend.install_dynamic()
     assert "bypass" in rec.calls[1][1]
+
+
+def test_relay_on_nftables_adds_policy_routing_and_removes_it() -> None:
+    rec = Recorder()
+    backend = run_backend(config("nftables", tcp_hold="relay"), rec)
+    backend.install_dynamic()
+    nft = [inp for argv, inp in rec.calls if argv[0] == "nft"]
+    ip = [argv for argv, _ in rec.calls if argv[0] == "ip"]
+    assert "tproxy ip to :7411" in nft[0] and "chain prerouting" in nft[0]
+    assert ["ip", "-4", "rule", "add", "fwmark", "0x20000000/0x20000000", "lookup", "7411",
+            "priority", "900"] in ip
+    assert ["ip", "-4", "route", "replace", "local", "default", "dev", "lo", "table",
+            "7411"] in ip
+    rec.calls.clear()
+    backend.remove_all()
+    assert ["ip", "-4", "route", "flush", "table", "7411"] in [a for a, _ in rec.calls]
 
 
 def test_a_failing_nft_is_a_firewall_error() -> None:
