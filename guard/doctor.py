@@ -336,6 +336,44 @@ def _check_offload(config: GuardConfig, run: Runner) -> Check:
     )
 
 
+def _relay_listening(port: int, read_file: Callable[[str], str | None]) -> bool:
+    """A TCP socket in LISTEN (state 0A) on `port`, in /proc/net/tcp or tcp6."""
+    want = f":{port:04X}"
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in (read_file(path) or "").splitlines()[1:]:
+            parts = line.split()
+            if len(parts) > 3 and parts[1].endswith(want) and parts[3] == "0A":
+                return True
+    return False
+
+
+def _check_relay(config: GuardConfig, spec: FirewallSpec, run: Runner, families: tuple[int, ...],
+                 socket_up: bool, read_file: Callable[[str], str | None]) -> Check:
+    """The stream hold (design.md 5a.1): the policy route TPROXY needs, and, while the guard
+    runs, its transparent listener. Without the route, intercepted packets are routed on and
+    FORWARD resets them (closed, but nothing works); without the listener TPROXY drops."""
+    from guard.firewall import IptablesBackend
+
+    try:
+        routing = IptablesBackend(spec, run, families=families).relay_routing_status()
+    except (OSError, FirewallError) as exc:
+        return Check.fail("relay", f"cannot read the relay's policy routing: {exc}",
+                          "run as root; install iproute2")
+    missing = [fam for fam, ok in routing.items() if not ok]
+    rule = (f"ip rule add fwmark {spec.tproxy_mark:#x}/{spec.tproxy_mark:#x} lookup "
+            f"{spec.relay_table} priority {spec.relay_priority}; ip route replace local "
+            f"default dev lo table {spec.relay_table}")
+    if missing and (socket_up or not spec.fail_open):
+        return Check.fail("relay", f"the relay's policy route is missing ({', '.join(missing)}): "
+                          "relayed devices' TCP is reset instead of relayed",
+                          f"restart the guard or `hushgate firewall apply`; by hand: {rule}")
+    if socket_up and not _relay_listening(config.relay_port, read_file):
+        return Check.fail("relay", f"no listener on the relay port {config.relay_port}: "
+                          "relayed devices' TCP goes nowhere", "restart the guard")
+    return Check.good("relay", f"TCP of {len(spec.relay_devices)} device(s) relayed on port "
+                      f"{config.relay_port} (policy route table {spec.relay_table})")
+
+
 def _check_ipv6(config: GuardConfig) -> Check:
     blind = [
         d.name for d in config.devices
@@ -478,6 +516,8 @@ def diagnose(
             if queue_rules:
                 queue_bypass = any("--queue-bypass" in line for line in queue_rules)
     checks.append(_check_offload(config, run))
+    if spec.relay:
+        checks.append(_check_relay(config, spec, run, _families(families), socket_up, read_file))
     checks.append(_check_ipv6(config))
     checks.append(_check_listener(config, socket_up, read_file))
     checks.append(_check_fail_mode(config, installed, queue_bypass, config_path))

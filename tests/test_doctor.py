@@ -36,7 +36,8 @@ from tests.ci import need_root
 ECHO = DeviceConfig("kitchen-echo", address="198.18.10.10", mac="02:00:5e:10:00:10")
 NEST = DeviceConfig("nest", mac="02:00:5e:10:00:11", address6=("2001:2:0:10::11",))
 LAMP = DeviceConfig("lamp", address="198.18.10.30")
-CONFIG = GuardConfig(devices=(ECHO, NEST), socket="/run/hg-test/control.sock")
+# The packet hold: these checks were written for it (the relay's check has its own tests).
+CONFIG = GuardConfig(devices=(ECHO, NEST), socket="/run/hg-test/control.sock", tcp_hold="packet")
 
 # /proc/net/netfilter/nfnetlink_queue as the kernel prints it (queue, portid, waiting, copy mode,
 # copy range, queue dropped, user dropped, id sequence, 1): queue 7 bound by portid 27203.
@@ -611,3 +612,29 @@ def test_doctor_against_a_real_kernel_in_a_namespace():
         assert nft.offload_status()["offloading"] is False
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_relay_check_names_a_missing_policy_route_and_a_missing_listener() -> None:
+    from guard.doctor import _check_relay
+
+    config = GuardConfig(devices=(ECHO,), socket=CONFIG.socket)
+    spec = spec_from_config(config)
+
+    def runner(route: bool) -> Callable[..., Completed]:
+        def run(argv: Sequence[str], input: str | None = None) -> Completed:  # noqa: A002
+            out = ""
+            if route and "rule" in argv:
+                out = "900:\tfrom all fwmark 0x20000000/0x20000000 lookup 7411\n"
+            elif route and "route" in argv:
+                out = "local default dev lo scope host\n"
+            return Completed(tuple(argv), 0, out)
+        return run
+
+    listening = "  sl  local rem st\n   0: 00000000:1CF3 00000000:0000 0A 0\n"
+    ok = _check_relay(config, spec, runner(True), (4, 6), True,
+                      lambda p: listening if p == "/proc/net/tcp" else None)
+    assert ok.ok and ok.severity == "ok", ok
+    no_route = _check_relay(config, spec, runner(False), (4, 6), False, lambda p: None)
+    assert not no_route.ok and "ip rule add fwmark" in no_route.fix
+    no_listener = _check_relay(config, spec, runner(True), (4, 6), True, lambda p: None)
+    assert not no_listener.ok and "7411" in no_listener.message
