@@ -3,7 +3,8 @@
 Rules of this module:
 - Shell only. It moves bytes and asks the engine; every decision (accept, hold, release, drop,
   reject) is the engine's (`stream_open`, `stream_data`, late `Release`/`Discard`/`Reset`).
-  Nothing is decrypted: TLS records are framed by their 5-byte headers and moved as opaque bytes.
+  Nothing is decrypted: TLS records are framed by their 5-byte headers (guard/records.py, the
+  framer `analyze` uses) and moved as opaque bytes.
 - Single thread, no asyncio: it lives in the daemon's `selectors` loop, and every call into it
   (socket events, timers, late actions) is made under the daemon's lock. No exception leaves it:
   a connection whose socket fails is aborted (RST on both legs) and counted.
@@ -28,7 +29,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
+from guard import records
 from guard.engine import StreamBytes, Verdict
+from guard.records import Record
 from guard.sni import NeedMore, client_hello_sni
 
 __all__ = ["RecordFramer", "Relay", "RelayTag", "StreamBytes", "StreamEngine"]
@@ -43,7 +46,6 @@ FIRST_BYTES_WAIT_S = 0.3
 # may take before the flow is opened without a name. Real hellos arrive within one RTT of LAN.
 HELLO_WAIT_S = 2.0
 HELLO_CAP_BYTES = 16384 + 5  # one whole TLS record (RFC 8446 5.1: at most 2^14 plaintext)
-TLS_MAX_RECORD_BODY = 16384 + 2048  # RFC 5246 6.2.3: ciphertext may exceed 2^14 by 2048
 CONNECT_TIMEOUT_S = 20.0  # below the device's own SYN retry budget (Linux ~127 s, iOS ~75 s)
 # Both legs: a vanished speaker must not pin an upstream socket, and the router answers the
 # speaker's keepalives, so a dead cloud must be noticed by the relay (design.md 5a.5).
@@ -57,7 +59,6 @@ MAC_MISS_CACHE_S = 5.0
 IPV6_TRANSPARENT = 75  # linux/in6.h; not in the socket module
 _LINGER_ABORT = struct.pack("ii", 1, 0)
 _LINGER_OFF = struct.pack("ii", 0, 0)
-_TLS_TYPES = frozenset({20, 21, 22, 23})  # change_cipher_spec, alert, handshake, app data
 
 
 class StreamEngine(Protocol):
@@ -78,96 +79,23 @@ class StreamEngine(Protocol):
 # --- framing ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One framed unit of the upstream stream: it ends at stream offset `end`."""
-
-    end: int
-    size: int  # bytes, TLS header included
-    content_type: int  # the TLS record type; 0 when the stream is not TLS
-
-
-class RecordFramer:
-    """Cuts an upstream byte stream into TLS records, incrementally (reads may split or join
-    records anywhere). A stream that does not start with a TLS record header, or whose header
-    stops parsing at any point, is framed as "each read is a record" (type 0) from there on:
-    every byte is still covered by exactly one record, in order."""
-
-    def __init__(self) -> None:
-        self.offset = 0  # stream bytes consumed
-        self.tls = True
-        self._start = 0  # offset where the current record began
-        self._header = bytearray()
-        self._need = 0  # body bytes still missing from the current record
-        self._type = 0
-        self._size = 0
+class RecordFramer(records.RecordFramer):
+    """guard/records.py's framer (the one `analyze` uses too, so both judge the same records),
+    plus what the relay needs of it: how many bytes belong to an unfinished record, and that
+    unfinished record as one when the stream ends mid-record."""
 
     @property
     def partial(self) -> int:
-        """Bytes of a record begun but not complete."""
-        return self.offset - self._start
-
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Record]:
-        out: list[Record] = []
-        if not data:
-            return out
-        if not self.tls:
-            self.offset += len(data)
-            out.append(Record(self.offset, len(data), 0))
-            self._start = self.offset
-            return out
-        view = memoryview(data)
-        pos = 0
-        while pos < len(view):
-            if self._need:
-                take = min(self._need, len(view) - pos)
-                pos += take
-                self.offset += take
-                self._need -= take
-                if not self._need:
-                    self._complete(out)
-                continue
-            take = min(5 - len(self._header), len(view) - pos)
-            self._header += view[pos:pos + take]
-            pos += take
-            self.offset += take
-            if len(self._header) == 1 and self._header[0] not in _TLS_TYPES:
-                return self._give_up(out, len(view) - pos)
-            if len(self._header) < 5:
-                continue
-            ctype, major, minor, length = struct.unpack("!BBBH", self._header)
-            if ctype not in _TLS_TYPES or major != 3 or minor > 4 or length > TLS_MAX_RECORD_BODY:
-                return self._give_up(out, len(view) - pos)
-            self._type, self._size, self._need = ctype, 5 + length, length
-            self._header.clear()
-            if not length:
-                self._complete(out)
-        return out
+        return self.pending
 
     def flush(self) -> Record | None:
-        """The bytes of an unfinished record as one record (the stream ended mid-record)."""
-        if not self.partial:
+        n = self.pending
+        if not n:
             return None
-        rec = Record(self.offset, self.partial, self._type if self.tls else 0)
-        self._start = self.offset
-        self._header.clear()
+        ctype = self._content_type if self._need else records.NOT_TLS
         self._need = 0
-        return rec
-
-    def _complete(self, out: list[Record]) -> None:
-        out.append(Record(self.offset, self._size, self._type))
-        self._start = self.offset
-
-    def _give_up(self, out: list[Record], rest: int) -> list[Record]:
-        """Not TLS (any more): the bytes since the record began and the rest of this read are
-        one record; every later read is one."""
-        self.tls = False
-        self.offset += rest
-        out.append(Record(self.offset, self.offset - self._start, 0))
-        self._start = self.offset
-        self._header.clear()
-        self._need = 0
-        return out
+        self._header = bytearray()
+        return Record(self.offset, n, ctype)
 
 
 # --- connections ----------------------------------------------------------------------------------
