@@ -341,6 +341,11 @@ class TlsSpeaker:
         )
         entry: dict[str, Any] = {"profile": profile.name, "start": time.time(), "records": 0}
         self.result.uploads.append(entry)
+        # --send-times: when each record's write returned (time.time()), for replays that
+        # compare what the cloud received with what the speaker sent (guard/sim/timeline.py)
+        sent_at: list[float] | None = [] if getattr(self.args, "send_times", False) else None
+        if sent_at is not None:
+            entry["sent_at"] = sent_at
         t0 = time.monotonic()
         off = 0
         for (t, wire_size), n in zip(sizes, plain):
@@ -348,6 +353,8 @@ class TlsSpeaker:
             if wait > 0:
                 self.pump(wait)
             self.write(stream[off : off + n], wire_size)
+            if sent_at is not None:
+                sent_at.append(round(time.time(), 6))
             off += n
             entry["records"] += 1
             entry["plaintext_bytes"] = off
@@ -654,6 +661,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--wait-file", help="start once this file exists (at most --idle s)")
         p.add_argument("--count", type=int, default=default_count, help="uploads on this conn")
         p.add_argument("--gap", type=float, default=1.0, help="seconds between uploads")
+        p.add_argument(
+            "--send-times",
+            action="store_true",
+            help="report when each record was written (uploads[].sent_at, Unix seconds)",
+        )
     p = sub.add_parser("rtt", help="N request/response rounds, prints latencies")
     p.add_argument("rounds", type=int)
     p.add_argument("--size", type=int, default=64)
