@@ -66,7 +66,9 @@ class DeviceConfig:
     address6: tuple[str, ...] = ()  # extra IPv6 addresses when no MAC is given
     mode: Mode = Mode.STRICT
     categories: tuple[tuple[str, CategoryAction], ...] = ()  # per-device overrides
-    quic: str = "hold"  # hold | block (block forces TCP fallback)
+    # hold | block; None: as guard.quic says. Block (the default) refuses QUIC so the speaker
+    # falls back to TCP, which the relay holds exactly (design.md 5); hold keeps the packet hold.
+    quic: str | None = None
 
     def category_action(self, category: str) -> CategoryAction:
         for name, action in self.categories:
@@ -98,7 +100,7 @@ class GuardConfig:
     followup_window_s: float = 10.0
     window_segments: int = 10  # what a held sender can emit before the decision (IW10)
     mark_mask: int = 0x00FF0000
-    quic: str = "hold"
+    quic: str = "block"
     socket: str = "/run/hushgate/control.sock"
     socket_group: str | None = None
     state_db: str = "/var/lib/hushgate/state.db"
@@ -146,6 +148,10 @@ class GuardConfig:
     @property
     def fail_open(self) -> bool:
         return self.fail == "open"
+
+    def quic_for(self, device: DeviceConfig) -> str:
+        """What a device's QUIC gets: its own setting, else the guard's."""
+        return device.quic or self.quic
 
     def device(self, name: str) -> DeviceConfig | None:
         for device in self.devices:
@@ -221,8 +227,11 @@ def _boolean(table: dict[str, Any], key: str, where: str) -> bool:
     return value
 
 
-def _choice(table: dict[str, Any], key: str, where: str, choices: tuple[str, ...], default: str) -> str:
-    value = table.get(key, default)
+def _choice(table: dict[str, Any], key: str, where: str, choices: tuple[str, ...],
+            default: Any) -> Any:
+    if key not in table:
+        return default
+    value = table[key]
     if value not in choices:
         raise ConfigError(f"{where}.{key}: expected one of {', '.join(choices)}, got {value!r}")
     return str(value)
@@ -270,7 +279,7 @@ def _device(table: Any, index: int) -> DeviceConfig:
             raise ConfigError(
                 f"{where}.categories.{category}: expected allow, block or inspect"
             ) from None
-    quic = _choice(table, "quic", where, ("hold", "block"), "hold")
+    quic = _choice(table, "quic", where, ("hold", "block"), None)
     return DeviceConfig(name, address, mac, address6, mode, tuple(categories), quic)
 
 
@@ -294,7 +303,7 @@ def parse_config(data: dict[str, Any]) -> GuardConfig:
     if kw["queue"] + kw["queue_count"] - 1 > 65535:
         raise ConfigError("guard.queue: NFQUEUE numbers go up to 65535")
     kw["fail"] = _choice(guard, "fail", "guard", ("closed", "open"), "closed")
-    kw["quic"] = _choice(guard, "quic", "guard", ("hold", "block"), "hold")
+    kw["quic"] = _choice(guard, "quic", "guard", ("hold", "block"), "block")
     kw["backend"] = _choice(guard, "backend", "guard", ("iptables", "nftables"), "iptables")
     for key in ("hold_timeout_s", "max_turn_s", "followup_window_s", "audit_max_age_s"):
         if key in guard:

@@ -86,11 +86,11 @@ class Daemon:
         self.firewall = backend or run_backend(config)
         self.injector = Injector()
         self.store = self._open_store()
+        self.errors: dict[str, int] = {"store": 0, "reset": 0, "conntrack": 0}
         self.engine = self._engine()
         self.queues: list[Any] = []
         self.handler: QueueHandler | None = None
         self.control: Any = None
-        self.errors: dict[str, int] = {"store": 0, "reset": 0, "conntrack": 0}
         self.reload_requested = threading.Event()
         self.metrics = Metrics(devices=[d.name for d in config.devices])
         self.registry = CollectorRegistry()
@@ -128,11 +128,19 @@ class Daemon:
                         reset_midstream=self.config.reset_midstream)
         self._load_standing(engine, now)
         lost = self.store.lost_pending()
+        relayed = [p for p in lost if p.proto == "tcp" and self.config.tcp_hold == "relay"]
+        for p in relayed:
+            # The relay's sockets died with the previous run (SO_LINGER 0: reset, nothing kept
+            # was delivered); the speaker reconnects through the relay. Lost now, with its bytes.
+            self._persist_decision({"id": p.id, "device": p.device, "host": p.host,
+                                    "remote": f"{p.dst}:{p.dport}", "category": p.category,
+                                    "start": p.started}, Outcome.LOST, "restart")
         engine.expect_lost(
-            (p.id, TCP if p.proto == "tcp" else 17, p.src, p.sport, p.dst, p.dport) for p in lost)
+            (p.id, TCP if p.proto == "tcp" else 17, p.src, p.sport, p.dst, p.dport)
+            for p in lost if p not in relayed)
         if lost:
-            log(f"{len(lost)} upload(s) were pending when the guard stopped: their connections "
-                "will be reset as lost, nothing of them delivered")
+            log(f"{len(lost)} upload(s) were pending when the guard stopped: nothing of them is "
+                "delivered; recorded as lost")
         return engine
 
     def _load_standing(self, engine: Engine, now: float) -> None:

@@ -854,7 +854,7 @@ class Engine:
             if pkt.hint in REALTIME_HINTS:
                 flow.category = "messaging"
                 flow.host = flow.host or None
-            if device.quic == "block" and dport == 443:
+            if self.config.quic_for(device) == "block" and dport == 443:
                 return self._block(flow, now, "quic blocked for this device")
         action = device.category_action(flow.category)
         if action is CategoryAction.BLOCK:
@@ -1074,7 +1074,8 @@ class Engine:
             flow.state = FlowState.IDLE  # a blocked category overrides an upload's leftovers
         flow.move(FlowState.BLOCKED)
         self.counters["flows_blocked"] += 1
-        self.actions.append(MarkFlow(flow.key, "block"))
+        if flow.stream is None:  # a relayed connection is refused by the relay itself
+            self.actions.append(MarkFlow(flow.key, "block"))
         self.actions.append(FlowBlocked(flow.key, flow.device.name, flow.host, flow.category,
                                         reason))
         self._schedule(flow, None)
@@ -1502,8 +1503,10 @@ class Engine:
                 # and so the remote's own ACKs, are usually not queued to userspace)
                 seq_to_remote = flow.remote_ack if flow.remote_ack is not None else flow.device_next
             self.actions.append(Reset(flow.key, flow.device_ack, seq_to_remote, reason))
-            # and the kernel resets whatever either end sends next, with its exact numbers
-            self.actions.append(MarkFlow(flow.key, "block", direct=True))
+            if flow.stream is None:
+                # and the kernel resets whatever either end sends next, with its exact numbers
+                # (a relayed connection's two sockets are aborted by the relay: nothing follows)
+                self.actions.append(MarkFlow(flow.key, "block", direct=True))
         else:
             self.actions.append(Unreachable(flow.key, reason))
 

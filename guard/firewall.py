@@ -533,7 +533,7 @@ def build_rules(spec: FirewallSpec, family: int) -> list[Rule]:
                     "mangle",
                     ch.entry,
                     f"dispatch.{n}.{kind}.quic",
-                    f"{match} -p udp -m udp --dport 443 {set_block}",
+                    f"{_proto(match, 'udp')} -m udp --dport 443 {set_block}",
                 )
             add("mangle", ch.entry, f"dispatch.{n}.{kind}.up", f"{match} -g {ch.up}")
     for d in spec.devices:
@@ -623,9 +623,14 @@ def build_rules(spec: FirewallSpec, family: int) -> list[Rule]:
     return rules
 
 
+def _proto(match: str, proto: str) -> str:
+    """`match` and `-p PROTO` in iptables-save's canonical order (addresses first, then -p, then
+    other matches), so `doctor` finds the rule as the kernel prints it."""
+    return f"{match} -p {proto}" if match.startswith(("-s ", "-d ")) else f"-p {proto} {match}"
+
+
 def _tcp(match: str) -> str:
-    """`match` and `-p tcp` in iptables-save's canonical order (addresses first, then -p)."""
-    return f"{match} -p tcp" if match.startswith(("-s ", "-d ")) else f"-p tcp {match}"
+    return _proto(match, "tcp")
 
 
 def relay_rules(spec: FirewallSpec, family: int, ch: Chains,

@@ -33,9 +33,8 @@ NFT_DYNAMIC_CHAINS = ("queue_up", "queue_down", "dns")
 
 def spec_from_config(config: GuardConfig) -> FirewallSpec:
     """The kernel-side view of the config. A device's `address` may be IPv6 (DeviceConfig allows
-    it): it is then matched as an extra IPv6 address. QUIC is blocked for a device when either
-    the device or `guard.quic` says "block" (a device cannot say "unset", and block is the safe
-    reading)."""
+    it): it is then matched as an extra IPv6 address. QUIC is blocked for a device when its own
+    `quic` says "block", or it says nothing and `guard.quic` does (the default)."""
     devices: list[DeviceMatch] = []
     quic_block: list[str] = []
     relay: list[str] = []
@@ -48,7 +47,7 @@ def spec_from_config(config: GuardConfig) -> FirewallSpec:
         if address is not None and ipaddress.ip_address(address).version == 6:
             address, address6 = None, (address, *address6)
         devices.append(DeviceMatch(d.name, address=address, mac=d.mac, address6=address6))
-        if d.quic == "block" or config.quic == "block":
+        if config.quic_for(d) == "block":
             quic_block.append(d.name)
     return FirewallSpec(
         devices=tuple(devices),

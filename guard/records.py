@@ -43,7 +43,7 @@ def plausible_header(data: bytes | bytearray | memoryview, at: int = 0) -> bool:
         return False
     length = (data[at + 3] << 8) | data[at + 4]
     return (data[at] in CONTENT_TYPES and data[at + 1] == 3 and data[at + 2] <= 4
-            and 0 < length <= MAX_RECORD_BODY)
+            and length <= MAX_RECORD_BODY)  # TLS 1.2 allows empty application_data
 
 
 class RecordFramer:
@@ -115,6 +115,8 @@ class RecordFramer:
             self._record_start = start + pos - HEADER_BYTES
             self._need = (header[3] << 8) | header[4]
             self._content_type = header[0]
+            if not self._need:
+                out.append(self._done(start + pos))
         return out
 
     def _done(self, end: int) -> Record:

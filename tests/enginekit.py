@@ -18,8 +18,10 @@ RULES = load_rules()
 
 
 def engine(mode: Mode = Mode.STRICT, **guard: Any) -> Engine:
+    """An engine for the packet path's tests: QUIC held as `quic = "hold"` (the default refuses
+    it) unless a test says otherwise."""
     device = DeviceConfig(name="kitchen-echo", address=ECHO, mode=mode)
-    config = replace(GuardConfig(), devices=(device,), **guard)
+    config = replace(GuardConfig(), devices=(device,), **{"quic": "hold", **guard})
     return Engine(config, RULES)
 
 

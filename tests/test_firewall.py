@@ -213,7 +213,7 @@ def test_quic_block_marks_udp_443_of_that_device_only() -> None:
     quic = [r for r in entry if "--dport 443" in r]
     assert quic == [
         (
-            "-m mac --mac-source 02:00:5e:10:00:11 -p udp -m udp --dport 443 "
+            "-p udp -m mac --mac-source 02:00:5e:10:00:11 -m udp --dport 443 "
             "-j CONNMARK --set-xmark 0x20000/0x30000"
         )
     ]

@@ -65,3 +65,11 @@ def test_assembler_drops_retransmissions_and_trims_overlaps() -> None:
     assert a.segment(0xFFFFFFF1, b"abcd", 4) == (b"", 0, False)  # retransmission
     assert a.segment(0xFFFFFFF3, b"cdef", 4) == (b"ef", 2, False)  # overlap trimmed
     assert a.segment(0xFFFFFFF7 + 10, b"zz", 2) == (b"zz", 2, True)  # a gap
+
+
+def test_an_empty_record_is_a_record() -> None:
+    """TLS 1.2 allows empty application_data records (the 1/n-1 split's sibling)."""
+    f = RecordFramer()
+    out = f.feed(record(10) + record(0) + record(2, 21))
+    assert [(r.end, r.size, r.content_type) for r in out] == [(15, 15, 23), (20, 5, 23),
+                                                              (27, 7, 21)]

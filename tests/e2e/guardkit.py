@@ -116,6 +116,7 @@ class Guard:
         self.guard_keys: dict[str, Any] = {
             # The suites written for the packet hold pin it; relay tests pass tcp_hold="relay".
             "tcp_hold": "packet",
+            "quic": "hold",  # likewise the QUIC packet hold (the default refuses QUIC)
             "queue": queue,
             "fail": fail,
             "hold_timeout_s": float(hold_timeout_s),
