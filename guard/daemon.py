@@ -87,6 +87,9 @@ class Daemon:
         self.injector = Injector()
         self.store = self._open_store()
         self.errors: dict[str, int] = {"store": 0, "reset": 0, "conntrack": 0}
+        # QUIC refused per device (kernel counters) and whether it fell back to TCP
+        self.quic: dict[str, dict[str, Any]] = {}
+        self.quic_checked = time.time()
         self.engine = self._engine()
         self.queues: list[Any] = []
         self.handler: QueueHandler | None = None
@@ -216,7 +219,9 @@ class Daemon:
             for flow in self.engine.iter_flows():
                 flows[flow.state.value] = flows.get(flow.state.value, 0) + 1
             return {"pending": len(self.engine.pending()), "held_packets": packets,
-                    "held_bytes": held, "flows": flows}
+                    "held_bytes": held, "flows": flows,
+                    "quic": {name: dict(state) for name, state in self.quic.items()},
+                    "relay": self.relay.stats() if self.relay is not None else None}
 
     def _callback(self, nfpkt: Any) -> None:
         with self.lock:
@@ -281,6 +286,8 @@ class Daemon:
                     last_housekeeping = now
                     self.engine.expire_flows(now)
                     self._housekeeping(now)
+                if now - self.quic_checked >= QUIC_CHECK_S:
+                    self._check_quic(now)
 
     def _relay_event(self, tag: RelayTag, sock: Any, mask: int) -> None:
         """One relay socket is ready: the relay moves bytes and asks the engine; the actions
@@ -313,6 +320,30 @@ class Daemon:
             if before.mac is None and after.mac is not None:
                 self.engine.learn_mac(after.name, after.mac)
                 self._learn_mac(after.name, after.mac)
+
+    def _check_quic(self, now: float) -> None:
+        """Which devices keep trying QUIC and never fall back to TCP: refused QUIC packets
+        counted by the kernel since the last look, and no relayed TCP connection from the
+        device within QUIC_FALLBACK_S. Such a device has no voice service while QUIC is
+        refused; status, metrics and doctor say so."""
+        self.quic_checked = now
+        try:
+            refused = self.firewall.quic_refusals()
+        except (FirewallError, OSError) as exc:
+            self.errors["firewall"] = self.errors.get("firewall", 0) + 1
+            log(f"could not read the QUIC counters: {exc}")
+            return
+        for name, count in refused.items():
+            state = self.quic.setdefault(name, {"refused": 0, "no_tcp_fallback": False})
+            trying = count > state["refused"]
+            tcp = self.engine.last_stream.get(name, float("-inf")) >= now - QUIC_FALLBACK_S
+            was = state["no_tcp_fallback"]
+            state["refused"] = count
+            state["no_tcp_fallback"] = (trying and not tcp) or (was and not tcp)
+            if state["no_tcp_fallback"] and not was:
+                log(f"{name} keeps trying QUIC ({count} packets refused) and has not fallen back "
+                    "to TCP: it has no voice service while QUIC is refused; set quic = \"hold\" "
+                    "for it to hold QUIC uploads by packet instead")
 
     def _housekeeping(self, now: float) -> None:
         try:
@@ -576,7 +607,11 @@ class Daemon:
         return {
             "version": __version__,
             "fail_mode": "open" if self.config.fail_open else "closed",
-            "devices": [{"name": d.name, "address": d.address, "mac": d.mac, "mode": d.mode.value}
+            "devices": [{"name": d.name, "address": d.address, "mac": d.mac, "mode": d.mode.value,
+                         "quic": self.config.quic_for(d),
+                         "quic_refused": self.quic.get(d.name, {}).get("refused", 0),
+                         "quic_no_tcp_fallback": self.quic.get(d.name, {}).get(
+                             "no_tcp_fallback", False)}
                         for d in self.engine.devices.by_name.values()],
             "pending": len(self.engine.pending()),
             "held_bytes": held,
@@ -678,6 +713,11 @@ class Daemon:
 # How often the neighbour table is read (and a missing entry probed for) while a device is known
 # by address only.
 NEIGHBOUR_POLL_S = 2.0
+# How often the QUIC block rules' counters are read, and how recent a relayed TCP connection
+# must be to count as the device's fallback (Chromium's stack marks QUIC broken and uses TCP
+# for new requests at once: design.md 5).
+QUIC_CHECK_S = 10.0
+QUIC_FALLBACK_S = 300.0
 # At start, how long to wait for the router to resolve the address-only devices it was asked to:
 # an ARP round trip on a LAN takes milliseconds; a device that is away does not answer at all.
 NEIGHBOUR_START_WAIT_S = 1.0

@@ -75,6 +75,35 @@ def ping_socket(path: str) -> bool:
         return False
 
 
+def daemon_status(path: str) -> dict | None:
+    """The running guard's `status`, or None when none answers."""
+    from guard.control import ControlError, request
+
+    try:
+        status = request(path, {"cmd": "status"}, timeout_s=2.0)
+    except (ControlError, OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) else None
+
+
+def _check_quic(config: GuardConfig, status: dict | None) -> Check:
+    """A device whose QUIC is refused and that never falls back to TCP has no voice service."""
+    if not any(config.quic_for(d) == "block" for d in config.devices):
+        return Check.good("quic", "QUIC is held by packet for every device (quic = \"hold\")")
+    if status is None:
+        return Check.good("quic", "QUIC is refused; whether speakers fall back to TCP is known "
+                        "while the guard runs")
+    stuck = [d.get("name") for d in status.get("devices", [])
+             if isinstance(d, dict) and d.get("quic_no_tcp_fallback")]
+    if stuck:
+        names = ", ".join(str(n) for n in stuck)
+        return Check.warn("quic", f"{names} keep(s) trying QUIC and open(s) no TCP instead: no "
+                          "voice service while QUIC is refused",
+                          "set quic = \"hold\" in that [[device]] to hold its QUIC uploads by "
+                          "packet")
+    return Check.good("quic", "QUIC is refused; every speaker that tried it fell back to TCP")
+
+
 def _read_text(path: str) -> str | None:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -475,6 +504,7 @@ def diagnose(
     read_file: Callable[[str], str | None] = _read_text,
     families: tuple[int, ...] | None = None,
     config_path: str | None = None,
+    status_of: Callable[[str], dict | None] = daemon_status,
 ) -> list[Check]:
     """Every check, in a fixed order. `families` defaults to what the kernel has (IPv6 or not);
     `config_path` only makes the suggested commands exact."""
@@ -519,6 +549,7 @@ def diagnose(
     if spec.relay:
         checks.append(_check_relay(config, spec, run, _families(families), socket_up, read_file))
     checks.append(_check_ipv6(config))
+    checks.append(_check_quic(config, status_of(config.socket) if socket_up else None))
     checks.append(_check_listener(config, socket_up, read_file))
     checks.append(_check_fail_mode(config, installed, queue_bypass, config_path))
     return checks

@@ -546,6 +546,7 @@ class Engine:
         self.detector = detector or DetectorConfig(window_segments=config.window_segments)
         self.stream_detector = StreamConfig()
         self.streams: dict[int, Flow] = {}  # relayed connections by the relay's id
+        self.last_stream: dict[str, float] = {}  # device -> when it last opened a relayed one
         self.names = NameCache()
         self.flows: dict[FlowKey, Flow] = {}
         self.uploads: dict[int, Upload] = {}  # pending or passing: the live ones
@@ -911,6 +912,7 @@ class Engine:
         flow = self._flow(key, device, now)
         flow.midstream = False
         flow.stream = conn
+        self.last_stream[device.name] = now
         self.streams[conn] = flow
         self.counters["streams"] += 1
         if host:

@@ -835,6 +835,23 @@ class IptablesBackend:
 
     # -- kernel state -------------------------------------------------------------------
 
+    def quic_refusals(self) -> dict[str, int]:
+        """Packets each device's QUIC block rules refused so far (the kernel's rule counters;
+        {} when nothing is blocked): how `status` tells a device that never falls back to TCP."""
+        names = {_safe(d.name): d.name for d in self.spec.devices}
+        out: dict[str, int] = {}
+        for t in self.tools:
+            mangle = self.saved(t.family).get("mangle")
+            if mangle is None:
+                continue
+            counts = {(r.chain, r.spec): r.packets for r in mangle.rules}
+            for rule in self.rules(t.family):
+                if rule.label.startswith("dispatch.") and rule.label.endswith(".quic"):
+                    name = names.get(rule.label.split(".")[1])
+                    if name is not None:
+                        out[name] = out.get(name, 0) + counts.get((rule.chain, rule.spec), 0)
+        return out
+
     def backend_name(self) -> str:
         """ "iptables-nft" or "iptables-legacy", from `iptables --version`."""
         res = self.run([self._by_family[4].binary, "--version"], None)
@@ -1128,6 +1145,10 @@ class NftablesBackend:
     @property
     def table(self) -> str:
         return self.spec.tag
+
+    def quic_refusals(self) -> dict[str, int]:
+        """Not counted with nftables yet (its rules carry no counters): {}."""
+        return {}
 
     def queue_statement(self) -> str:
         s = self.spec

@@ -352,6 +352,8 @@ class GuardCollector:
         yield CounterMetricFamily("hushgate_malformed_packets_total",
                                   "Packets that could not be parsed.", value=snap.malformed)
 
+        yield from _relay_families(snap.gauges.get("relay"), snap.gauges.get("quic"))
+
         fail = GaugeMetricFamily("hushgate_fail_mode", "1 for the fail mode in force.",
                                  labels=("mode",))
         for mode in FAIL_MODES:
@@ -362,6 +364,46 @@ class GuardCollector:
                                  labels=("version",))
         info.add_metric((self.version,), 1.0)
         yield info
+
+
+def _relay_families(relay: Any, quic: Any) -> Iterator[Metric]:
+    """The stream hold's families (design.md 5): present from the first scrape, empty when the
+    guard holds packets only."""
+    stats = relay if isinstance(relay, Mapping) else {}
+    conns = GaugeMetricFamily("hushgate_relay_connections",
+                              "TCP connections the relay holds open, by kind.", labels=("kind",))
+    conns.add_metric(("open",), _number(stats.get("connections_open")))
+    conns.add_metric(("held",), _number(stats.get("held_connections")))
+    yield conns
+    yield GaugeMetricFamily("hushgate_relay_kept_bytes",
+                            "Upstream bytes the relay keeps while bursts are judged or held.",
+                            value=_number(stats.get("kept_bytes")))
+    total = CounterMetricFamily("hushgate_relay_connections_total",
+                                "TCP connections the relay accepted, by what became of them.",
+                                labels=("outcome",))
+    for outcome in ("passed", "held", "rejected", "over_cap", "connect_failed", "aborted"):
+        total.add_metric((outcome,), _number(stats.get(outcome)))
+    yield total
+    relayed = CounterMetricFamily("hushgate_relay_bytes_total", "Bytes relayed, by direction.",
+                                  labels=("direction",))
+    relayed.add_metric(("up",), _number(stats.get("bytes_up")))
+    relayed.add_metric(("down",), _number(stats.get("bytes_down")))
+    relayed.add_metric(("discarded",), _number(stats.get("bytes_discarded")))
+    yield relayed
+    states = quic if isinstance(quic, Mapping) else {}
+    refused = CounterMetricFamily("hushgate_quic_refused_packets",
+                                  "QUIC packets refused (quic = block), per device.",
+                                  labels=("device",))
+    stuck = GaugeMetricFamily("hushgate_quic_no_tcp_fallback",
+                              "1 while a device keeps trying QUIC and opens no TCP instead.",
+                              labels=("device",))
+    for name, state in sorted(states.items()):
+        if isinstance(state, Mapping):
+            refused.add_metric((sanitize_label(str(name)),), _number(state.get("refused")))
+            stuck.add_metric((sanitize_label(str(name)),),
+                             1.0 if state.get("no_tcp_fallback") else 0.0)
+    yield refused
+    yield stuck
 
 
 # ------------------------------------------------------------------------------------ server

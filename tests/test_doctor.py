@@ -273,7 +273,7 @@ def add_after(needle: str, extra: str) -> Callable[[list[str]], list[str]]:
 def test_a_healthy_guard_passes_every_check():
     checks = run_doctor()
     assert [c.name for c in checks.values()] == [
-        "config", "rules", "offload", "ipv6", "listener", "fail_mode"]
+        "config", "rules", "offload", "ipv6", "quic", "listener", "fail_mode"]
     assert all(c.severity == "ok" and c.ok for c in checks.values()), checks
     assert exit_code(list(checks.values())) == 0
     assert "portid 27203" in checks["listener"].message
@@ -638,3 +638,21 @@ def test_relay_check_names_a_missing_policy_route_and_a_missing_listener() -> No
     assert not no_route.ok and "ip rule add fwmark" in no_route.fix
     no_listener = _check_relay(config, spec, runner(True), (4, 6), True, lambda p: None)
     assert not no_listener.ok and "7411" in no_listener.message
+
+
+def test_a_speaker_that_never_falls_back_to_tcp_is_a_warning() -> None:
+    status = {"devices": [{"name": "nest", "quic_no_tcp_fallback": True},
+                          {"name": "kitchen-echo", "quic_no_tcp_fallback": False}]}
+
+    def quic_check(config: GuardConfig) -> Check:
+        checks = diagnose(config, run=healthy(config), socket_reachable=lambda path: True,
+                          read_file=lambda path: PROC_BOUND if path == NFQUEUE_PROC else None,
+                          families=(4, 6), status_of=lambda path: status)
+        return {c.name: c for c in checks}["quic"]
+
+    check = quic_check(CONFIG)
+    assert check.severity == "warn" and "nest" in check.message, check
+    assert 'quic = "hold"' in check.fix
+    status["devices"][0]["quic_no_tcp_fallback"] = False
+    assert quic_check(CONFIG).severity == "ok"
+    assert "held by packet" in quic_check(replace(CONFIG, quic="hold")).message

@@ -39,6 +39,12 @@ FAMILIES = {
     "hushgate_verdict_seconds": "histogram",
     "hushgate_blocked_flows_total": "counter",
     "hushgate_malformed_packets_total": "counter",
+    "hushgate_relay_connections": "gauge",
+    "hushgate_relay_kept_bytes": "gauge",
+    "hushgate_relay_connections_total": "counter",
+    "hushgate_relay_bytes_total": "counter",
+    "hushgate_quic_refused_packets_total": "counter",
+    "hushgate_quic_no_tcp_fallback": "gauge",
     "hushgate_fail_mode": "gauge",
     "hushgate_build_info": "gauge",
 }
@@ -172,6 +178,30 @@ hushgate_blocked_flows_total{category="messaging",device="kitchen-echo"} 1.0
 # HELP hushgate_malformed_packets_total Packets that could not be parsed.
 # TYPE hushgate_malformed_packets_total counter
 hushgate_malformed_packets_total 2.0
+# HELP hushgate_relay_connections TCP connections the relay holds open, by kind.
+# TYPE hushgate_relay_connections gauge
+hushgate_relay_connections{kind="open"} 0.0
+hushgate_relay_connections{kind="held"} 0.0
+# HELP hushgate_relay_kept_bytes Upstream bytes the relay keeps while bursts are judged or held.
+# TYPE hushgate_relay_kept_bytes gauge
+hushgate_relay_kept_bytes 0.0
+# HELP hushgate_relay_connections_total TCP connections the relay accepted, by what became of them.
+# TYPE hushgate_relay_connections_total counter
+hushgate_relay_connections_total{outcome="passed"} 0.0
+hushgate_relay_connections_total{outcome="held"} 0.0
+hushgate_relay_connections_total{outcome="rejected"} 0.0
+hushgate_relay_connections_total{outcome="over_cap"} 0.0
+hushgate_relay_connections_total{outcome="connect_failed"} 0.0
+hushgate_relay_connections_total{outcome="aborted"} 0.0
+# HELP hushgate_relay_bytes_total Bytes relayed, by direction.
+# TYPE hushgate_relay_bytes_total counter
+hushgate_relay_bytes_total{direction="up"} 0.0
+hushgate_relay_bytes_total{direction="down"} 0.0
+hushgate_relay_bytes_total{direction="discarded"} 0.0
+# HELP hushgate_quic_refused_packets_total QUIC packets refused (quic = block), per device.
+# TYPE hushgate_quic_refused_packets_total counter
+# HELP hushgate_quic_no_tcp_fallback 1 while a device keeps trying QUIC and opens no TCP instead.
+# TYPE hushgate_quic_no_tcp_fallback gauge
 # HELP hushgate_fail_mode 1 for the fail mode in force.
 # TYPE hushgate_fail_mode gauge
 hushgate_fail_mode{mode="closed"} 1.0
@@ -375,3 +405,24 @@ def test_monitoring_uses_only_exported_families() -> None:
     for name in ("alerts.yml", "grafana-dashboard.json"):
         used = referenced_families((MONITORING / name).read_text())
         assert used and used <= set(FAMILIES), (name, used - set(FAMILIES))
+
+
+def test_relay_and_quic_families_read_the_daemons_snapshot() -> None:
+    metrics, registry = fresh()
+    metrics.set_gauges_source(lambda: {
+        "relay": {"connections_open": 3, "held_connections": 1, "kept_bytes": 14000,
+                  "passed": 7, "held": 2, "rejected": 1, "bytes_up": 900, "bytes_down": 5000},
+        "quic": {"nest": {"refused": 12, "no_tcp_fallback": True},
+                 "echo": {"refused": 0, "no_tcp_fallback": False}},
+    })
+    text = scrape(registry)
+    for line in ('hushgate_relay_connections{kind="open"} 3.0',
+                 'hushgate_relay_connections{kind="held"} 1.0',
+                 "hushgate_relay_kept_bytes 14000.0",
+                 'hushgate_relay_connections_total{outcome="rejected"} 1.0',
+                 'hushgate_relay_bytes_total{direction="down"} 5000.0',
+                 'hushgate_quic_refused_packets_total{device="nest"} 12.0',
+                 'hushgate_quic_no_tcp_fallback{device="nest"} 1.0',
+                 'hushgate_quic_no_tcp_fallback{device="echo"} 0.0'):
+        assert line in text, line
+    promtool_check(text)
