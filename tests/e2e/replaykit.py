@@ -28,7 +28,11 @@ from __future__ import annotations
 import bisect
 import contextlib
 import json
+import select
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -56,6 +60,7 @@ SETUPS: tuple[str, ...] = (
     "wan_delay_20ms",
 )
 WAN_DELAY = "20ms"
+DELAY_QUEUE = 4242  # the delay line's NFQUEUE number, in the wan namespace (no guard there)
 
 # Records this small carry a control frame, never audio (the stream judge's own bound); the
 # figures say how much of a leak, and of the time to pending, is due to them.
@@ -91,13 +96,13 @@ def sender_setup(topo: Topology, name: str, hosts: Sequence[str] = ("echo", "hom
     """Apply sender setup `name` (one of SETUPS) to LAN hosts `hosts` (and, for the WAN delay,
     to the router's uplink and the cloud's side of it); undo it on exit. Yields a description
     of what was set."""
-    undo: list[tuple[str, tuple[str, ...]]] = []
+    undo: list[Callable[[], object]] = []
 
     def sysctl(key: str, value: str) -> str:
         for ns in hosts:
             old = _sysctl_get(topo, ns, key)
             topo.run(ns, "sysctl", "-q", "-w", f"{key}={value}")
-            undo.append((ns, ("sysctl", "-q", "-w", f"{key}={old}")))
+            undo.append(_later(topo, ns, "sysctl", "-q", "-w", f"{key}={old}"))
         return f"{key}={value} in {', '.join(hosts)}"
 
     try:
@@ -112,8 +117,8 @@ def sender_setup(topo: Topology, name: str, hosts: Sequence[str] = ("echo", "hom
                 for fam, gw in (("-4", GW_LAN_V4), ("-6", GW_LAN_V6)):
                     topo.run(ns, "ip", fam, "route", "change", "default", "via", gw, "dev",
                              "eth0", "initcwnd", "4")
-                    undo.append((ns, ("ip", fam, "route", "change", "default", "via", gw,
-                                      "dev", "eth0")))
+                    undo.append(_later(topo, ns, "ip", fam, "route", "change", "default",
+                                       "via", gw, "dev", "eth0"))
             what = f"initcwnd 4 on the default routes of {', '.join(hosts)}"
         elif name == "bbr":
             avail = _sysctl_get(topo, hosts[0], "net.ipv4.tcp_available_congestion_control")
@@ -126,24 +131,86 @@ def sender_setup(topo: Topology, name: str, hosts: Sequence[str] = ("echo", "hom
                     "modprobe tcp_bbr failed): the kernel needs CONFIG_TCP_CONG_BBR")
             what = sysctl("net.ipv4.tcp_congestion_control", "bbr")
         elif name == "wan_delay_20ms":
-            for ns, dev in (("gw", WAN_IF), ("wan", "eth0")):
-                res = topo.run(ns, "tc", "qdisc", "add", "dev", dev, "root", "netem", "delay",
-                               WAN_DELAY, check=False)
-                if res.returncode != 0:
-                    raise SetupUnavailable(f"netem in {ns} on {dev}: {res.stderr.strip()} "
-                                           "(the kernel needs CONFIG_NET_SCH_NETEM; apt-get "
-                                           "install iproute2 for tc)")
-                undo.append((ns, ("tc", "qdisc", "del", "dev", dev, "root")))
-            what = f"netem delay {WAN_DELAY} on gw {WAN_IF} and wan eth0 (RTT +40 ms)"
+            what = _wan_delay(topo, undo)
+            rtt = wan_rtt_ms(topo)
+            if rtt < 2 * float(WAN_DELAY.removesuffix("ms")) * 0.9:
+                raise RuntimeError(f"{what}: the router's RTT to the cloud is {rtt:.1f} ms")
+            what += f"; router-cloud RTT {rtt:.1f} ms"
         else:
             raise ValueError(f"unknown sender setup {name!r}; one of {', '.join(SETUPS)}")
         yield what
     finally:
-        for ns, cmd in reversed(undo):
+        for step in reversed(undo):
             try:
-                topo.run(ns, *cmd, check=False)
-            except (OSError, TopologyError):
+                step()
+            except (OSError, TopologyError, subprocess.SubprocessError):
                 pass
+
+
+def _netem_works(topo: Topology) -> bool:
+    res = topo.run("wan", "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms",
+                   check=False)
+    if res.returncode == 0:
+        topo.run("wan", "tc", "qdisc", "del", "dev", "lo", "root", check=False)
+    return res.returncode == 0
+
+
+def _later(topo: Topology, ns: str, *cmd: str) -> Callable[[], object]:
+    """`cmd` in `ns`, to run when a setup is undone (never raising on a failing exit)."""
+    return lambda: topo.run(ns, *cmd, check=False)
+
+
+def _wan_delay(topo: Topology, undo: list[Callable[[], object]]) -> str:
+    """WAN_DELAY each way between the router and the cloud: netem on gw's uplink and the
+    cloud's side of it; on a kernel without sch_netem, a delay line (guard.sim.delayline, an
+    NFQUEUE whose verdicts come WAN_DELAY late) on the cloud's side, both directions."""
+    if _netem_works(topo):
+        for ns, dev in (("gw", WAN_IF), ("wan", "eth0")):
+            topo.run(ns, "tc", "qdisc", "add", "dev", dev, "root", "netem", "delay", WAN_DELAY)
+            undo.append(_later(topo, ns, "tc", "qdisc", "del", "dev", dev, "root"))
+        return f"netem delay {WAN_DELAY} on gw {WAN_IF} and wan eth0 (RTT +40 ms)"
+    delay_ms = WAN_DELAY.removesuffix("ms")
+    proc = topo.popen("wan", sys.executable, "-m", "guard.sim.delayline", "--queue",
+                      str(DELAY_QUEUE), "--delay-ms", delay_ms, "--max-seconds", "900")
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 10.0)
+    line = proc.stdout.readline().strip() if ready else ""
+    if line != "ready":
+        proc.kill()
+        raise SetupUnavailable(f"no netem (sch_netem) and the NFQUEUE delay line did not start: "
+                               f"{line!r} {proc.stderr.read()[-500:] if proc.stderr else ''}")
+
+    def stop_delayline() -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    undo.append(stop_delayline)
+    for tool in (topo.iptables, topo.ip6tables):
+        for chain, where in (("PREROUTING", "-i"), ("OUTPUT", "-o")):
+            rule = (chain, where, "eth0", "-j", "NFQUEUE", "--queue-num", str(DELAY_QUEUE))
+            topo.run("wan", tool, "-t", "mangle", "-A", *rule)
+            undo.append(_later(topo, "wan", tool, "-t", "mangle", "-D", *rule))
+    return (f"{WAN_DELAY} each way on the wan side of the uplink: an NFQUEUE delay line "
+            "(guard/sim/delayline.py; this kernel has no sch_netem)")
+
+
+def wan_rtt_ms(topo: Topology, host: str = VOICE_AMAZON) -> float:
+    """The smallest of 5 TCP connect times from the router to the cloud's `host`:443 (ms)."""
+    addr = topo.hosts[host][0]
+
+    def connects() -> float:
+        best = float("inf")
+        for _ in range(5):
+            with socket.socket() as s:
+                s.settimeout(2.0)
+                t = time.perf_counter()
+                s.connect((addr, 443))
+                best = min(best, time.perf_counter() - t)
+        return best * 1000
+    return float(topo.call_in("gw", connects, timeout_s=15.0))
 
 
 def check_setup_tools() -> list[str]:
