@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(python3-venv python3-dev build-essential libnetfilter-queue-dev iptables iproute2
           conntrack ipset tcpdump dnsmasq-base nftables prometheus shellcheck
-          chromium chromium-driver fonts-liberation systemd)
+          chromium chromium-driver fonts-liberation systemd
+          qemu-system-x86 busybox-static kmod)  # the last three: the nftables VM suite, tests/vm
 missing=()
 for pkg in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -57,11 +57,47 @@ TIME_SCALE = 15.0  # CPU-bound work in the TCG guest is ~15x slower than here
 DEFAULT_TIMEOUT_S = 240.0
 
 # Sabotage: take one fail-closed element out of the rendered rules, to show the checks catch it.
+# Each is a line rewrite; one that matches no line is an error (the rendering changed).
 SABOTAGE = {
     "no-safety-net": "the safety net only counts (its drop removed): with no guard, a guarded "
-                     "device's packets pass",
-    "queue-bypass": "the queue statements get `bypass`: with no consumer, packets pass",
+                     "device's UDP passes",
+    "queue-bypass": "the queue statements get `bypass`: with no consumer, UDP passes",
+    "no-tproxy-drop": "the explicit drop after nft `tproxy` removed: with no relay listening, "
+                      "TCP falls through tproxy (the FORWARD reset still stops it)",
+    "no-forward-reset": "FORWARD accepts a relayed device's TCP that was not intercepted "
+                        "(instead of resetting it)",
 }
+
+
+def _sabotage_line(name: str, line: str) -> str:
+    if name == "no-safety-net" and "hushgate safety net: fail-closed" in line:
+        return line.replace("counter drop comment", "counter comment").replace(
+            "fail-closed", "SABOTAGED, no drop")
+    if name == "queue-bypass":
+        return re.sub(r"(queue num \d+(?:-\d+)?)( fanout)?\s*$",
+                      lambda m: m.group(1) + (" fanout,bypass" if m.group(2) else " bypass"), line)
+    if name == "no-tproxy-drop" and "hushgate relay: no listener" in line:
+        return line.replace("counter drop comment", "counter comment").replace(
+            "fail-closed", "SABOTAGED, no drop")
+    if name == "no-forward-reset" and re.search(r"@relay_\w+ ct mark .* != .* reject", line):
+        return line.replace("reject with tcp reset", "accept")
+    return line
+
+
+def sabotage_files(files: dict[str, str], names: tuple[str, ...]) -> dict[str, str]:
+    out = dict(files)
+    for name in names:
+        if name not in SABOTAGE:
+            raise HarnessError(f"unknown sabotage {name!r}; known: {sorted(SABOTAGE)}")
+        changed = 0
+        for fname, text in out.items():
+            lines = text.split("\n")
+            new = [_sabotage_line(name, ln) for ln in lines]
+            changed += sum(a != b for a, b in zip(lines, new))
+            out[fname] = "\n".join(new)
+        if not changed:
+            raise HarnessError(f"sabotage {name} matched no rule: the rendered rules changed")
+    return out
 
 
 class HarnessError(RuntimeError):
@@ -308,17 +344,6 @@ mode = "strict"
 """
 
 
-def _sabotage(text: str, names: tuple[str, ...]) -> str:
-    if "no-safety-net" in names:
-        text = text.replace('counter drop comment "hushgate safety net: fail-closed"',
-                            'counter comment "hushgate safety net: SABOTAGED (no drop)"')
-    if "queue-bypass" in names:
-        text = re.sub(r"(queue num \d+(?:-\d+)?)( fanout)?(?=\s*$)",
-                      lambda m: m.group(1) + (" fanout,bypass" if m.group(2) else " bypass"),
-                      text, flags=re.M)
-    return text
-
-
 def write_job(out: Path, *, checks: tuple[str, ...] = (), sabotage: tuple[str, ...] = (),
               time_scale: float = TIME_SCALE) -> dict:
     """The job directory: config, rulesets rendered by the project's code, job.json, run.sh."""
@@ -327,9 +352,6 @@ def write_job(out: Path, *, checks: tuple[str, ...] = (), sabotage: tuple[str, .
     from guard.fwspec import spec_from_config
     from guard.uci import fw4_include
 
-    unknown = set(sabotage) - set(SABOTAGE)
-    if unknown:
-        raise HarnessError(f"unknown sabotage {sorted(unknown)}; known: {sorted(SABOTAGE)}")
     topo = guest.TOPOLOGY
     cfg = out / "config.toml"
     cfg.write_text(CONFIG.format(queue=topo["queue"], mac=topo["speaker_mac"],
@@ -338,13 +360,14 @@ def write_job(out: Path, *, checks: tuple[str, ...] = (), sabotage: tuple[str, .
     backend = NftablesBackend(spec_from_config(config))
     files = {
         # what /etc/init.d/hushgate writes to /var/etc/hushgate/fw4.nft for fw4 to include
-        "hushgate-fw4.nft": _sabotage(fw4_include(config), sabotage),
+        "hushgate-fw4.nft": fw4_include(config),
         # what `hushgate run` loads on start and on exit (NftRunBackend)
-        "dynamic-install.nft": _sabotage(backend.dynamic_script(install=True), sabotage),
+        "dynamic-install.nft": backend.dynamic_script(install=True),
         "dynamic-remove.nft": backend.dynamic_script(install=False),
-        # `hushgate firewall show --backend nftables`, for the record
-        "ruleset-show.nft": _sabotage(backend.render(), sabotage),
     }
+    files = sabotage_files(files, sabotage)
+    # `hushgate firewall show --backend nftables`, for the record
+    files["ruleset-show.nft"] = backend.render()
     for name, text in files.items():
         (out / name).write_text(text)
     marks = backend.spec.marks
@@ -359,6 +382,8 @@ def write_job(out: Path, *, checks: tuple[str, ...] = (), sabotage: tuple[str, .
         "marks": {"mask": marks.verdict_mask, "allow": marks.allow, "block": marks.block,
                   "device": marks.device},
         "queue": topo["queue"],
+        "relayed": backend.spec.relay,
+        "relay_port": backend.spec.relay_port,
     }
     (out / "job.json").write_text(json.dumps(job, indent=1))
     (out / "run.sh").write_text(
