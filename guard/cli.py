@@ -23,6 +23,29 @@ def fail(message: str) -> NoReturn:
     sys.exit(1)
 
 
+# What optional parts (left out of the OpenWrt package) are, and how to get them.
+_OPTIONAL_HINTS = {
+    "dpkt": "dpkt, which is not installed (opkg install python3-dpkt, or pip install dpkt)",
+    "guard.sim": "the simulated home (guard.sim), which this install leaves out (as the OpenWrt "
+                 "package does); run it on a Linux PC (pip install hushgate)",
+}
+
+
+def need_optional(module: str, what: str, instead: str = "") -> None:
+    """Exit with one line saying what `what` lacks and how to get it, when `module` (or an
+    optional module it imports) cannot be imported."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        name = exc.name or module
+        hint = next((h for key, h in _OPTIONAL_HINTS.items()
+                     if name == key or name.startswith(key + ".")),
+                    f"the Python module {name}, which is not installed")
+        fail(f"{what} needs {hint}" + (f"; {instead}" if instead else ""))
+
+
 def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=None, sort_keys=False))
 
@@ -63,6 +86,8 @@ def analyze(capture: str | None, devices: tuple[str, ...], mode: str, config_pat
     if capture is None:
         import tempfile
 
+        need_optional("guard.synth", "analyze without a capture (a simulated session)",
+                      "or analyze a capture of your own: hushgate analyze FILE.pcap")
         from guard.synth import write_session
 
         tmp = tempfile.TemporaryDirectory(prefix="hushgate-")
@@ -593,6 +618,8 @@ def demo() -> None:
     """Build a throw-away network of namespaces (a speaker, a router running the real guard, a
     cloud), and walk through a held upload, an allow, a deny, a blocked message and an untouched
     smart-home request. Needs root; cleans up after itself."""
+    for module in ("guard.sim.topology", "guard.sim.speaker", "guard.synth"):
+        need_optional(module, "demo")
     from guard.demo import run_demo
 
     sys.exit(run_demo())
