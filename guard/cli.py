@@ -592,14 +592,73 @@ def run(config_path: str) -> None:
     """Run the guard in the foreground: installs its queue rules (and the safety net if absent),
     serves the control socket, and removes its own dynamic rules on exit."""
     from guard.config import ConfigError, load_config
+    from guard.daemon import CONFIG_ERROR_NOTE, EXIT_CONFIG
+    from guard.daemon import run as run_daemon
 
     try:
         config = load_config(config_path)
     except ConfigError as exc:
-        fail(str(exc))
-    from guard.daemon import run as run_daemon
-
+        click.echo(f"hushgate: refusing to start: {exc}; {CONFIG_ERROR_NOTE}", err=True)
+        sys.exit(EXIT_CONFIG)
     sys.exit(run_daemon(config))
+
+
+@main.command(short_help="Exit 0 if the running guard's packet loop is alive.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="The guard's config file (its socket).")
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False), metavar="PATH",
+              help="The control socket (default: the config's guard.socket).")
+@click.option("--max-loop-age", default=30.0, show_default=True, type=float, metavar="S",
+              help="Unhealthy when the packet loop has not turned for this long.")
+@click.option("--timeout", "timeout_s", default=10.0, show_default=True, type=float, metavar="S",
+              help="Unhealthy when the guard does not answer within this.")
+@click.option("--kill-hung", is_flag=True,
+              help="When unhealthy, SIGKILL the guard that holds the lock (its service manager "
+                   "restarts it; the safety net keeps the devices held back meanwhile).")
+def health(config_path: str | None, socket_path: str | None, max_loop_age: float,
+           timeout_s: float, kill_hung: bool) -> None:
+    """The watchdog's check where there is no systemd (OpenWrt: the init script's health
+    instance runs it every minute): the guard must answer on its control socket and its packet
+    loop must have turned recently. One line; exit 0 healthy, 1 not."""
+    import os
+    import signal
+
+    from guard.control import ControlError, request
+
+    path = socket_for(socket_path, config_path)
+    problem = None
+    answer: Any = None
+    try:
+        answer = request(path, {"cmd": "health"}, timeout_s=timeout_s)
+    except ControlError as exc:
+        problem = printable(str(exc))
+    except OSError as exc:
+        problem = f"{path}: {exc.strerror or exc}"
+    if problem is None:
+        age = float(answer.get("loop_age_s", 0.0)) if isinstance(answer, dict) else 0.0
+        if age > max_loop_age:
+            problem = f"the packet loop has not turned for {age:.1f} s"
+        else:
+            click.echo(f"healthy: pid {answer.get('pid')}, loop turned {age:.2f} s ago")
+            sys.exit(0)
+    pid = None
+    if config_path:
+        from guard.config import ConfigError, load_config
+        from guard.daemon import running_guard
+
+        try:
+            pid = running_guard(load_config(config_path))
+        except ConfigError:
+            pid = None
+    if kill_hung and pid is not None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            problem += f"; killed the hung guard (pid {pid}) so it is restarted"
+        except OSError as exc:
+            problem += f"; could not kill pid {pid}: {exc.strerror}"
+    elif pid is not None:
+        problem += f" (guard pid {pid} holds the lock)"
+    fail(f"unhealthy: {problem}")
 
 
 @main.command(short_help="Answer prompts in this terminal.")
@@ -646,6 +705,9 @@ def web_token_cmd(config_path: str) -> None:
         config = load_config(config_path)
     except ConfigError as exc:
         fail(str(exc))
+    if not config.web_listen:
+        fail(f"{config_path}: the web prompt is off (no [web] listen); add [web] listen = "
+             "\"192.168.1.1:8787\" (the router's LAN address) first")
     state_dir = web_state_dir(config)
     names = tuple(h for h in (config.web_listen or "").rsplit(":", 1)[:1] if h) + config.web_hosts
     try:
@@ -656,9 +718,8 @@ def web_token_cmd(config_path: str) -> None:
     click.echo(f"token: {info['token']}")
     if info.get("fingerprint"):
         click.echo(f"certificate SHA-256 fingerprint: {info['fingerprint']}")
-    if config.web_listen:
-        scheme = "https" if config.web_tls else "http"
-        click.echo(f"open: {scheme}://{config.web_listen}/#token={info['token']}")
+    scheme = "https" if config.web_tls else "http"
+    click.echo(f"open: {scheme}://{config.web_listen}/#token={info['token']}")
 
 
 @main.command(short_help="Check rule order, offloading, IPv6, listener, fail mode.")

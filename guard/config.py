@@ -367,6 +367,8 @@ def parse_config(data: dict[str, Any]) -> GuardConfig:
             raise ConfigError(f"metrics.listen: expected \"host:port\" or \"\" to disable, "
                               f"got {metrics['listen']!r}")
         kw["metrics_listen"] = metrics["listen"] or None
+    if kw.get("metrics_listen"):
+        _metrics_listen(kw["metrics_listen"])
     web = _table(data.get("web", {}), "web")
     _check_keys(web, {"listen", "password_hash", "tls", "hosts"}, "web")
     if "listen" in web:
@@ -377,6 +379,7 @@ def parse_config(data: dict[str, Any]) -> GuardConfig:
         kw["web_tls"] = _boolean(web, "tls", "web")
     if "hosts" in web:
         kw["web_hosts"] = _strings(web, "hosts", "web")
+    _web_settings(kw)
     hooks = []
     for index, hook in enumerate(_tables(data.get("hook", []), "hook")):
         where = f"hook[{index}]"
@@ -409,6 +412,34 @@ def parse_config(data: dict[str, Any]) -> GuardConfig:
             raise ConfigError(f"{key}: {bit:#010x} is inside guard.mark_mask "
                               f"{config.mark_mask:#010x}")
     return config
+
+
+def _metrics_listen(listen: str) -> None:
+    """`[metrics] listen` as the metrics server parses it, plus an IP address (a name would be
+    resolved at each start, to whatever it means then)."""
+    from guard.metrics import parse_listen
+
+    try:
+        host, _port = parse_listen(listen)
+        ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise ConfigError(f"metrics.listen: expected ADDRESS:PORT with an IP address "
+                          f"(127.0.0.1:9877, [::1]:9877) or \"\" to disable, got {listen!r}"
+                          + (f" ({exc})" if str(exc) and listen not in str(exc) else "")) from None
+
+
+def _web_settings(kw: dict[str, Any]) -> None:
+    """`[web]` as the prompt will take it at start: the listen address (a LAN address with a
+    port) and the password hash. `run` refuses nothing here that loading accepted."""
+    from guard.web import WebError, _parse_hash, check_listen
+
+    try:
+        if kw.get("web_listen"):
+            check_listen(kw["web_listen"], kw.get("web_hosts", ()))
+        if kw.get("web_password_hash") is not None:
+            _parse_hash(kw["web_password_hash"])
+    except WebError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _mark_bit(raw: Any, where: str) -> int:

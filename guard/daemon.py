@@ -11,6 +11,7 @@ safety net, then the queue rules, then traffic.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import selectors
 import signal
@@ -47,7 +48,8 @@ from guard.engine import (
     UploadSeen,
 )
 from guard.firewall import FirewallError, IptablesBackend, compose_mark
-from guard.firewall import neighbour_mac as _neighbour_mac
+from guard.firewall import mac_sharers as _mac_sharers
+from guard.firewall import neighbour_table as _neighbour_table
 from guard.fwspec import run_backend, spec_from_config
 from guard.hooks import Hooks
 from guard.inject import Injector
@@ -79,8 +81,25 @@ class Daemon:
         self.lock = threading.RLock()
         self.stopping = threading.Event()
         self.started = time.time()
+        self.loop_at = time.monotonic()  # the packet loop's last turn (`hushgate health`)
+        self.notifier = Notifier()
+        self.installed_dynamic = False  # our queue rules: only a guard that installed them removes
+        self.close_failed = False
         self.rules = load_rules([config.rules_dir] if config.rules_dir else [])
-        config = self.config = with_neighbour_macs(config, wait_s=NEIGHBOUR_START_WAIT_S)
+        # An address-only device's MAC is matched only while that MAC is that one address's in
+        # the neighbour table (design.md 4): a MAC shared by several addresses (clients behind a
+        # MAC-rewriting Wi-Fi extender) would pull every one of them in. Warned once each.
+        self.shared_macs: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self.neighbours: dict[str, str] = {}
+        self.learned_macs: dict[str, str] = {}  # device -> MAC learned at run time (not config)
+        self._warned_shared: set[tuple[str, str]] = set()
+        self.configured = config  # as written: which devices are address-only
+        config = self.config = with_neighbour_macs(config, wait_s=NEIGHBOUR_START_WAIT_S,
+                                                   shared=self.shared_macs)
+        self.learned_macs = {d.name: d.mac for d, c in zip(config.devices, self.configured.devices)
+                             if c.mac is None and d.mac is not None}
+        self._warn_shared()
+        self.neighbours = _neighbour_table() if _macless(config) or self.learned_macs else {}
         self.spec = spec_from_config(config)
         self.marks = self.spec.marks
         self.firewall = backend or run_backend(config)
@@ -91,6 +110,7 @@ class Daemon:
         self.quic: dict[str, dict[str, Any]] = {}
         self.quic_checked = time.time()
         self.engine = self._engine()
+        self._gate_engine_macs()
         self.queues: list[Any] = []
         self.handler: QueueHandler | None = None
         self.control: Any = None
@@ -160,16 +180,28 @@ class Daemon:
         from guard.control import ControlServer
         from guard.web import WebPrompt
 
-        self.metrics_server = serve_metrics(self.config.metrics_listen or "", self.registry)
+        # What can fail for reasons outside the kernel rules fails before they are touched.
+        try:
+            self.metrics_server = serve_metrics(self.config.metrics_listen or "", self.registry)
+        except (OSError, ValueError) as exc:
+            raise StartError(f"metrics.listen {self.config.metrics_listen}: cannot listen: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+        if self.config.web_listen:
+            probe_listen(self.config.web_listen, "web.listen")
         self.firewall.apply_safety_net()
         self.handler = QueueHandler(self._receive, self._after_packet, self.config.fail_open,
                                     observe=self.metrics.packet)
         max_len = self.config.max_held_packets_total + 1024  # a full queue drops other flows
         for number in range(self.config.queue, self.config.queue + self.config.queue_count):
             queue = NetfilterQueue()
-            queue.bind(number, self._callback, max_len=max_len, mode=COPY_PACKET,
-                       range=COPY_RANGE)
+            try:
+                queue.bind(number, self._callback, max_len=max_len, mode=COPY_PACKET,
+                           range=COPY_RANGE)
+            except OSError as exc:
+                raise StartError(f"cannot bind NFQUEUE {number}: {exc.strerror or exc} (another "
+                                 "program holds it, or CAP_NET_ADMIN is missing)") from None
             self.queues.append(queue)
+        self.installed_dynamic = True  # from here on the queue rules are ours, even half applied
         self.firewall.install_dynamic()
         if self.relay is not None:
             self.relay.start(self.selector)
@@ -250,6 +282,11 @@ class Daemon:
     def _serve(self, selector: selectors.BaseSelector) -> None:
         last_housekeeping = last_neighbours = time.time()
         while not self.stopping.is_set():
+            # The liveness beat comes from this loop itself: a loop that hangs stops it, and the
+            # service manager restarts the guard (systemd WatchdogSec; `hushgate health` on
+            # OpenWrt). At most 0.5 s apart while the loop turns (the select timeout below).
+            self.loop_at = time.monotonic()
+            self.notifier.beat(self.loop_at)
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
@@ -310,16 +347,107 @@ class Daemon:
             self._apply(actions)
 
     def _macless(self) -> bool:
-        return bool(_macless(self.config))
+        return bool(_macless(self.config)) or bool(self.learned_macs)
+
+    def _address_of(self, name: str) -> str | None:
+        device = self.configured.device(name)
+        return device.address if device is not None else None
+
+    def _gate_engine_macs(self) -> None:
+        """The engine learns an address-only device's MAC from its IPv4 packets (and matches it
+        by that MAC from then on). Only a MAC the neighbour table holds for that one address is
+        learned: one it holds for several addresses stands for several hosts, and the device
+        stays known by its address alone (warned once)."""
+        table = self.engine.devices
+        learn = table.learn_mac
+
+        def gated(name: str, mac: str) -> Any:
+            if not self._mac_unique(name, mac):
+                return table.by_name[name]
+            return learn(name, mac)
+
+        table.learn_mac = gated  # type: ignore[method-assign]
+
+    def _mac_unique(self, name: str, mac: str) -> bool:
+        """Whether `mac` is, in the last neighbour table read, `name`'s address's and no other
+        address's. Unknown yet: not now (the next neighbour poll decides, within 2 s)."""
+        address = self._address_of(name)
+        if address is None or self.neighbours.get(address) != mac.lower():
+            return False
+        others = _mac_sharers(self.neighbours, mac, address)
+        if others:
+            self.shared_macs[name] = (mac, others)
+            self._warn_shared()
+            return False
+        return True
+
+    def _warn_shared(self) -> None:
+        for name, (mac, others) in self.shared_macs.items():
+            if (name, mac) in self._warned_shared:
+                continue
+            self._warned_shared.add((name, mac))
+            log(f"warning: {name} ({self._address_of(name)}) shares MAC {mac} with "
+                f"{', '.join(others)} (a MAC-rewriting Wi-Fi extender or bridge?): {name} stays "
+                f"matched by its address alone, so the other hosts are not guarded; its IPv6 is "
+                f"matched only by address6 (set it, or give {name} its own MAC)")
 
     def _poll_neighbours(self) -> None:
         """An address-only device's MAC, as soon as the router's neighbour table knows it (its
-        IPv6 traffic cannot be matched before): each one learned is matched by MAC from then on."""
-        found = with_neighbour_macs(self.config, wait_s=0.0)
+        IPv6 traffic cannot be matched before): each one learned is matched by MAC from then on,
+        while the table holds that MAC for that one address. A learned MAC that the table comes
+        to hold for another address too is dropped again (the device back to its address)."""
+        table = _neighbour_table()
+        self.neighbours = table
+        for name, mac in list(self.learned_macs.items()):
+            address = self._address_of(name)
+            others = _mac_sharers(table, mac, address) if address else ()
+            if others:
+                self.shared_macs[name] = (mac, others)
+                self._warn_shared()
+                self._unlearn_mac(name, mac)
+        found = with_neighbour_macs(self.config, wait_s=0.0, shared=self.shared_macs,
+                                    table=table)
+        self._warn_shared()
         for before, after in zip(self.config.devices, found.devices):
             if before.mac is None and after.mac is not None:
-                self.engine.learn_mac(after.name, after.mac)
+                try:
+                    self.engine.learn_mac(after.name, after.mac)
+                except ValueError:  # the engine's gate refused it: the tables disagree, next poll
+                    continue
                 self._learn_mac(after.name, after.mac)
+
+    def _unlearn_mac(self, name: str, mac: str) -> None:
+        """Back to matching `name` by its address alone, in the kernel and in the engine."""
+        self.learned_macs.pop(name, None)
+        devices = tuple(replace(d, mac=None) if d.name == name and d.mac == mac else d
+                        for d in self.config.devices)
+        self.config = replace(self.config, devices=devices)
+        table = self.engine.devices
+        device = table.by_name.get(name)
+        if device is not None and device.mac is not None:
+            plain = replace(device, mac=None)
+            if table.by_mac.get(device.mac) is device or (
+                    table.by_mac.get(device.mac) is not None
+                    and table.by_mac[device.mac].name == name):
+                del table.by_mac[device.mac]
+            table.replace(plain)
+            for addr, dev in list(table.learned.items()):
+                if dev.name == name:
+                    del table.learned[addr]
+            for flow in self.engine.flows.values():
+                if flow.device.name == name:
+                    flow.device = plain
+        self._reinstall(f"{name} is matched by its address alone again (MAC {mac} is shared)")
+
+    def _reinstall(self, what: str) -> None:
+        self.spec = spec_from_config(self.config)
+        self.firewall = run_backend(self.config)
+        try:
+            self.firewall.install_dynamic()
+            log(what)
+        except FirewallError as exc:
+            self.errors["firewall"] = self.errors.get("firewall", 0) + 1
+            log(f"could not update the rules ({what}): {exc}")
 
     def _check_quic(self, now: float) -> None:
         """Which devices keep trying QUIC and never fall back to TCP: refused QUIC packets
@@ -374,18 +502,25 @@ class Daemon:
         return True
 
     def close(self) -> None:
-        """Leave the kernel as the fail mode says: closed keeps the safety net, open removes all."""
-        if self.control is not None:
-            self.control.stop()
-        if self.web is not None:
-            self.web.stop()
-        if self.metrics_server is not None:
-            self.metrics_server.shutdown()
-        self.hooks.close(2.0)
-        if self.relay is not None:
-            with self.lock:  # every relayed connection reset; what was pending is recorded lost
-                self.relay.close()
-                self._drain()
+        """Leave the kernel as the fail mode says: closed keeps the safety net, open removes all.
+        Only a guard that installed its queue rules removes them (a second `run` that was
+        refused, or failed before that, leaves the running guard's rules alone). Never raises:
+        a step that fails is one line in the log."""
+        self.notifier.send("STOPPING=1")
+        steps: list[tuple[str, Any]] = [
+            ("control socket", self.control.stop if self.control is not None else None),
+            ("web prompt", self.web.stop if self.web is not None else None),
+            ("metrics", self.metrics_server.shutdown if self.metrics_server is not None else None),
+            ("hooks", lambda: self.hooks.close(2.0)),
+            ("relay", self._close_relay if self.relay is not None else None),
+        ]
+        for what, step in steps:
+            if step is None:
+                continue
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - one line, and the rest still runs
+                log(f"stopping: {what}: {exc}")
         for queue in self.queues:
             try:
                 queue.unbind()
@@ -393,13 +528,24 @@ class Daemon:
                 pass
         self.queues = []
         try:
-            if self.config.fail_open:
-                self.firewall.remove_all()
-            else:
-                self.firewall.remove_dynamic()
+            if self.installed_dynamic:
+                if self.config.fail_open:
+                    self.firewall.remove_all()
+                else:
+                    self.firewall.remove_dynamic()
+        except (FirewallError, OSError) as exc:
+            self.close_failed = True
+            log(f"could not remove the queue rules: {_one_line(str(exc))}; remove them with "
+                f"`hushgate firewall remove` (fail-{'open' if self.config.fail_open else 'closed'})")
         finally:
             self.injector.close()
             self.store.close()
+            self.notifier.close()
+
+    def _close_relay(self) -> None:
+        with self.lock:  # every relayed connection reset; what was pending is recorded lost
+            self.relay.close()  # type: ignore[union-attr]
+            self._drain()
 
     # -- actions ------------------------------------------------------------------------------
 
@@ -525,18 +671,15 @@ class Daemon:
 
     def _learn_mac(self, name: str, mac: str) -> None:
         """An address-only device showed its MAC: match it by MAC in the kernel too, so its
-        IPv6 traffic is guarded (design.md 4: never left open)."""
+        IPv6 traffic is guarded (design.md 4: never left open). Only a MAC that is that one
+        address's (the engine's gate and the neighbour poll check it)."""
+        if self._address_of(name) is None or not self._mac_unique(name, mac):
+            return
         devices = tuple(replace(d, mac=mac) if d.name == name and d.mac is None else d
                         for d in self.config.devices)
         self.config = replace(self.config, devices=devices)
-        self.spec = spec_from_config(self.config)
-        self.firewall = run_backend(self.config)
-        try:
-            self.firewall.install_dynamic()
-            log(f"{name} is {mac}: now matched by MAC (IPv6 included)")
-        except FirewallError as exc:
-            self.errors["firewall"] = self.errors.get("firewall", 0) + 1
-            log(f"could not add {name}'s MAC to the rules: {exc}")
+        self.learned_macs[name] = mac
+        self._reinstall(f"{name} is {mac}: now matched by MAC (IPv6 included)")
 
     def _conntrack_block(self, key: Any) -> None:
         proto = "tcp" if key.proto == TCP else "udp"
@@ -600,6 +743,11 @@ class Daemon:
 
     def _cmd_ping(self, request: dict[str, Any], peer: Any) -> str:
         return "pong"
+
+    def _cmd_health(self, request: dict[str, Any], peer: Any) -> dict[str, Any]:
+        """How long ago the packet loop last turned (answered under the engine's lock: a loop
+        stuck holding it makes this time out, one stuck elsewhere shows a growing age)."""
+        return {"pid": os.getpid(), "loop_age_s": round(time.monotonic() - self.loop_at, 3)}
 
     def _cmd_status(self, request: dict[str, Any], peer: Any) -> dict[str, Any]:
         packets, held = self.engine.held()
@@ -741,7 +889,8 @@ def _probe(address: str) -> None:
 
 def _lease_macs(lease_files: Sequence[str]) -> dict[str, str]:
     """IPv4 address -> MAC from the DHCP lease files that exist (dnsmasq, odhcpd), for the
-    addresses exactly one MAC holds a lease on."""
+    addresses exactly one MAC holds a lease on, and whose MAC holds a lease on no other address
+    (an extender that rewrites the DHCP client's MAC too gets one MAC for many hosts)."""
     from guard.discover import parse_leases
 
     sightings = []
@@ -752,37 +901,68 @@ def _lease_macs(lease_files: Sequence[str]) -> dict[str, str]:
         except OSError:
             continue  # no such file (another DHCP server), or unreadable: nothing from it
     holders: dict[str, set[str]] = {}
+    addresses: dict[str, set[str]] = {}
     for sighting in sightings:
         if sighting.address and ":" not in sighting.address:
             holders.setdefault(sighting.address, set()).add(sighting.mac)
-    return {addr: next(iter(macs)) for addr, macs in holders.items() if len(macs) == 1}
+            addresses.setdefault(sighting.mac, set()).add(sighting.address)
+    return {addr: next(iter(macs)) for addr, macs in holders.items()
+            if len(macs) == 1 and len(addresses[next(iter(macs))]) == 1}
 
 
 def with_neighbour_macs(config: GuardConfig, wait_s: float = 0.0,
-                        lease_files: Sequence[str] | None = None) -> GuardConfig:
+                        lease_files: Sequence[str] | None = None,
+                        shared: dict[str, tuple[str, tuple[str, ...]]] | None = None,
+                        table: dict[str, str] | None = None) -> GuardConfig:
     """Address-only devices get their MAC from the router's neighbour table, so their IPv6
     traffic (matched by MAC) is guarded from its first packet. An address the table does not
     know is probed, so the kernel resolves it: within `wait_s` here, or for the next poll. An
     address still unresolved takes the MAC of its DHCP lease, if the router handed one out: a
     device that is away now gets matched by MAC the moment it comes back, before its first
-    packet (the neighbour table, when it answers, is preferred: it is what is on the wire)."""
-    macs = {address: _neighbour_mac(address) for address in _macless(config)}
-    missing = [address for address, mac in macs.items() if mac is None]
+    packet (the neighbour table, when it answers, is preferred: it is what is on the wire).
+
+    A MAC that the table also holds for another IPv4 address is never taken: it stands for
+    several hosts (clients behind a MAC-rewriting Wi-Fi extender), and matching it would guard
+    them all. Such a device stays matched by its address alone; `shared` (if given) gets
+    device name -> (MAC, the other addresses). `table` is a neighbour table already read."""
+    table = dict(table) if table is not None else _neighbour_table()
+    wanted = _macless(config)
+    missing = [address for address in wanted if address not in table]
     for address in missing:
         _probe(address)
     deadline = time.monotonic() + wait_s
     while missing and time.monotonic() < deadline:
         time.sleep(0.05)
-        for address in list(missing):
-            macs[address] = _neighbour_mac(address)
-            if macs[address] is not None:
-                missing.remove(address)
+        table = _neighbour_table()
+        missing = [address for address in missing if address not in table]
+    macs: dict[str, str] = {}
+    sharers: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for address in wanted:
+        mac = table.get(address)
+        if mac is None:
+            continue
+        others = _mac_sharers(table, mac, address)
+        if others:
+            sharers[address] = (mac, others)
+        else:
+            macs[address] = mac
     if missing:
         from guard.discover import DEFAULT_LEASE_FILES
 
         leased = _lease_macs(DEFAULT_LEASE_FILES if lease_files is None else lease_files)
         for address in missing:
-            macs[address] = leased.get(address)
+            mac = leased.get(address)
+            if mac is None:
+                continue
+            others = _mac_sharers(table, mac, address)
+            if others:
+                sharers[address] = (mac, others)
+            else:
+                macs[address] = mac
+    if shared is not None:
+        for d in config.devices:
+            if d.mac is None and d.address in sharers:
+                shared[d.name] = sharers[d.address]
     devices = tuple(replace(d, mac=macs[d.address]) if macs.get(d.address or "") else d
                     for d in config.devices)
     return replace(config, devices=devices)
@@ -833,18 +1013,265 @@ def _by(request: dict[str, Any], peer: Any) -> str:
     return f"{said} (uid {uid})" if uid is not None else said
 
 
+# `hushgate run`'s exit code for a configuration it cannot use (sysexits' EX_CONFIG). The service
+# units do not restart on it: systemd's RestartPreventExitStatus=78, and on OpenWrt procd's
+# respawn limit (packaging/); restarting would only fail again, with the speakers offline.
+EXIT_CONFIG = 78
+CONFIG_ERROR_NOTE = ("configuration error (exit 78): the service is not restarted until the "
+                     "config is fixed")
+
+CAP_NET_ADMIN = 12
+CAP_NET_RAW = 13
+# What each capability is needed for, in the words `run` and `doctor` use.
+CAPABILITIES = {
+    CAP_NET_ADMIN: ("CAP_NET_ADMIN", "the firewall rules, NFQUEUE, conntrack and the relay's "
+                    "IP_TRANSPARENT and SO_MARK"),
+    CAP_NET_RAW: ("CAP_NET_RAW", "the TCP resets that deny and block send"),
+}
+LOCK_NAME = "hushgate.lock"
+
+
+class StartError(Exception):
+    """A start-up failure already worded for the one-line log."""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:400]
+
+
+def capabilities(pid: int | str = "self") -> int | None:
+    """The effective capability set of a process (/proc/PID/status CapEff), or None."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def missing_capabilities(pid: int | str = "self") -> list[str]:
+    """["CAP_NET_RAW (what it is for)", ...]: what a guard (this process, or `pid`) lacks."""
+    caps = capabilities(pid)
+    if caps is None:
+        return []  # no /proc: nothing to say; the first kernel call tells
+    return [f"{name} ({why})" for bit, (name, why) in CAPABILITIES.items()
+            if not caps & (1 << bit)]
+
+
+def probe_listen(listen: str, what: str) -> None:
+    """Bind (and close) a TCP socket on a listen address, so a web prompt that could not listen
+    is refused before any rule is touched. Raises StartError naming the address."""
+    from guard.web import WebError, parse_listen
+
+    try:
+        address, port = parse_listen(listen)
+    except WebError as exc:
+        raise StartError(str(exc)) from None
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((str(address), port))
+    except OSError as exc:
+        raise StartError(f"{what} {listen}: cannot listen: {exc.strerror or exc}") from None
+
+
+class Notifier:
+    """sd_notify(3) without libsystemd: datagrams to $NOTIFY_SOCKET (a path, or an abstract
+    socket written "@name"). READY=1 once started, WATCHDOG=1 from the packet loop at a quarter
+    of $WATCHDOG_USEC, STOPPING=1 on the way out. Without NOTIFY_SOCKET it does nothing. The
+    variables are taken out of the environment, so hooks (children) cannot speak for the guard."""
+
+    def __init__(self, environ: dict[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        target = env.pop("NOTIFY_SOCKET", "") or ""
+        usec = env.pop("WATCHDOG_USEC", "") or ""
+        pid = env.pop("WATCHDOG_PID", "") or ""
+        self.address: str | bytes | None = None
+        if target.startswith("@"):
+            self.address = b"\0" + target[1:].encode()
+        elif target.startswith("/"):
+            self.address = target
+        self.interval: float | None = None
+        try:
+            if usec and (not pid or int(pid) == os.getpid()) and int(usec) > 0:
+                self.interval = int(usec) / 1e6 / 4
+        except ValueError:
+            self.interval = None
+        self.last_beat = float("-inf")
+        self.sent = 0
+        self._sock: socket.socket | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None
+
+    def send(self, message: str) -> bool:
+        if self.address is None:
+            return False
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._sock.setblocking(False)
+            self._sock.sendto(message.encode(), self.address)
+        except OSError:
+            return False  # the manager is gone or busy: the next beat tries again
+        self.sent += 1
+        return True
+
+    def beat(self, now: float) -> None:
+        if self.interval is not None and now - self.last_beat >= self.interval:
+            self.last_beat = now
+            self.send("WATCHDOG=1")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+class GuardRunning(Exception):
+    def __init__(self, pid: int | None, socket_path: str | None) -> None:
+        super().__init__(pid, socket_path)
+        self.pid = pid
+        self.socket = socket_path
+
+
+def lock_path(config: GuardConfig) -> str:
+    """One guard per router: the lock lives beside the control socket (/run/hushgate), so
+    guards that share a socket directory exclude each other."""
+    return os.path.join(os.path.dirname(os.path.abspath(config.socket)), LOCK_NAME)
+
+
+def lock_holder(path: str) -> tuple[int | None, str | None]:
+    """(pid, socket) written in a lock file by the guard that holds it; (None, None) unknown."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            fields = f.read(4096).split("\n")
+        return int(fields[0]), (fields[1] if len(fields) > 1 and fields[1] else None)
+    except (OSError, ValueError):
+        return None, None
+
+
+def running_guard(config: GuardConfig) -> int | None:
+    """The pid of the guard that holds this config's lock, or None (`doctor`)."""
+    path = lock_path(config)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:  # a shared lock is taken only while nobody holds the exclusive one
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return lock_holder(path)[0]
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+class GuardLock:
+    """An exclusive flock(2) held for the daemon's life; the kernel drops it when the process
+    dies however it dies, so a crashed guard never blocks the next one."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self, socket_path: str) -> None:
+        directory = os.path.dirname(self.path)
+        if directory and not os.path.isdir(directory):
+            os.makedirs(directory, mode=0o755, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise GuardRunning(*lock_holder(self.path)) from None
+        except OSError:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n{socket_path}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # the lock goes with it; the file stays (unlinking would race)
+            self.fd = None
+
+
+def _bound_queue(config: GuardConfig) -> tuple[int, int] | None:
+    """(queue, netlink portid) of a queue of ours some other process has bound already."""
+    from guard.doctor import NFQUEUE_PROC, parse_nfqueue_proc
+
+    try:
+        with open(NFQUEUE_PROC, encoding="ascii", errors="replace") as f:
+            bindings = parse_nfqueue_proc(f.read())
+    except OSError:
+        return None
+    for number in range(config.queue, config.queue + config.queue_count):
+        if number in bindings:
+            return number, bindings[number].portid
+    return None
+
+
 def run(config: GuardConfig) -> int:
-    """Run the guard in the foreground until SIGTERM/SIGINT. Returns the exit code."""
+    """Run the guard in the foreground until SIGTERM/SIGINT. Returns the exit code: 0 after a
+    clean stop, 1 when it could not start (one line in the log), EXIT_CONFIG for a config it
+    cannot use. Nothing on a start or stop path prints a traceback."""
     if os.geteuid() != 0:
         log("run needs root (NFQUEUE, iptables, raw sockets)")
+        return 1
+    missing = missing_capabilities()
+    if missing:
+        text = f"missing capabilities: {'; '.join(missing)}"
+        if not config.fail_open:
+            log(f"refusing to start: {text} (run it as root with them; the service units grant "
+                "them)")
+            return 1
+        log(f"WARNING: {text}. fail = \"open\": going on, but what needs them will fail and "
+            "the devices may pass unguarded")
+    lock = GuardLock(lock_path(config))
+    try:
+        lock.acquire(config.socket)
+    except GuardRunning as exc:
+        pid = exc.pid if exc.pid is not None else "unknown"
+        log(f"refusing to start: a guard is already running (pid {pid}, control socket "
+            f"{exc.socket or config.socket}); stop it first. Nothing was changed")
+        return 1
+    except OSError as exc:
+        log(f"refusing to start: cannot take the lock {lock.path}: {exc.strerror or exc}")
+        return 1
+    try:
+        return _run_locked(config)
+    finally:
+        lock.release()
+
+
+def _run_locked(config: GuardConfig) -> int:
+    bound = _bound_queue(config)
+    if bound is not None:
+        log(f"refusing to start: NFQUEUE {bound[0]} is already bound by another process "
+            f"(netlink portid {bound[1]}): another guard or NFQUEUE program runs; stop it or "
+            "set another guard.queue. Nothing was changed")
         return 1
     try:
         daemon = Daemon(config)
     except RuleError as exc:
-        log(f"refusing to start: {exc}")
-        return 1
+        log(f"refusing to start: {_one_line(str(exc))}; {CONFIG_ERROR_NOTE}")
+        return EXIT_CONFIG
+    except ValueError as exc:  # the rules cannot be built from this config (doctor says so too)
+        log(f"refusing to start: {_one_line(str(exc))}; {CONFIG_ERROR_NOTE}")
+        return EXIT_CONFIG
     except StoreError as exc:
-        log(f"refusing to start: state database: {exc}")
+        log(f"refusing to start: state database: {_one_line(str(exc))}")
+        return 1
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback (design.md 8)
+        log(f"refusing to start: {type(exc).__name__}: {_one_line(str(exc))}")
         return 1
     reload_requested = threading.Event()
 
@@ -858,17 +1285,25 @@ def run(config: GuardConfig) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_hup)
     daemon.reload_requested = reload_requested
+    code = 0
     try:
         try:
             daemon.start()
-        except (WebError, ControlError, FirewallError, OSError, ValueError) as exc:
-            log(f"refusing to start: {exc}")  # one line, exit 1 (design.md 8)
+        except (StartError, WebError, ControlError, FirewallError, OSError, ValueError) as exc:
+            log(f"refusing to start: {_one_line(str(exc))}")  # one line, exit 1 (design.md 8)
             return 1
+        except Exception as exc:  # noqa: BLE001
+            log(f"refusing to start: {type(exc).__name__}: {_one_line(str(exc))}")
+            return 1
+        daemon.notifier.send(f"READY=1\nSTATUS=guarding {len(daemon.config.devices)} device(s)"
+                             f"\nMAINPID={os.getpid()}")
         daemon.serve()
     finally:
         daemon.close()
+    if daemon.close_failed:
+        code = 1
     log("stopped")
-    return 0
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -882,8 +1317,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        log(str(exc))
-        return 1
+        log(f"refusing to start: {exc}; {CONFIG_ERROR_NOTE}")
+        return EXIT_CONFIG
     return run(config)
 
 

@@ -143,6 +143,20 @@ def _apply_cmd(config_path: str | None) -> str:
     return f"hushgate firewall apply --config {config_path or 'FILE'}"
 
 
+def _restart_cmd() -> str:
+    return "systemctl restart hushgate (OpenWrt: /etc/init.d/hushgate restart)"
+
+
+def _rules_fix(apply_fix: str, persistent: bool, queue: bool) -> str:
+    """Queue rules are `run`'s own (`firewall apply` installs only the persistent ones): a
+    running guard that lost them gets them back by a restart."""
+    if queue and not persistent:
+        return f"{_restart_cmd()}: the queue rules are the guard's own; it reinstalls them"
+    if queue:
+        return f"{apply_fix}, then {_restart_cmd()} (it reinstalls its queue rules)"
+    return apply_fix
+
+
 def _start_cmd() -> str:
     return "systemctl start hushgate (OpenWrt: /etc/init.d/hushgate start)"
 
@@ -225,6 +239,7 @@ def _check_rules_iptables(
 ) -> Check:
     fix = _apply_cmd(config_path)
     problems: list[str] = []
+    queue_missing: list[str] = []
     warnings: list[str] = []
     for fam_name, fam in status["families"].items():
         v = fam_name.replace("ipv", "v")
@@ -256,9 +271,10 @@ def _check_rules_iptables(
             )
         dyn = [r for r in fam["rules"] if r["dynamic"]]
         if guard_running and dyn and not all(r["present"] for r in dyn):
-            problems.append(f"{v}: the running guard's queue rules are missing")
-    if problems:
-        return Check.fail("rules", "; ".join(problems), fix)
+            queue_missing.append(f"{v}: the running guard's queue rules are missing")
+    if problems or queue_missing:
+        return Check.fail("rules", "; ".join(problems + queue_missing),
+                          _rules_fix(fix, bool(problems), bool(queue_missing)))
     if warnings:
         return Check.warn("rules", "; ".join(warnings), fix + " (refills our chains)")
     state = "queue rules installed" if status["dynamic"] else "no queue rules (guard stopped)"
@@ -316,7 +332,8 @@ def _check_rules_nft(
             if value and value not in text:
                 problems.append(f"{d.name}: {value} not in the device sets")
                 break
-    if guard_running and not any("queue" in ln for ln in chains.get("queue_up", [])):
+    queue_missing = guard_running and not any("queue" in ln for ln in chains.get("queue_up", []))
+    if queue_missing:
         problems.append("the running guard's queue rules are missing")
     net = chains.get("safety_net", [])
     installed = "closed" if any(re.search(r"\bdrop\b", ln) for ln in net) else (
@@ -325,7 +342,9 @@ def _check_rules_nft(
               if re.search(r"\bqueue\b", ln)]
     bypass = any(re.search(r"\bbypass\b", ln) for ln in queues) if queues else None
     if problems:
-        return Check.fail("rules", "; ".join(problems), fix), installed, bypass
+        return (Check.fail("rules", "; ".join(problems),
+                           _rules_fix(fix, len(problems) > int(queue_missing), queue_missing)),
+                installed, bypass)
     state = "queue rules installed" if queues else "no queue rules (guard stopped)"
     return Check.good("rules", f"nftables: table inet hushgate complete, {state}"), installed, bypass
 
@@ -467,6 +486,78 @@ def _check_listener(
     return Check.good("listener", f"guard answers on {config.socket}; {binding}")
 
 
+def _check_capabilities(
+    config: GuardConfig, guard_pid: int | None, read_file: Callable[[str], str | None]
+) -> Check:
+    """What the running guard (the lock's holder), or a `run` started from here, lacks of
+    CAP_NET_ADMIN and CAP_NET_RAW: without them the rules, the queue, the relay or the resets
+    fail (`run` refuses to start fail-closed)."""
+    from guard.daemon import CAPABILITIES
+
+    whose = f"the running guard (pid {guard_pid})" if guard_pid is not None else "this shell"
+    text = read_file(f"/proc/{guard_pid if guard_pid is not None else 'self'}/status")
+    caps = None
+    for line in (text or "").splitlines():
+        if line.startswith("CapEff:"):
+            try:
+                caps = int(line.split()[1], 16)
+            except (IndexError, ValueError):
+                caps = None
+    if caps is None:
+        return Check.good("capabilities", f"not checked: cannot read {whose}'s capabilities")
+    missing = [f"{name} ({why})" for bit, (name, why) in CAPABILITIES.items()
+               if not caps & (1 << bit)]
+    if not missing:
+        return Check.good("capabilities", f"{whose} has CAP_NET_ADMIN and CAP_NET_RAW")
+    fix = ("run the guard as root with CAP_NET_ADMIN and CAP_NET_RAW (the systemd unit's "
+           "CapabilityBoundingSet and the OpenWrt jail's capability file grant exactly these)")
+    if guard_pid is None:
+        return Check.warn("capabilities", f"{whose} lacks {'; '.join(missing)}: `hushgate run` "
+                          "from here refuses to start", fix)
+    return Check.fail("capabilities", f"{whose} lacks {'; '.join(missing)}", fix)
+
+
+def probe_bind(listen: str) -> str | None:
+    """None when a TCP socket can be bound on "addr:port", else why not (one line)."""
+    import socket
+
+    from guard.metrics import parse_listen
+
+    try:
+        host, port = parse_listen(listen)
+    except ValueError as exc:
+        return str(exc)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def _check_listen(
+    config: GuardConfig, socket_up: bool, probe: Callable[[str], str | None]
+) -> Check:
+    """The metrics and web addresses can be listened on (only probed while no guard runs: a
+    running guard holds them itself)."""
+    wanted = [(what, addr) for what, addr in (("metrics.listen", config.metrics_listen),
+                                              ("web.listen", config.web_listen)) if addr]
+    if not wanted:
+        return Check.good("listen", "no metrics or web listener configured")
+    listed = ", ".join(f"{what} {addr}" for what, addr in wanted)
+    if socket_up:
+        return Check.good("listen", f"{listed} (held by the running guard)")
+    failures = [f"{what} {addr}: {why}" for what, addr in wanted
+                if (why := probe(addr)) is not None]
+    if failures:
+        return Check.fail("listen", "cannot listen on " + "; ".join(failures) + ": `run` "
+                          "refuses to start", "give an address of this router's LAN interface "
+                          "and a free port (ss -ltnp shows who holds it), or \"\" for metrics")
+    return Check.good("listen", f"{listed} can be listened on")
+
+
 def _check_fail_mode(
     config: GuardConfig, installed: str, queue_bypass: bool | None, config_path: str | None
 ) -> Check:
@@ -505,6 +596,8 @@ def diagnose(
     families: tuple[int, ...] | None = None,
     config_path: str | None = None,
     status_of: Callable[[str], dict | None] = daemon_status,
+    guard_pid: Callable[[GuardConfig], int | None] | None = None,
+    probe: Callable[[str], str | None] = probe_bind,
 ) -> list[Check]:
     """Every check, in a fixed order. `families` defaults to what the kernel has (IPv6 or not);
     `config_path` only makes the suggested commands exact."""
@@ -551,6 +644,11 @@ def diagnose(
     checks.append(_check_ipv6(config))
     checks.append(_check_quic(config, status_of(config.socket) if socket_up else None))
     checks.append(_check_listener(config, socket_up, read_file))
+    if guard_pid is None:
+        from guard.daemon import running_guard as guard_pid
+    pid = guard_pid(config)
+    checks.append(_check_capabilities(config, pid, read_file))
+    checks.append(_check_listen(config, socket_up, probe))
     checks.append(_check_fail_mode(config, installed, queue_bypass, config_path))
     return checks
 

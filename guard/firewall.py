@@ -48,6 +48,8 @@ __all__ = [
     "parse_save",
     "run_command",
     "with_neighbour_macs",
+    "neighbour_table",
+    "mac_sharers",
 ]
 
 
@@ -330,15 +332,43 @@ def neighbour_mac(address: str, run: Runner = run_command) -> str | None:
     return m.group(1) if m else None
 
 
+def neighbour_table(run: Runner = run_command) -> dict[str, str]:
+    """IPv4 address -> MAC of every resolved entry of the router's neighbour table (`ip -4
+    neigh`); {} when it cannot be read. FAILED and INCOMPLETE entries carry no lladdr."""
+    try:
+        res = run(["ip", "-4", "neigh", "show"], None)
+    except OSError:
+        return {}
+    out: dict[str, str] = {}
+    if not res.ok:
+        return out
+    for line in res.stdout.lower().splitlines():
+        fields = line.split()
+        m = _LLADDR_RE.search(line)
+        if fields and m:
+            out[fields[0]] = m.group(1)
+    return out
+
+
+def mac_sharers(table: dict[str, str], mac: str, address: str) -> tuple[str, ...]:
+    """The other IPv4 addresses the neighbour table holds under `mac`: a MAC that stands for
+    several hosts (a MAC-rewriting Wi-Fi extender, a bridge doing MAC NAT, a proxy-ARP box) must
+    never be matched for one address-only device, or every host behind it is guarded too."""
+    mac = mac.lower()
+    return tuple(sorted(a for a, m in table.items() if m == mac and a != address))
+
+
 def with_neighbour_macs(spec: FirewallSpec, run: Runner = run_command) -> FirewallSpec:
     """Fill in missing MACs from the router's neighbour table (`ip neigh`), so an address-only
     device's IPv6 traffic (and its traffic after a new lease) is matched too. Devices whose
-    address is not in the table are left as they are."""
+    address is not in the table, or whose MAC the table also holds for another address (hosts
+    behind a MAC-rewriting extender), are left as they are: matched by address alone."""
+    table = neighbour_table(run)
     devices = []
     for d in spec.devices:
         if d.mac is None and d.address is not None:
-            mac = neighbour_mac(d.address, run)
-            if mac:
+            mac = table.get(d.address)
+            if mac and not mac_sharers(table, mac, d.address):
                 d = replace(d, mac=mac)
         devices.append(d)
     return replace(spec, devices=tuple(devices))

@@ -46,6 +46,7 @@ __all__ = [
     "hash_password",
     "load_token",
     "parse_listen",
+    "check_listen",
     "verify_password",
     "web_token",
 ]
@@ -336,6 +337,22 @@ def parse_listen(listen: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Add
         raise WebError(f"web.listen: expected ADDRESS:PORT with an IP address "
                        f"(192.168.1.1:8787 or [fd00::1]:8787), got {listen!r}") from None
     return address, int(port_text)
+
+
+def check_listen(listen: str, hosts: tuple[str, ...] = (), allow_public: bool = False,
+                 ) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """`[web] listen` as the prompt will use it, or WebError: the one check that config loading
+    (so `doctor`, `firewall show`, `web token`) and the prompt itself apply alike."""
+    address, port = parse_listen(listen)
+    if not allow_public and not _is_lan(address):
+        what = ("every interface, the WAN side included" if address.is_unspecified
+                else "not a LAN address")
+        raise WebError(f"web.listen: refusing to listen on {address} ({what}); give "
+                       f"the router's LAN address, e.g. 192.168.1.1:8787")
+    if address.is_unspecified and not any(h.strip() for h in hosts):
+        raise WebError("web.hosts: list the names and addresses the prompt is reached by "
+                       "when it listens on every interface")
+    return address, port
 
 
 def _is_lan(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -640,12 +657,7 @@ class WebPrompt:
         allow_public: bool = False,
         log_limit: int = 20,
     ) -> None:
-        self.address, self.port = parse_listen(listen)
-        if not allow_public and not _is_lan(self.address):
-            what = ("every interface, the WAN side included" if self.address.is_unspecified
-                    else "not a LAN address")
-            raise WebError(f"web.listen: refusing to listen on {self.address} ({what}); give "
-                           f"the router's LAN address, e.g. 192.168.1.1:8787")
+        self.address, self.port = check_listen(listen, allowed_hosts, allow_public)
         self.handler = handler
         self.secret_file = secret_file
         self.password_hash = password_hash
@@ -661,9 +673,6 @@ class WebPrompt:
             hosts.add(_host_form(self.address))
         if self.address.is_loopback or self.address.is_unspecified:
             hosts.update(("localhost", "127.0.0.1", "[::1]"))
-        if self.address.is_unspecified and not allowed_hosts:
-            raise WebError("web.hosts: list the names and addresses the prompt is reached by "
-                           "when it listens on every interface")
         self.allowed_hosts = frozenset(hosts)
         self.sessions = Sessions()
         self.limiter = LoginLimiter()

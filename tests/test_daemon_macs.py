@@ -24,8 +24,8 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
     """A fake neighbour table that a probe can fill in (as ARP would)."""
     state: dict[str, object] = {"table": {}, "answers": {}, "probed": []}
 
-    def neighbour(address: str) -> str | None:
-        return state["table"].get(address)  # type: ignore[union-attr]
+    def neighbour_table() -> dict[str, str]:
+        return dict(state["table"])  # type: ignore[call-overload]
 
     def probe(address: str) -> None:
         state["probed"].append(address)  # type: ignore[union-attr]
@@ -33,7 +33,7 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
         if answer is not None:
             state["table"][address] = answer  # type: ignore[index]
 
-    monkeypatch.setattr(daemon, "_neighbour_mac", neighbour)
+    monkeypatch.setattr(daemon, "_neighbour_table", neighbour_table)
     monkeypatch.setattr(daemon, "_probe", probe)
     return state
 
@@ -87,3 +87,96 @@ def test_an_address_leased_to_two_macs_stays_unresolved(
              str(tmp_path / "missing.leases")]  # a lease file that does not exist is skipped
     out = daemon.with_neighbour_macs(config(ECHO), lease_files=files)
     assert out.devices[0].mac is None
+
+
+# --------------------------------------------------------------------- a MAC shared by several hosts
+
+EXTENDER = "02:00:5e:ee:00:01"  # a Wi-Fi extender that rewrites its clients' MACs to its own
+
+
+def test_a_mac_the_table_holds_for_another_address_too_is_not_taken(
+    kernel: dict[str, object],
+) -> None:
+    kernel["table"] = {"198.18.10.10": EXTENDER, "198.18.10.41": EXTENDER}
+    shared: dict[str, tuple[str, tuple[str, ...]]] = {}
+    out = daemon.with_neighbour_macs(config(ECHO, LAMP), lease_files=[], shared=shared)
+    assert out.devices[0].mac is None and out.devices[1] == LAMP
+    assert shared == {"echo": (EXTENDER, ("198.18.10.41",))}
+
+
+def test_a_lease_mac_that_holds_several_leases_or_another_address_is_not_taken(
+    kernel: dict[str, object], tmp_path: Path
+) -> None:
+    files = [leases(tmp_path, f"1796000000 {EXTENDER} 198.18.10.10 echo *",
+                    f"1796000000 {EXTENDER} 198.18.10.41 phone *")]
+    assert daemon.with_neighbour_macs(config(ECHO), lease_files=files).devices[0].mac is None
+    kernel["table"] = {"198.18.10.41": EXTENDER}  # the echo is away; its lease MAC is in use
+    files = [leases(tmp_path, f"1796000000 {EXTENDER} 198.18.10.10 echo *")]
+    shared: dict[str, tuple[str, tuple[str, ...]]] = {}
+    out = daemon.with_neighbour_macs(config(ECHO), lease_files=files, shared=shared)
+    assert out.devices[0].mac is None and shared["echo"][1] == ("198.18.10.41",)
+
+
+class _Backend:
+    """A firewall that records what the daemon installs."""
+
+    def __init__(self) -> None:
+        self.installs = 0
+
+    def install_dynamic(self) -> None:
+        self.installs += 1
+
+
+@pytest.fixture
+def guard(kernel: dict[str, object], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+          ) -> daemon.Daemon:
+    """A Daemon (never started) whose firewall records installs."""
+    installed: list[GuardConfig] = []
+
+    def backend(cfg: GuardConfig) -> _Backend:
+        installed.append(cfg)
+        return _Backend()
+
+    monkeypatch.setattr(daemon, "run_backend", backend)
+    monkeypatch.setattr(daemon, "NEIGHBOUR_START_WAIT_S", 0.0)
+    cfg = replace(GuardConfig(), devices=(ECHO,), state_db=str(tmp_path / "state.db"),
+                  socket=str(tmp_path / "control.sock"), metrics_listen=None)
+    d = daemon.Daemon(cfg)
+    d.installed_configs = installed  # type: ignore[attr-defined]
+    yield d
+    d.store.close()
+
+
+def test_the_engine_does_not_learn_a_shared_mac_from_packets_and_warns_once(
+    guard: daemon.Daemon, kernel: dict[str, object], capsys: pytest.CaptureFixture[str],
+) -> None:
+    kernel["table"] = {"198.18.10.10": EXTENDER, "198.18.10.41": EXTENDER}
+    guard.neighbours = dict(kernel["table"])  # type: ignore[call-overload]
+    table = guard.engine.devices
+    for _ in range(3):  # every IPv4 packet of the echo would ask again
+        assert table.learn_mac("echo", EXTENDER).mac is None
+    assert EXTENDER not in table.by_mac and table.macs_learned == []
+    guard._learn_mac("echo", EXTENDER)  # a MacLearned action, were one emitted
+    assert guard.config.devices[0].mac is None
+    err = capsys.readouterr().err
+    assert err.count("shares MAC") == 1 and "198.18.10.41" in err
+
+
+def test_a_unique_mac_is_learned_and_dropped_again_once_another_host_shows_it(
+    guard: daemon.Daemon, kernel: dict[str, object], capsys: pytest.CaptureFixture[str],
+) -> None:
+    kernel["table"] = {"198.18.10.10": EXTENDER}
+    guard._poll_neighbours()
+    assert guard.config.devices[0].mac == EXTENDER
+    assert guard.engine.devices.by_name["echo"].mac == EXTENDER
+    assert guard.learned_macs == {"echo": EXTENDER}
+    assert guard.installed_configs[-1].devices[0].mac == EXTENDER  # type: ignore[attr-defined]
+    kernel["table"] = {"198.18.10.10": EXTENDER, "198.18.10.41": EXTENDER}
+    guard._poll_neighbours()
+    assert guard.config.devices[0].mac is None
+    assert guard.engine.devices.by_name["echo"].mac is None
+    assert EXTENDER not in guard.engine.devices.by_mac and guard.learned_macs == {}
+    assert guard.installed_configs[-1].devices[0].mac is None  # type: ignore[attr-defined]
+    guard._poll_neighbours()  # still shared: nothing learned, no second warning
+    assert guard.config.devices[0].mac is None
+    assert capsys.readouterr().err.count("shares MAC") == 1

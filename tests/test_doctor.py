@@ -273,7 +273,8 @@ def add_after(needle: str, extra: str) -> Callable[[list[str]], list[str]]:
 def test_a_healthy_guard_passes_every_check():
     checks = run_doctor()
     assert [c.name for c in checks.values()] == [
-        "config", "rules", "offload", "ipv6", "quic", "listener", "fail_mode"]
+        "config", "rules", "offload", "ipv6", "quic", "listener", "capabilities", "listen",
+        "fail_mode"]
     assert all(c.severity == "ok" and c.ok for c in checks.values()), checks
     assert exit_code(list(checks.values())) == 0
     assert "portid 27203" in checks["listener"].message
@@ -357,6 +358,42 @@ def test_foreign_and_duplicated_rules_in_our_chains_are_warnings():
     check = run_doctor(kernel=kernel)["rules"]
     assert (check.severity, check.ok) == ("warn", True)
     assert "not from this config" in check.message and "duplicated" in check.message
+
+
+def test_a_running_guard_without_its_queue_rules_is_told_to_restart_not_to_apply():
+    """`firewall apply` installs only the persistent rules: the queue rules come back with a
+    restart of the guard (issue 16: the advice must work when followed)."""
+    spec = spec_from_config(CONFIG)
+    kernel = Kernel(v4=saved(spec, 4, dynamic=False), v6=saved(spec, 6, dynamic=False))
+    check = run_doctor(kernel=kernel)["rules"]
+    assert check.severity == "fail" and "queue rules are missing" in check.message
+    assert "restart" in check.fix and "firewall apply" not in check.fix
+
+
+def test_capabilities_of_the_running_guard_and_of_this_shell():
+    from guard.doctor import _check_capabilities
+
+    full = "Name:\tpython3\nCapEff:\t000001ffffffffff\n"
+    no_raw = "CapEff:\t0000000000001000\n"  # CAP_NET_ADMIN only
+    files = {"/proc/4242/status": no_raw, "/proc/self/status": full}
+    check = _check_capabilities(CONFIG, 4242, files.get)
+    assert check.severity == "fail" and "pid 4242" in check.message
+    assert "CAP_NET_RAW" in check.message and "CAP_NET_ADMIN" not in check.message
+    assert _check_capabilities(CONFIG, None, files.get).severity == "ok"
+    files["/proc/self/status"] = "CapEff:\t0000000000000000\n"
+    check = _check_capabilities(CONFIG, None, files.get)
+    assert check.severity == "warn" and "refuses to start" in check.message
+
+
+def test_listen_addresses_that_cannot_be_bound_fail_while_no_guard_runs():
+    from guard.doctor import _check_listen
+
+    web = replace(CONFIG, metrics_listen="127.0.0.1:9877", web_listen="198.18.1.1:8787")
+    why = {"198.18.1.1:8787": "Cannot assign requested address"}
+    check = _check_listen(web, False, why.get)
+    assert check.severity == "fail" and "web.listen 198.18.1.1:8787" in check.message
+    assert "metrics" not in check.message.split("cannot listen on")[1]
+    assert _check_listen(web, True, why.get).severity == "ok"  # the guard holds them itself
 
 
 def test_a_running_guard_without_its_queue_rules_fails():

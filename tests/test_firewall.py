@@ -18,7 +18,9 @@ from guard.firewall import (
     NftablesBackend,
     build_rules,
     compose_mark,
+    mac_sharers,
     mark_value,
+    neighbour_table,
     parse_save,
     with_neighbour_macs,
 )
@@ -119,10 +121,29 @@ def test_warnings_name_devices_whose_ipv6_cannot_be_matched() -> None:
 def test_neighbour_table_fills_a_missing_mac() -> None:
     def run(argv: Sequence[str], input: str | None = None) -> Completed:
         out = "198.18.10.30 dev br-lan lladdr 02:00:5e:10:00:30 REACHABLE\n"
-        return Completed(tuple(argv), 0, out if argv[-1] == "198.18.10.30" else "")
+        return Completed(tuple(argv), 0, out if tuple(argv) == ("ip", "-4", "neigh", "show")
+                         else "")
 
     s = with_neighbour_macs(spec(devices=(ECHO, LAMP)), run)
     assert s.devices[1].mac == "02:00:5e:10:00:30" and s.devices[0] == ECHO
+
+
+def test_a_mac_the_neighbour_table_holds_for_two_addresses_is_not_filled_in() -> None:
+    """Clients behind a MAC-rewriting extender share its MAC: matching it for one address-only
+    device would guard them all (issue 16 point 5)."""
+    table = ("198.18.10.30 dev br-lan lladdr 02:00:5e:10:00:30 REACHABLE\n"
+             "198.18.10.31 dev br-lan lladdr 02:00:5e:10:00:30 STALE\n"
+             "198.18.10.32 dev br-lan FAILED\n")
+
+    def run(argv: Sequence[str], input: str | None = None) -> Completed:
+        return Completed(tuple(argv), 0, table)
+
+    s = with_neighbour_macs(spec(devices=(ECHO, LAMP)), run)
+    assert s.devices[1].mac is None and s.devices[0] == ECHO
+    assert neighbour_table(run) == {"198.18.10.30": "02:00:5e:10:00:30",
+                                    "198.18.10.31": "02:00:5e:10:00:30"}
+    assert mac_sharers(neighbour_table(run), "02:00:5E:10:00:30", "198.18.10.30") == (
+        "198.18.10.31",)
 
 
 # --------------------------------------------------------------------------- rule layout
