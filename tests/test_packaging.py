@@ -93,6 +93,11 @@ def test_default_config_commented_examples_are_valid_when_uncommented():
         else:
             uncommented.append(line)
     data = tomllib.loads("\n".join(uncommented))
+    # the placeholder stands for a real hash, which loading checks as `run` would (issue 16)
+    assert data["web"]["password_hash"] == "…"
+    from guard.web import hash_password
+
+    data["web"]["password_hash"] = hash_password("correct horse")
     config = parse_config(data)
     assert config.web_listen == "192.168.1.1:8787"
     assert config.hooks[0].command == ("/usr/local/bin/notify",)
@@ -213,9 +218,13 @@ def test_init_start_converts_applies_the_safety_net_then_starts_the_guard(tmp_pa
         f"--fw4-include {tmp_path}/var/etc/hushgate/fw4.nft",
         f"hushgate firewall apply --config {toml}",
         "procd_open_instance",
+        "procd_open_instance",  # the health check's
     ]
     assert f"procd_set_param command {tmp_path}/hushgate-stub run --config {toml}" in log
-    assert "procd_set_param respawn 3600 5 0" in log  # respawn forever
+    # respawned, but not forever: a config error (exit 78) must not loop (issue 16)
+    assert "procd_set_param respawn 60 10 10" in log
+    health = next(ln for ln in log if ln.startswith("procd_set_param command /bin/sh"))
+    assert f"health --config {toml} --kill-hung" in health and "while sleep 60" in health
     assert f"procd_set_param file {tmp_path}/etc/config/hushgate {toml}" in log
     assert log[-1] == "rc=0"
     assert stat.S_IMODE((tmp_path / "etc/hushgate").stat().st_mode) == 0o700
@@ -666,10 +675,14 @@ def unit_directives(text: str) -> dict[str, list[str]]:
 def test_unit_is_hardened_and_runs_the_documented_commands():
     d = unit_directives(UNIT.read_text())
     cfg = "/etc/hushgate/hushgate.toml"
-    assert d["Type"] == ["simple"]
-    assert d["ExecStartPre"] == [f"/opt/hushgate/bin/hushgate firewall apply --config {cfg}"]
+    assert d["Type"] == ["notify"] and d["NotifyAccess"] == ["main"]
+    assert d["WatchdogSec"] == ["30s"]  # pinged from the packet loop (issue 16 point 4)
+    assert d["ExecStartPre"] == [f"-/opt/hushgate/bin/hushgate firewall apply --config {cfg}"]
     assert d["ExecStart"] == [f"/opt/hushgate/bin/hushgate run --config {cfg}"]
     assert d["Restart"] == ["on-failure"]
+    from guard.daemon import EXIT_CONFIG
+
+    assert d["RestartPreventExitStatus"] == [str(EXIT_CONFIG)]  # no restart loop on bad config
     assert d["CapabilityBoundingSet"] == ["CAP_NET_ADMIN CAP_NET_RAW"]
     assert d["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6 AF_NETLINK"]
     assert d["StateDirectory"] == ["hushgate"] and d["RuntimeDirectory"] == ["hushgate"]
