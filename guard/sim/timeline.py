@@ -345,38 +345,59 @@ def everything(conns: Sequence[Connection], max_gap_s: float = MAX_GAP_S) -> Sel
     return Selection([build_replay(c, range(len(c.bursts)), max_gap_s) for c in conns])
 
 
+# A non-audio burst this large is a look-alike worth replaying first (a voice connection's events
+# are 4-15 KB; its HTTP/2 pings and acks are 40-130 B).
+LOOKALIKE_BYTES = 1000
+
+
 def around(conn: Connection, label_burst: int, messages: int) -> list[int]:
-    """Burst `label_burst` and the `messages` non-audio bursts of `conn` nearest to it (by
-    position, the later one first on a tie): an upload with the traffic around it."""
-    others = [b.index for b in conn.bursts if not b.audio]
-    others.sort(key=lambda i: (abs(i - label_burst), i < label_burst))
-    return sorted([label_burst, *others[:max(0, messages)]])
+    """Burst `label_burst` and `messages` non-audio bursts of `conn`: those of LOOKALIKE_BYTES
+    or more first, nearest to it first (the later one on a tie), then the small ones, nearest
+    first: an upload with the traffic around it, look-alikes before pings."""
+    others = [b for b in conn.bursts if not b.audio]
+    others.sort(key=lambda b: (b.wire_bytes < LOOKALIKE_BYTES, abs(b.index - label_burst),
+                               b.index < label_burst))
+    return sorted([label_burst, *(b.index for b in others[:max(0, messages)])])
 
 
 def rotating_subset(conns: Sequence[Connection], turn: int, messages: int = 8,
-                    echo_uploads: int = 1, max_gap_s: float = MAX_GAP_S) -> Selection:
-    """The subset replayed in setup number `turn` of a test: one upload of each family there is
-    besides the 2018 Echos (Echo Dot PCM, HomePod) and `echo_uploads` 2018 Echo uploads,
-    rotating through the labels from turn to turn so that every family and a different capture
-    each turn are covered; each upload with up to `messages` non-audio bursts of its own
-    connection nearest to it."""
+                    max_gap_s: float = MAX_GAP_S) -> Selection:
+    """The subset replayed in setup number `turn` of a test (about 25 s on the Echo, 13 s on the
+    HomePod), three uploads of different families, rotating from turn to turn:
+      - a HomePod upload (the two in turn), with the rest of its connection;
+      - a 2018 Echo upload from a capture with look-alike bursts (those captures in turn, the
+        richest first, each one's uploads in turn), with `messages` non-audio bursts (`around`);
+      - on even turns the Echo Dot PCM upload, on odd turns a 2018 Echo upload from a capture
+        without look-alikes (in turn), each with up to 2 non-audio bursts."""
     by_family: dict[str, list[tuple[Connection, int]]] = defaultdict(list)
     for c in conns:
         for b in c.bursts:
             if b.audio:
                 by_family[c.family].append((c, b.index))
-    picks: list[tuple[Connection, int]] = []
-    for family in ("echo-dot-pcm", "homepod"):
-        pool = by_family.get(family, [])
-        if pool:
-            picks.append(pool[turn % len(pool)])
-    # 2018 Echos: walk the captures (each capture's k-th upload), a different one each turn
     per_conn: dict[str, list[tuple[Connection, int]]] = defaultdict(list)
     for c, i in by_family.get("echo-2018", []):
         per_conn[c.name].append((c, i))
-    names = list(per_conn)
-    for j in range(echo_uploads if names else 0):
-        slot = turn * echo_uploads + j
-        pool = per_conn[names[slot % len(names)]]
-        picks.append(pool[(slot // len(names)) % len(pool)])
-    return Selection([build_replay(c, around(c, idx, messages), max_gap_s) for c, idx in picks])
+
+    def lookalikes(name: str) -> int:
+        c = per_conn[name][0][0]
+        return sum(1 for b in c.bursts if not b.audio and b.wire_bytes >= LOOKALIKE_BYTES)
+    rich = sorted((n for n in per_conn if lookalikes(n)), key=lambda n: (-lookalikes(n), n))
+    plain = sorted(n for n in per_conn if not lookalikes(n))
+
+    def nth(names: list[str], k: int) -> tuple[Connection, int] | None:
+        if not names:
+            return None
+        pool = per_conn[names[k % len(names)]]
+        return pool[(k // len(names)) % len(pool)]
+    picks: list[tuple[tuple[Connection, int] | None, int]] = []
+    homepod = by_family.get("homepod", [])
+    picks.append((homepod[turn % len(homepod)] if homepod else None, messages))
+    picks.append((nth(rich, turn) or nth(plain, turn), messages))
+    dot = by_family.get("echo-dot-pcm", [])
+    if turn % 2 == 0 and dot:
+        picks.append((dot[(turn // 2) % len(dot)], 2))
+    else:
+        picks.append((nth(plain, turn // 2) or nth(rich, turn + 1), 2))
+    replays = [build_replay(p[0], around(p[0], p[1], n), max_gap_s)
+               for p, n in picks if p is not None]
+    return Selection(replays)

@@ -3,7 +3,8 @@
 A speaker replays labelled uploads and the non-audio bursts around them on the same connection
 (guard/sim/timeline.py: the captures' voice connections, idle gaps shortened to 1.5 s) through
 the relay (`tcp_hold = "relay"`, strict), under each sender setup: Linux defaults,
-tcp_early_retrans=0, initcwnd 4, tcp_slow_start_after_idle=0, bbr, 20 ms of WAN delay each way.
+tcp_early_retrans=0, initcwnd 4, tcp_slow_start_after_idle=0, bbr, 20 ms of WAN delay each way
+(netem, or where the kernel has no sch_netem an NFQUEUE delay line in the wan namespace).
 Each setup replays a different subset (one Echo Dot PCM, one HomePod and one 2018 Echo upload,
 rotating through the captures; ~25 s). A decider allows every pending upload at once. The cloud's
 own counters say, per setup: every labelled upload pending, 0 bytes of upload audio at the cloud
