@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole benchmark suite in one command (as root, on a Debian 12 machine): installs what it
-# needs (the venv of scripts/bootstrap.sh, plus iperf3 and socat), then runs every benchmark in
-# turn, each measuring its modes side by side in one run and printing a table with ratios.
+# needs (the venv of scripts/bootstrap.sh, plus iperf3, socat and haproxy), then runs every
+# benchmark in turn, each measuring its modes side by side in one run and printing a table with
+# ratios.
 # Usage: bash bench/run.sh [--quick] [--soak]
-#   --quick  fewer rounds (about 6 minutes instead of about 15): for a first look, not for figures
+#   --quick  fewer rounds (about 7 minutes instead of about 17): for a first look, not for figures
 #   --soak   also the 10-minute soak (bench/soak.py), about 11 minutes more
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,7 @@ fi
 
 bash scripts/bootstrap.sh
 missing=()
-for pkg in iperf3 socat; do
+for pkg in iperf3 socat haproxy; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -58,6 +59,8 @@ section "holding: memory per held upload, and the caps"
 ${PY} bench/holding.py --hold-seconds "$hold" --per-speaker "$per"
 section "footprint: RSS and CLI start-up"
 ${PY} bench/footprint.py
+section "relay (tcp_hold = relay): new connections, round trips, conn/s, bulk, RSS vs kernel and C relays"
+if [ "$quick" -eq 1 ]; then ${PY} bench/relay.py --quick; else ${PY} bench/relay.py --runs "$runs"; fi
 if [ "$soak" -eq 1 ]; then
   section "soak: 10 minutes of mixed traffic"
   ${PY} bench/soak.py --minutes 10
