@@ -261,6 +261,8 @@ def test_watchdog_pings_come_from_the_loop_and_stop_while_it_is_stopped(
                max_gap_s=round(max(gaps), 3) if gaps else None)
         assert len(ready) == 1 and f"MAINPID={g.pid}" in next(m for _, m in got if "READY" in m)
         assert len(beats) >= 3 and max(gaps) < 1.0, got  # within WatchdogSec (1 s here)
+        health = g.cli("health", "--config", str(g.config_path), socket=False)
+        assert health.returncode == 0 and "healthy" in health.stdout, health
         # hung: SIGSTOP. No ping within the interval; the guarded echo stays closed, the
         # homepod (not configured) is untouched.
         os.kill(g.pid, signal.SIGSTOP)  # type: ignore[arg-type]
@@ -270,6 +272,9 @@ def test_watchdog_pings_come_from_the_loop_and_stop_while_it_is_stopped(
         homepod = _smart_home(topology, "homepod", seconds=8)
         echo = _smart_home(topology, "echo", seconds=3)
         quiet = _notifications(listener, max(0.0, 1.5 - (time.time() - since)))
+        health = g.cli("health", "--config", str(g.config_path), "--timeout", "1", socket=False)
+        assert health.returncode == 1 and "unhealthy" in health.stderr, health
+        assert f"guard pid {g.pid} holds the lock" in health.stderr, health.stderr
         record("watchdog_stopped", pings=len(quiet), homepod_error=homepod["error"],
                echo_error=echo["error"])
         assert quiet == [], quiet
