@@ -48,6 +48,9 @@ from tests.e2e.guardkit import Guard, cloud_conn_since
 VOICE_AMAZON = "bob-dispatch-prod-na.amazon.com"
 VOICE_APPLE = "guzzoni.apple.com"
 POLL_S = 0.02  # the decider's poll interval
+# The decider reads the cloud's count this long after the daemon's judgement, then allows: what
+# the relay released before the upload went pending may still be on the wire (20 ms of WAN delay)
+SETTLE_S = 0.1
 
 # The sender setups of issue 13's live acceptance, applied in the speakers' namespaces (the WAN
 # delay on the router's uplink and the cloud's side of it).
@@ -306,7 +309,11 @@ class Decider(threading.Thread):
                              conn_id=conn_id, lane=lane, held_bytes=int(p["held_bytes"] or 0))
                 try:
                     # nothing of the connection passes while this upload is pending, so the
-                    # cloud's count now is what passed before the decision
+                    # cloud's count (once what was released before is off the wire) is what
+                    # passed before the decision
+                    settle = d.started + SETTLE_S - time.time()
+                    if 0 < settle <= SETTLE_S:
+                        time.sleep(settle)
                     d.cloud_bytes = self._cloud_bytes(conn_id) if conn_id is not None else None
                     request(path, {"cmd": "decide", "id": pid, "verb": "allow",
                                    "scope": "once", "duration_s": None, "by": "replay-test"},
@@ -588,6 +595,13 @@ def figures(setup: str, runs: Sequence[ReplayRun], decisions: Sequence[Decision]
                 continue
             res = results[item_burst[k]]
             res.decisions.append(d.id)
+            if d.allowed is not None:
+                at_allow = max((int(n) for t, n in timeline if t <= d.allowed), default=0)
+                if at_allow != d.cloud_bytes:
+                    fig.problems.append(
+                        f"{replay.conn.name}: upload {d.id}: the cloud had {d.cloud_bytes} B "
+                        f"{SETTLE_S} s after the judgement and {at_allow} B at the allow: "
+                        "bytes moved while the upload was pending")
             if spans[k][0] != d.cloud_bytes:
                 res.note += f" upload {d.id} held from mid-record ({d.cloud_bytes} B)"
         for j, b in enumerate(replay.bursts):
