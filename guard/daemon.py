@@ -148,6 +148,7 @@ class Daemon:
     def _engine(self) -> Engine:
         now = time.time()
         engine = Engine(self.config, self.rules, id_source=self.store.next_upload_id,
+                        forget_closed=True,
                         reset_midstream=self.config.reset_midstream)
         self._load_standing(engine, now)
         lost = self.store.lost_pending()

@@ -494,12 +494,17 @@ def _canon(addr: str) -> str:
         return addr
 
 
+_HOST_KEEP = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
+# Cleaned names and their categories are memoised per engine: a speaker names the same few hosts
+# in every connection (bounded: a flood of made-up names clears the memo).
+_MAX_NAMED = 4096
+
+
 def _clean_host(name: str | None) -> str | None:
     """Names come from the speaker (SNI, DNS) and are attacker-controlled: keep them inert."""
     if not name:
         return None
-    cleaned = "".join(ch if (ch.isalnum() and ch.isascii()) or ch in "-._" else "?"
-                      for ch in name.lower())
+    cleaned = "".join(ch if ch in _HOST_KEEP else "?" for ch in name[:HOST_MAX].lower())
     return cleaned[:HOST_MAX]
 
 
@@ -539,12 +544,18 @@ class Engine:
         detector: DetectorConfig | None = None,
         id_source: Callable[[], int] | None = None,
         reset_midstream: bool = False,
+        forget_closed: bool = False,
     ) -> None:
         self.config = config
         self.rules = rules
         self.devices = Devices(config.devices)
         self.detector = detector or DetectorConfig(window_segments=config.window_segments)
         self.stream_detector = StreamConfig()
+        self._named: dict[str, tuple[str, str]] = {}  # name -> (cleaned, category)
+        self._named_rules: RuleSet | None = None  # the rule set those categories came from
+        # the daemon forgets a relayed connection's flow once it closed with nothing pending
+        # (analyze keeps them all for its report)
+        self.forget_closed = forget_closed
         self.streams: dict[int, Flow] = {}  # relayed connections by the relay's id
         self.last_stream: dict[str, float] = {}  # device -> when it last opened a relayed one
         self.names = NameCache()
@@ -787,9 +798,20 @@ class Engine:
         return flow
 
     def _name_flow(self, flow: Flow, name: str) -> None:
-        flow.host = _clean_host(name)
-        if flow.host:
-            flow.category = self.rules.category_for_host(flow.host).value
+        if self._named_rules is not self.rules:  # a reload: categories may have changed
+            self._named.clear()
+            self._named_rules = self.rules
+        named = self._named.get(name)
+        if named is None:
+            host = _clean_host(name)
+            named = (host, self.rules.category_for_host(host).value) if host else ("", "")
+            if len(self._named) >= _MAX_NAMED:
+                self._named.clear()
+            self._named[name] = named
+        if named[0]:
+            flow.host, flow.category = named
+        else:
+            flow.host = None
 
     def _upstream(self, pkt: Packet, device: DeviceConfig, now: float, token: Any) -> Verdict:
         if self.devices.macs_learned:
@@ -985,6 +1007,10 @@ class Engine:
                 self._rejudge(flow, now)
         elif flow.state is FlowState.PENDING and flow.upload is not None and reset:
             self._deny(flow.upload, now, Outcome.LOST, "connection reset")
+        if (self.forget_closed and flow.state in (FlowState.IDLE, FlowState.ALLOWED,
+                                                  FlowState.BLOCKED)
+                and self.flows.get(flow.key) is flow):
+            del self.flows[flow.key]
 
     def _discard_burst(self, flow: Flow) -> None:
         """A held burst whose connection died: nothing of it can be delivered."""
