@@ -148,6 +148,8 @@ def remove_everything(config: GuardConfig, run: Runner = run_command) -> list[st
                 res = run(["nft", "-f", "-"], f"table {t} {{}}\ndelete table {t}\n")
                 if not res.ok:
                     raise FirewallError.from_result("cannot remove rules", res)
+                if spec.relay:  # `run`'s policy routing (NftRunBackend adds it with `ip`)
+                    IptablesBackend(spec, run, families=ip_families()).remove_relay_routing()
                 done.append(f"nftables table {t}")
         except FirewallError:
             if backend == config.backend:
@@ -176,6 +178,9 @@ class NftRunBackend:
 
     def backend_name(self) -> str:
         return "nftables"
+
+    def quic_refusals(self) -> dict[str, int]:
+        return self.nft.quic_refusals()
 
     def apply_safety_net(self) -> None:
         self._apply("cannot apply the persistent rules", nft_persistent_script(self.nft))
