@@ -298,9 +298,10 @@ class Daemon:
                     if relay_deadline is not None:
                         deadline = min(deadline or relay_deadline, relay_deadline)
             timeout = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.time()))
+            relay_events: list[tuple[Any, Any, int]] = []
             for key, mask in selector.select(timeout):
                 if isinstance(key.data, RelayTag):
-                    self._relay_event(key.data, key.fileobj, mask)
+                    relay_events.append((key.data, key.fileobj, mask))
                     continue
                 queue, batch = key.data
                 try:
@@ -311,6 +312,8 @@ class Daemon:
                 except OSError as exc:  # ENOBUFS and friends: counted, survived
                     self.errors["queue"] = self.errors.get("queue", 0) + 1
                     log(f"queue read error: {exc}")
+            if relay_events:
+                self._relay_events(relay_events)
             now = time.time()
             with self.lock:
                 self.engine.handle_timer(now)
@@ -328,14 +331,21 @@ class Daemon:
                     self._check_quic(now)
 
     def _relay_event(self, tag: RelayTag, sock: Any, mask: int) -> None:
-        """One relay socket is ready: the relay moves bytes and asks the engine; the actions
-        that caused are carried out before the lock is released."""
+        """One relay socket is ready (see _relay_events)."""
+        self._relay_events([(tag, sock, mask)])
+
+    def _relay_events(self, events: list[tuple[Any, Any, int]]) -> None:
+        """The relay sockets one select found ready, under one lock: the relay moves bytes and
+        asks the engine; the actions that caused are carried out before the lock is released."""
+        relay = self.relay
+        assert relay is not None
         with self.lock:
-            try:
-                self.relay.on_event(tag, sock, mask)  # type: ignore[union-attr]
-            except Exception as exc:  # noqa: BLE001 - the relay catches per connection already
-                self.errors["relay"] = self.errors.get("relay", 0) + 1
-                log(f"relay: {exc!r}")
+            for tag, sock, mask in events:
+                try:
+                    relay.on_event(tag, sock, mask)
+                except Exception as exc:  # noqa: BLE001 - the relay catches per connection
+                    self.errors["relay"] = self.errors.get("relay", 0) + 1
+                    log(f"relay: {exc!r}")
             self._drain()
 
     def _drain(self) -> None:
