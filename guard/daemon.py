@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -109,6 +110,8 @@ class Daemon:
         # QUIC refused per device (kernel counters) and whether it fell back to TCP
         self.quic: dict[str, dict[str, Any]] = {}
         self.quic_checked = time.time()
+        # the last bursts released as not audio, for `status --json` (what was judged a message)
+        self.releases: deque[dict[str, Any]] = deque(maxlen=RECENT_RELEASES)
         self.engine = self._engine()
         self._gate_engine_macs()
         self.queues: list[Any] = []
@@ -668,6 +671,11 @@ class Daemon:
                                             "unknown", upload["outcome"], None)
         elif isinstance(action, BurstReleased):
             self.metrics.released(action.delay_s)
+            self.releases.append({"device": action.device, "remote": action.key.remote,
+                                  "host": action.host, "start": action.start,
+                                  "decided": action.decided, "bytes": action.bytes,
+                                  "records": action.packets, "delay_s": round(action.delay_s, 6),
+                                  "reason": action.reason})
         elif isinstance(action, FlowBlocked):
             self.metrics.blocked_flow(action.device, action.category)
             self.hooks.emit("flow-blocked", {"device": action.device,
@@ -785,6 +793,7 @@ class Daemon:
             "metrics": self.metrics_server.url if self.metrics_server is not None else None,
             "tcp_hold": self.config.tcp_hold,
             "relay": self.relay.stats() if self.relay is not None else None,
+            "recent_releases": list(self.releases),
         }
 
     def _cmd_pending(self, request: dict[str, Any], peer: Any) -> list[dict[str, Any]]:
@@ -982,6 +991,7 @@ def with_neighbour_macs(config: GuardConfig, wait_s: float = 0.0,
 # Second guard on a held connection's kept bytes, above the engine's per-upload cap: the relay
 # stops reading it there (the engine denies at its cap; this only bounds a bug's damage).
 RELAY_KEPT_SLACK_BYTES = 64 << 10
+RECENT_RELEASES = 64  # bursts released as not audio kept for `status --json`
 
 QUEUE_BATCH = 64  # packets read from one queue per turn when serving several
 

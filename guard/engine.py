@@ -690,8 +690,14 @@ class Engine:
             self._rejudge(flow, now)
         elif flow.state is FlowState.PENDING and flow.upload is not None:
             upload = flow.upload
-            if upload.expires is not None and now >= upload.expires or self.expire_on_idle and now >= flow.last_up + UPLOAD_END_GAP_S:
+            ended = self.expire_on_idle and now >= flow.last_up + UPLOAD_END_GAP_S
+            if ended or upload.expires is not None and now >= upload.expires:
                 self._deny(upload, now, Outcome.EXPIRED, "expiry")
+            if ended:
+                # analyze: the upload's traffic ended (nobody answers a capture); what follows
+                # is a new activity, as after a person's answer live, not a denied
+                # connection's leftovers
+                self._end_activity(flow)
         elif flow.state in (FlowState.PASSING, FlowState.DENIED):
             upload = flow.upload
             if now >= flow.last_up + UPLOAD_END_GAP_S:
