@@ -372,15 +372,7 @@ class Daemon:
         by that MAC from then on). Only a MAC the neighbour table holds for that one address is
         learned: one it holds for several addresses stands for several hosts, and the device
         stays known by its address alone (warned once)."""
-        table = self.engine.devices
-        learn = table.learn_mac
-
-        def gated(name: str, mac: str) -> Any:
-            if not self._mac_unique(name, mac):
-                return table.by_name[name]
-            return learn(name, mac)
-
-        table.learn_mac = gated  # type: ignore[method-assign]
+        self.engine.devices.mac_gate = self._mac_unique
 
     def _mac_unique(self, name: str, mac: str) -> bool:
         """Whether `mac` is, in the last neighbour table read, `name`'s address's and no other

@@ -428,6 +428,10 @@ class Devices:
         self.by_addr: dict[str, DeviceConfig] = {}
         self.learned: dict[str, DeviceConfig] = {}  # addresses seen from MAC-configured devices
         self.macs_learned: list[tuple[str, str]] = []  # (device, mac) not yet announced
+        # Whether an address-only device may be known by the MAC its packets came from (the
+        # shell's word: that MAC stands for that one address, not for every host behind a
+        # MAC-rewriting extender); None: always (analyze)
+        self.mac_gate: Callable[[str, str], bool] | None = None
         for device in devices:
             self.add(device)
 
@@ -467,7 +471,8 @@ class Devices:
             # address from another MAC is somebody else (and gets nothing of its windows).
             if device.mac and pkt.src_mac is not None and pkt.src_mac != device.mac:
                 return None
-            if device.mac is None and pkt.src_mac is not None and pkt.version == 4:
+            if (device.mac is None and pkt.src_mac is not None and pkt.version == 4
+                    and (self.mac_gate is None or self.mac_gate(device.name, pkt.src_mac))):
                 device = self.learn_mac(device.name, pkt.src_mac)
             return device
         if pkt.src_mac is None:

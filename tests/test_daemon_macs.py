@@ -10,6 +10,7 @@ import pytest
 
 from guard import daemon
 from guard.config import DeviceConfig, GuardConfig
+from guard.packet import TCP, Packet
 
 ECHO = DeviceConfig(name="echo", address="198.18.10.10")
 LAMP = DeviceConfig(name="lamp", address="198.18.10.30", mac="02:00:5e:10:00:30")
@@ -153,8 +154,9 @@ def test_the_engine_does_not_learn_a_shared_mac_from_packets_and_warns_once(
     kernel["table"] = {"198.18.10.10": EXTENDER, "198.18.10.41": EXTENDER}
     guard.neighbours = dict(kernel["table"])  # type: ignore[call-overload]
     table = guard.engine.devices
-    for _ in range(3):  # every IPv4 packet of the echo would ask again
-        assert table.learn_mac("echo", EXTENDER).mac is None
+    pkt = Packet(4, "198.18.10.10", "198.19.0.10", TCP, 40000, 443, 0, 40, src_mac=EXTENDER)
+    for _ in range(3):  # every IPv4 packet of the echo asks again
+        assert table.upstream(pkt).mac is None  # type: ignore[union-attr]
     assert EXTENDER not in table.by_mac and table.macs_learned == []
     guard._learn_mac("echo", EXTENDER)  # a MacLearned action, were one emitted
     assert guard.config.devices[0].mac is None
