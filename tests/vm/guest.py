@@ -8,8 +8,21 @@ topology, as design.md section 9 and an OpenWrt router have it, all in 198.18.0.
   gw    (the router: forwarding, a minimal fw4 table with masquerade, hushgate's table)
   wan   (the cloud: TCP and UDP servers that count what reaches them)  198.19.0.2, gw 198.19.0.1
 
-The cloud's servers and the clients run in this one process: a thread enters a namespace with
+The cloud's plain servers and clients run in this one process: a thread enters a namespace with
 setns(2) just long enough to open its socket, and the socket stays in that namespace.
+
+The relay checks run the real guard: `hushgate run --config /vmout/config.toml` (backend
+nftables, tcp_hold relay, the speaker strict) in gw, after fw4 loaded hushgate's include; the
+project's TLS cloud (guard/sim/cloud.py, one address per vendor host, certificates from the
+harness) in wan, and its speaker simulator (guard/sim/speaker.py) in lan. What left the house is
+read from the TLS cloud's own counters (its control socket), never from the guard. The guard is
+driven through its CLI (`hushgate pending --json`, `allow`, `deny`, `status --json`). As on an
+OpenWrt router with fw4, there is no iptables in the guest (it is renamed in the overlay), so
+nothing iptables-shaped cleans up behind the nftables backend.
+
+The sabotaged pass (job "sabotage_pass"): after every check, the fail-closed ones run again with
+the rendered rules sabotaged (the guard's own rules are replaced by the sabotaged fw4 include
+through an fw4 reload, as fw4 would load it); each must then fail. Results in "sabotaged".
 
 Checks are functions registered in order with @check; each returns a one-line detail or raises
 Failed. They share state (the rules loaded, the queue consumer), so later ones build on earlier
@@ -24,6 +37,7 @@ import ctypes
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -50,6 +64,16 @@ UDP_PORTS = (443, 5000, 5001, 5002)
 # (the connmark fast path takes over), accept with the block mark (the kernel rejects the rest).
 PLAIN, ALLOW, BLOCK = (80, 5000), (443, 5001), (5002,)
 OUT = Path("/vmout")
+# The TLS cloud (guard/sim/cloud.py): one wan address per vendor host, :443.
+VOICE = "bob-dispatch-prod-na.amazon.com"  # voice: held until a person decides
+SMART_HOME = "api.amazonalexa.com"  # smart-home events: an allowed category, relayed at once
+MESSAGING = "alexa-comms-mobile-service.amazon.com"  # messaging: refused
+TLS_HOSTS = {VOICE: "198.19.0.10", SMART_HOME: "198.19.0.11", MESSAGING: "198.19.0.12"}
+CLOUD_SOCKET = "/run/hushgate-vm-cloud.sock"
+GUARD_SOCKET = "/run/hushgate/control.sock"  # the config's guard.socket
+# Run again, sabotaged, in the second pass; each must fail there.
+SABOTAGE_PASS_CHECKS = ("fail_closed_without_guard", "queue_without_consumer_drops",
+                        "relay_fail_closed_after_kill9")
 
 
 class Failed(AssertionError):
@@ -128,16 +152,17 @@ class Cloud:
         self.tcp_conns: dict[int, int] = {}
         self.udp: dict[int, int] = {}
         socks = []
+        here = TOPOLOGY["cloud"]  # the TLS cloud's :443 is on its own addresses
         with netns("wan"):
             for p in TCP_PORTS:
                 s = socket.socket()
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind(("0.0.0.0", p))
+                s.bind((here, p))
                 s.listen(64)
                 socks.append(("tcp", p, s))
             for p in UDP_PORTS:
                 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                u.bind(("0.0.0.0", p))
+                u.bind((here, p))
                 socks.append(("udp", p, u))
         self.reset()
         self.listeners = {s: (kind, p) for kind, p, s in socks}
@@ -259,6 +284,17 @@ class Ctx:
         self.cloud: Cloud | None = None
         self.consumer: subprocess.Popen | None = None
         self.fw4_before: str | None = None
+        self.files = OUT  # the rendered rules; OUT / "sabotaged" in the sabotaged pass
+        self.sabotaged = bool(job.get("sabotage"))  # the whole run's rules (--sabotage)
+        self.tls_cloud: subprocess.Popen | None = None
+        self.tls_cloud_ready = False
+        self.guard: subprocess.Popen | None = None
+        self.guard_starts = 0
+        self.speakers: list[Speaker] = []
+        self.cli_times: list[float] = []  # seconds per hushgate CLI call, for the report
+
+    def file(self, name: str) -> Path:
+        return self.files / name
 
     def t(self, seconds: float) -> float:
         """A time limit for CPU-bound work (process start-up), scaled to the guest's speed."""
@@ -310,6 +346,127 @@ class Ctx:
             return {}
         return {int(k): v for k, v in data.get("up", {}).items()}
 
+    # the real guard and the TLS cloud
+
+    def start_tls_cloud(self) -> None:
+        """Start guard/sim/cloud.py in wan (not waited for: it comes up while others run)."""
+        self.tls_cloud = subprocess.Popen(
+            ["ip", "netns", "exec", "wan", self.job["python"], "-m", "guard.sim.cloud",
+             "--config", self.job["cloud"]["config"]],
+            stdout=open(OUT / "tls-cloud.log", "w"), stderr=subprocess.STDOUT,
+            cwd=self.job["repo"])
+
+    def need_tls_cloud(self) -> None:
+        if self.tls_cloud_ready:
+            return
+        if self.tls_cloud is None:
+            self.start_tls_cloud()
+        assert self.tls_cloud is not None
+        end = time.monotonic() + self.t(10)
+        while time.monotonic() < end:
+            if self.tls_cloud.poll() is not None:
+                raise Failed(f"the TLS cloud exited ({self.tls_cloud.returncode}): "
+                             + (OUT / "tls-cloud.log").read_text()[-600:])
+            if os.path.exists(CLOUD_SOCKET):
+                try:
+                    cloud_request({"cmd": "ping"}, timeout=2.0)
+                    self.tls_cloud_ready = True
+                    return
+                except (OSError, ValueError):
+                    pass
+            time.sleep(0.1)
+        raise Failed(f"the TLS cloud was not up within {self.t(10):.0f} s")
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """`hushgate ARGS --socket S` (the control socket needs no namespace)."""
+        t0 = time.monotonic()
+        res = subprocess.run([self.job["hushgate"], *args, "--socket", GUARD_SOCKET],
+                             capture_output=True, text=True, timeout=self.t(10))
+        self.cli_times.append(time.monotonic() - t0)
+        if check and res.returncode != 0:
+            raise Failed(f"hushgate {' '.join(args)}: exit {res.returncode}: "
+                         f"{(res.stderr or res.stdout).strip()[-400:]}; " + self.guard_tail())
+        return res
+
+    def cli_json(self, *args: str):
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def guard_tail(self, n: int = 8) -> str:
+        try:
+            lines = (OUT / "guard.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no guard log)"
+        return "guard log: " + " | ".join(lines[-n:])
+
+    def guard_running(self) -> bool:
+        return self.guard is not None and self.guard.poll() is None
+
+    def ensure_guard(self) -> str:
+        """`hushgate run` in gw, ready (status answers); then an fw4 reload (fw4 reloads its
+        include whenever the firewall restarts), which must leave the guard's table as it was.
+        In the sabotaged pass that reload is what puts the sabotaged rules in."""
+        self.need_tls_cloud()
+        if self.guard_running():
+            return "guard running"
+        self.guard_starts += 1
+        t0 = time.monotonic()
+        with open(OUT / "guard.log", "a") as log:
+            log.write(f"--- start {self.guard_starts} (sabotaged pass: {self.sabotaged})\n")
+            log.flush()
+            self.guard = subprocess.Popen(
+                ["ip", "netns", "exec", "gw", self.job["hushgate"], "run", "--config",
+                 "/vmout/config.toml"], stdout=log, stderr=subprocess.STDOUT)
+        end = t0 + self.t(12)
+        status = None
+        while time.monotonic() < end and status is None:
+            if self.guard.poll() is not None:
+                raise Failed(f"hushgate run exited ({self.guard.returncode}) before it was "
+                             "ready; " + self.guard_tail())
+            if os.path.exists(GUARD_SOCKET):
+                res = self.cli("status", "--json", check=False)
+                if res.returncode == 0:
+                    status = json.loads(res.stdout)
+                    break
+            time.sleep(0.2)
+        if status is None:
+            raise Failed(f"hushgate run not ready within {self.t(12):.0f} s; " + self.guard_tail())
+        took = time.monotonic() - t0
+        expect(status.get("tcp_hold") == "relay" and (status.get("relay") or {}).get("listening"),
+               f"the relay is not listening: {status.get('tcp_hold')}, {status.get('relay')}")
+        loaded = self.table()
+        tag = "sabotaged-" if self.sabotaged else ""
+        (OUT / f"{tag}loaded-by-run.nft").write_text(loaded)
+        expect("tproxy" in loaded and "queue" in nft("list chain inet hushgate queue_up").stdout,
+               "hushgate run loaded no tproxy or queue rule")
+        Path("/var/etc/hushgate/fw4.nft").write_text(self.file("hushgate-fw4.nft").read_text())
+        nft("-f /tmp/fw4.nft")  # fw4 reload, with hushgate's include
+        reloaded = self.table()
+        (OUT / f"{tag}loaded-after-fw4-reload.nft").write_text(reloaded)
+        if not self.sabotaged:
+            expect(_normalized(reloaded) == _normalized(loaded),
+                   "an fw4 reload changed the table `hushgate run` loaded (see "
+                   "loaded-by-run.nft and loaded-after-fw4-reload.nft)")
+        rules = sh("ip rule", ns="gw").stdout
+        route = sh(f"ip route show table {self.job['relay_table']}", ns="gw").stdout
+        expect(f"lookup {self.job['relay_table']}" in rules and "local default" in route,
+               f"the relay's policy routing is missing: {rules.strip()!r}, {route.strip()!r}")
+        return (f"hushgate run ready in {took:.1f} s (relay listening on "
+                f":{status['relay'].get('port', self.job['relay_port'])}); an fw4 reload "
+                + ("put the sabotaged include in" if self.sabotaged else "left its table as it was"))
+
+    def kill9_guard(self) -> None:
+        assert self.guard is not None
+        self.guard.send_signal(signal.SIGKILL)
+        self.guard.wait(timeout=10)
+
+    def wait_pending(self, timeout: float) -> list[dict]:
+        end = time.monotonic() + timeout
+        while True:
+            pend = self.cli_json("pending")
+            if pend or time.monotonic() >= end:
+                return pend
+            time.sleep(0.1)
+
     def speaker_blocked(self, port_tcp: int = 80, port_udp: int = 5000) -> str:
         """Raise unless the speaker's TCP and UDP to the cloud go nowhere; the detail."""
         assert self.cloud is not None
@@ -354,6 +511,137 @@ class Ctx:
         return f"{ns}: TCP :{port_tcp} 20000 B and UDP :{port_udp} 5/5 at the cloud"
 
 
+# ------------------------------------------------------------------------------------ the real guard
+
+
+def _json_line(text: str) -> dict:
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise Failed("no JSON line printed")
+    return json.loads(lines[-1])
+
+
+class Speaker:
+    """guard/sim/speaker.py in lan, connecting to `host` at its TLS cloud address: started at
+    once; `ready()` waits for its TLS connection, `go()` releases a --wait-file one."""
+
+    n = 0
+
+    def __init__(self, ctx: Ctx, host: str, head: list[str], mode: list[str],
+                 wait: bool = False) -> None:
+        Speaker.n += 1
+        self.ctx = ctx
+        self.ready_file = Path(f"/tmp/speaker{Speaker.n}.ready")
+        self.go_file = Path(f"/tmp/speaker{Speaker.n}.go")
+        self.err_path = OUT / f"speaker{Speaker.n}.err"
+        argv = [ctx.job["python"], "-m", "guard.sim.speaker", "--ca", ctx.job["cloud"]["ca"],
+                "--host", host, "--addr", TLS_HOSTS[host], "-4",
+                "--ready-file", str(self.ready_file), *head, *mode]
+        if wait:
+            argv += ["--wait-file", str(self.go_file)]
+        self.started = time.monotonic()
+        with open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(["ip", "netns", "exec", "lan", *argv],
+                                         stdout=subprocess.PIPE, stderr=err, text=True,
+                                         cwd=ctx.job["repo"])
+        ctx.speakers.append(self)
+        self._result: dict | None = None
+
+    def ready(self, timeout: float) -> dict:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.ready_file.exists() and self.ready_file.read_text().strip():
+                try:
+                    return json.loads(self.ready_file.read_text())
+                except ValueError:
+                    pass
+            if self.proc.poll() is not None:
+                raise Failed(f"the speaker exited before it connected: {self.result(5)}")
+            time.sleep(0.1)
+        raise Failed(f"the speaker was not connected within {timeout:.0f} s")
+
+    def go(self) -> float:
+        self.go_file.touch()
+        return time.time()
+
+    def result(self, timeout: float) -> dict:
+        if self._result is None:
+            try:
+                out, _ = self.proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise Failed(f"the speaker was still running after {timeout:.0f} s") from None
+            try:
+                self._result = _json_line(out)
+            except (Failed, ValueError):
+                raise Failed(f"the speaker printed no result (exit {self.proc.returncode}): "
+                             + self.err_path.read_text()[-600:]) from None
+        return self._result
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def cloud_request(req: dict, timeout: float = 10.0) -> dict:
+    """One request to the TLS cloud's control socket (Unix sockets ignore namespaces)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(CLOUD_SOCKET)
+        s.sendall(json.dumps(req).encode() + b"\n")
+        buf = b""
+        for _ in range(10_000):
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                break
+            buf += chunk
+            if buf.endswith(b"\n"):
+                break
+    answer = json.loads(buf)
+    if not answer.get("ok"):
+        raise Failed(f"the TLS cloud: {answer.get('error')}")
+    return answer
+
+
+def cloud_conns(host: str | None = None, since: float = 0.0) -> list[dict]:
+    return [c for c in cloud_request({"cmd": "stats"})["tcp"]
+            if (host is None or c["host"] == host) and c["opened"] >= since]
+
+
+def cloud_conn_since(host: str, since: float, timeout: float, handshake: bool = False) -> dict:
+    """The TLS cloud's newest connection to `host` opened at or after `since` (through the
+    relay the cloud sees the router's upstream socket, not the speaker's port)."""
+    end = time.monotonic() + timeout
+    while True:
+        found = [c for c in cloud_conns(host, since)
+                 if not handshake or c["handshake_done"] is not None]
+        if found:
+            return max(found, key=lambda c: c["id"])
+        if time.monotonic() >= end:
+            raise Failed(f"the cloud saw no connection to {host} within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def cloud_conn_by_id(conn_id: int) -> dict:
+    return next(c for c in cloud_request({"cmd": "stats"})["tcp"] if c["id"] == conn_id)
+
+
+def cloud_wait(pred: Callable[[dict], bool], conn_id: int, timeout: float) -> dict:
+    end = time.monotonic() + timeout
+    while True:
+        c = cloud_conn_by_id(conn_id)
+        if pred(c) or time.monotonic() >= end:
+            return c
+        time.sleep(0.1)
+
+
+def _normalized(table: str) -> str:
+    """A listed table without its counters' values (traffic between two listings)."""
+    import re
+    return re.sub(r"counter packets \d+ bytes \d+", "counter", table)
+
+
 # ------------------------------------------------------------------------------------ topology
 
 TOPOLOGY_SCRIPT = """
@@ -371,6 +659,7 @@ ip -n gw addr add {router_wan}/24 dev wan0
 ip -n lan addr add {speaker}/24 dev eth0
 ip -n phone addr add {phone}/24 dev eth0
 ip -n wan addr add {cloud}/24 dev eth0
+for a in {tls_addrs}; do ip -n wan addr add $a/24 dev eth0; done
 for n in lan phone wan; do ip -n $n link set eth0 up; done
 ip -n lan route add default via {router_lan}
 ip -n phone route add default via {router_lan}
@@ -401,13 +690,23 @@ include "{include}"
 def topology(ctx: Ctx) -> str:
     """LAN/router/WAN namespaces, a fw4-like table with masquerade; the unguarded phone and
     (no hushgate rules yet) the speaker reach the cloud."""
-    sh(TOPOLOGY_SCRIPT.format(**TOPOLOGY))
+    sh(TOPOLOGY_SCRIPT.format(**TOPOLOGY, tls_addrs=" ".join(TLS_HOSTS.values())))
+    ctx.start_tls_cloud()  # comes up while the next checks run
+    # OpenWrt's fw4 routers have no iptables: nothing iptables-shaped may clean up behind the
+    # nftables backend (`firewall remove` cleans iptables too when the tool is there).
+    hidden = []
+    for tool in ("iptables", "ip6tables"):
+        path = shutil.which(tool)
+        if path:
+            os.rename(path, path + ".hidden-as-on-openwrt")
+            hidden.append(path)
     os.makedirs("/var/etc/hushgate", exist_ok=True)
     fw4 = FW4.format(include=ctx.job["fw4_include_file"])
     Path("/tmp/fw4.nft").write_text(fw4)
     nft("-f /tmp/fw4.nft")
     ctx.cloud = Cloud()
-    return "; ".join([ctx.speaker_passes(ns="phone"), ctx.speaker_passes(ns="lan")])
+    return "; ".join([ctx.speaker_passes(ns="phone"), ctx.speaker_passes(ns="lan"),
+                      f"hidden as on OpenWrt: {', '.join(hidden) or 'no iptables found'}"])
 
 
 @check
@@ -415,7 +714,7 @@ def rules_load(ctx: Ctx) -> str:
     """The packaged fw4 include loads hushgate's persistent table live (nft -f, as fw4 does on
     start), and an fw4 reload leaves it exactly as it was."""
     ctx.fw4_before = nft("list table inet fw4").stdout
-    Path("/var/etc/hushgate/fw4.nft").write_text((OUT / "hushgate-fw4.nft").read_text())
+    Path("/var/etc/hushgate/fw4.nft").write_text(ctx.file("hushgate-fw4.nft").read_text())
     nft("-f /tmp/fw4.nft")
     first = ctx.table()
     expect("chain safety_net" in first and "chain up" in first,
@@ -423,7 +722,8 @@ def rules_load(ctx: Ctx) -> str:
     nft("-f /tmp/fw4.nft")  # an fw4 reload
     second = ctx.table()
     expect(first == second, "an fw4 reload changed table inet hushgate")
-    (OUT / "loaded-persistent.nft").write_text(second)
+    tag = "sabotaged-" if ctx.sabotaged else ""
+    (OUT / f"{tag}loaded-persistent.nft").write_text(second)
     rules = sum(1 for ln in second.splitlines() if ln.startswith("\t\t") and "type " not in ln)
     return f"table inet hushgate loaded, {rules} rule lines; an fw4 reload left it unchanged"
 
@@ -457,7 +757,7 @@ def quic_refused(ctx: Ctx) -> str:
 def queue_without_consumer_drops(ctx: Ctx) -> str:
     """`hushgate run`'s queue rules (nft `queue`, no bypass) with nobody bound to the queue: the
     speaker's UDP is dropped by the kernel (its TCP is the relay's, dropped after tproxy)."""
-    nft("-f /vmout/dynamic-install.nft")
+    nft(f"-f {ctx.file('dynamic-install.nft')}")
     chain = nft("list chain inet hushgate queue_up").stdout
     expect("queue" in chain.replace("chain queue_up", ""), "queue_up holds no queue rule")
     stmt = next(ln.strip() for ln in chain.splitlines() if "queue" in ln and "chain" not in ln)
@@ -523,7 +823,7 @@ def fail_closed_after_kill9(ctx: Ctx) -> str:
 @check
 def fail_closed_after_run_exits(ctx: Ctx) -> str:
     """`hushgate run`'s exit script (queue chains flushed): the safety net still drops."""
-    nft("-f /vmout/dynamic-remove.nft")
+    nft(f"-f {ctx.file('dynamic-remove.nft')}")
     chain = nft("list chain inet hushgate queue_up").stdout
     expect("queue" not in chain.replace("chain queue_up", ""), "queue_up still holds a rule")
     before = ctx.counter("safety_net")
@@ -533,9 +833,178 @@ def fail_closed_after_run_exits(ctx: Ctx) -> str:
 
 
 @check
+def run_starts_relay(ctx: Ctx) -> str:
+    """`hushgate run` (nftables backend, tcp_hold relay) starts on top of fw4's include: the
+    relay listens, its tproxy, queue and policy routing are loaded, and an fw4 reload keeps the
+    table exactly as the guard loaded it (copies: loaded-by-run.nft, loaded-after-fw4-reload.nft)."""
+    return ctx.ensure_guard()
+
+
+@check
+def relay_fast_path_allowed_category(ctx: Ctx) -> str:
+    """A smart-home host (api.amazonalexa.com, an allowed category) is relayed at once: every
+    byte at the cloud (SHA-256 equal at both ends), nothing pending, no decision asked."""
+    ctx.ensure_guard()
+    since = time.time()
+    sp = Speaker(ctx, SMART_HOME, ["--max-seconds", str(ctx.t(4))], ["events", "--count", "2"])
+    res = sp.result(ctx.t(8))
+    expect(res["error"] is None and not res["reset"], f"the speaker failed: {res}")
+    conn = cloud_conn_since(SMART_HOME, since, ctx.t(2))
+    conn = cloud_wait(lambda c: c["sha256"] == res["sha256"], conn["id"], ctx.t(1))
+    expect(conn["sha256"] == res["sha256"] and conn["app_bytes"] == res["bytes_sent"],
+           f"the cloud got {conn['app_bytes']} B (sha {conn['sha256'][:12]}), the speaker sent "
+           f"{res['bytes_sent']} B (sha {res['sha256'][:12]})")
+    expect(conn["sni"] == SMART_HOME, f"the cloud saw SNI {conn['sni']!r}")
+    relay = ctx.cli_json("status")["relay"]
+    expect(relay["passed"] >= 1 and relay["bytes_up"] > 0, f"relay stats: {relay}")
+    pend = ctx.cli_json("pending")
+    expect(pend == [], f"pending: {pend}")
+    lag = (conn["first_byte_at"] or 0) - (res["connected_at"] or 0)
+    return (f"{res['bytes_sent']} B in 2 events relayed, SHA-256 equal at both ends, nothing "
+            f"pending; first byte at the cloud {lag:.2f} s after the speaker's handshake; relay "
+            f"passed {relay['passed']}")
+
+
+@check
+def relay_messaging_refused(ctx: Ctx) -> str:
+    """A connection to the messaging host (alexa-comms-mobile-service.amazon.com) is refused
+    before any byte reaches the cloud: the cloud never even sees a connection to it."""
+    ctx.ensure_guard()
+    since = time.time()
+    rejected0 = ctx.cli_json("status")["relay"]["rejected"]
+    sp = Speaker(ctx, MESSAGING, ["--max-seconds", str(ctx.t(2))], ["events", "--count", "1"])
+    res = sp.result(ctx.t(6))
+    expect(res["error"] is not None or res["reset"], f"the speaker was not refused: {res}")
+    expect(res["bytes_sent"] == 0, f"the speaker sent {res['bytes_sent']} B")
+    time.sleep(0.5)
+    conns = cloud_conns(MESSAGING, since)
+    expect(conns == [], f"the cloud saw {len(conns)} connection(s) to {MESSAGING}: "
+                        f"{[(c['id'], c['app_bytes']) for c in conns]}")
+    rejected = ctx.cli_json("status")["relay"]["rejected"]
+    expect(rejected > rejected0, f"the relay counted no rejection ({rejected0} -> {rejected})")
+    how = "reset" if res["reset"] else res["error"]
+    return f"speaker refused ({how}), 0 B sent, no connection at the cloud; relay rejected +" \
+           f"{rejected - rejected0}"
+
+
+def _held_upload(ctx: Ctx, *head: str) -> tuple[Speaker, dict, dict, float, float]:
+    """A speaker connected through the relay to the voice host, then released: (speaker, the
+    cloud's record of the relay's upstream connection, the pending upload, go time, the time
+    it was seen pending)."""
+    ctx.ensure_guard()
+    since = time.time()
+    sp = Speaker(ctx, VOICE, ["--max-seconds", str(ctx.t(8)), *head],
+                 ["upload", "--profile", "echo-opus-118"], wait=True)
+    sp.ready(ctx.t(8))
+    conn = cloud_conn_since(VOICE, since, ctx.t(2), handshake=True)
+    expect(conn["app_bytes"] == 0, f"the cloud got {conn['app_bytes']} B before the upload")
+    went = sp.go()
+    pend = ctx.wait_pending(ctx.t(2))
+    seen = time.time()
+    expect(len(pend) == 1 and pend[0]["device"] == "speaker",
+           f"pending {seen - went:.1f} s after the upload began: {pend}; " + ctx.guard_tail())
+    # the whole upload (2.7 s of audio) has been written by now or soon: nothing may arrive
+    end = max(time.monotonic() + 1.0, time.monotonic() + went + 3.5 - time.time())
+    while True:
+        got = cloud_conn_by_id(conn["id"])["app_bytes"]
+        expect(got == 0, f"the cloud received {got} B of the held upload")
+        if time.monotonic() >= end:
+            break
+        time.sleep(0.1)
+    return sp, conn, pend[0], went, seen
+
+
+def _pending_timing(pend: dict, went: float, seen: float) -> str:
+    """When the engine made the upload pending ("started" in `pending --json`), after the
+    speaker was released (it starts writing within its 0.2-s poll), and when the CLI saw it."""
+    at = pend.get("started")
+    engine = f"pending {at - went:.2f} s after the go" if at else "pending"
+    return f"{engine} (seen by the CLI {seen - went:.1f} s after the go)"
+
+
+@check
+def relay_upload_held_then_allowed(ctx: Ctx) -> str:
+    """The speaker's upload to the voice host is pending with 0 bytes at the cloud (the whole
+    upload written, sampled for >= 1 s); `hushgate allow ID` delivers every byte: SHA-256 and
+    length equal at both ends, one upload frame, the cloud's ack back at the speaker."""
+    # --hold-open: the speaker waits for the cloud's ack 2 s after its last write, and the
+    # guest's CLI takes ~1.5 s a call: reading on keeps the ack countable after a late allow
+    sp, conn, pend, went, seen = _held_upload(ctx, "--hold-open", str(ctx.t(0.4)))
+    held = cloud_conn_by_id(conn["id"])["app_bytes"]
+    ctx.cli("allow", str(pend["id"]))
+    res = sp.result(ctx.t(8))
+    expect(res["error"] is None and not res["reset"], f"the speaker failed: {res}")
+    c = cloud_wait(lambda c: c["sha256"] == res["sha256"], conn["id"], ctx.t(2))
+    expect(c["sha256"] == res["sha256"] and c["app_bytes"] == res["bytes_sent"],
+           f"the cloud got {c['app_bytes']} B (sha {c['sha256'][:12]}), the speaker sent "
+           f"{res['bytes_sent']} B (sha {res['sha256'][:12]})")
+    expect(c["upload_frames"] == 1 and res["acks"] == 1,
+           f"upload frames at the cloud {c['upload_frames']}, acks at the speaker {res['acks']}")
+    return (f"{_pending_timing(pend, went, seen)} ({pend['held_bytes']} B held, "
+            f"{held} B at the cloud); allowed: {res['bytes_sent']} B delivered, SHA-256 "
+            f"{res['sha256'][:16]} equal at both ends, acked")
+
+
+@check
+def relay_deny_resets(ctx: Ctx) -> str:
+    """`hushgate deny ID`: the speaker is reset, the cloud got nothing of the upload and its
+    connection is closed; the log says denied."""
+    sp, conn, pend, went, seen = _held_upload(ctx, "--hold-open", str(ctx.t(4)))
+    t0 = time.time()
+    ctx.cli("deny", str(pend["id"]))
+    t1 = time.time()
+    res = sp.result(ctx.t(4))
+    expect(res["reset"], f"the speaker was not reset: {res}")
+    c = cloud_wait(lambda c: c["closed"] is not None, conn["id"], ctx.t(1))
+    expect(c["app_bytes"] == 0, f"the cloud got {c['app_bytes']} B of the denied upload")
+    expect(c["closed"] is not None, "the cloud's connection is still open")
+    pend_after = ctx.cli_json("pending")
+    expect(pend_after == [], f"still pending: {pend_after}")
+    log = ctx.cli_json("log")
+    if isinstance(log, dict):
+        log = next((v for v in log.values() if isinstance(v, list)), [])
+    expect(any(r.get("outcome") == "denied" for r in log), f"no denied record: {log[:3]}")
+    return (f"{_pending_timing(pend, went, seen)}; reset "
+            f"{res['reset_at'] - t1:+.2f} s after `deny` returned (the call took "
+            f"{t1 - t0:.1f} s); 0 B at the cloud, its connection closed; logged denied")
+
+
+@check
+def relay_fail_closed_after_kill9(ctx: Ctx) -> str:
+    """`hushgate run` killed with SIGKILL (its rules stay, the relay's listener is gone): a new
+    TCP connection from the speaker gets nothing through, 0 bytes at the cloud (the explicit drop
+    after nft `tproxy`, FORWARD's reset behind it)."""
+    started = ctx.ensure_guard()
+    pid = ctx.guard.pid if ctx.guard else None
+    ctx.kill9_guard()
+    drop0 = ctx.counter("relay")
+    since = time.time()
+    sp = Speaker(ctx, SMART_HOME, ["--max-seconds", str(ctx.t(0.4))],
+                 ["events", "--count", "1"])
+    res = sp.result(ctx.t(4))
+    time.sleep(0.5)
+    conns = cloud_conns(None, since)
+    got = sum(c["app_bytes"] for c in conns)
+    expect(not conns and res["bytes_sent"] == 0,
+           f"the speaker's TCP reached the cloud ({len(conns)} connection(s), {got} app B; "
+           f"the speaker sent {res['bytes_sent']} B, error {res['error']})")
+    expect(res["error"] is not None, f"the speaker reports no error: {res}")
+    plain = ctx.speaker_blocked()
+    return (f"{'' if started == 'guard running' else started + '; '}guard (pid {pid}) killed "
+            f"-9; speaker: {res['error']}, 0 B sent, no connection at the TLS cloud; "
+            f"{ctx.counter('relay') - drop0} packet(s) dropped after tproxy; {plain}")
+
+
+@check
 def firewall_remove_leaves_nothing(ctx: Ctx) -> str:
-    """`hushgate firewall remove` (the CLI): no hushgate table, chain or set is left, fw4's table
-    is untouched, no policy route of the relay remains, and the speaker reaches the cloud."""
+    """`hushgate firewall remove` (the CLI), after the real guard's run and kill -9 left its
+    rules and the relay's policy routing: no hushgate table, chain or set is left, fw4's table
+    is untouched, no ip rule or route of the relay remains, and the speaker reaches the cloud."""
+    table = ctx.job["relay_table"]
+    before = sh(f"ip rule; ip route show table {table}", ns="gw", check=False).stdout
+    routing_before = f"lookup {table}" in before and "local default" in before
+    if ctx.guard_starts:
+        expect(routing_before, f"the killed guard left no relay routing to remove: {before!r}")
     t0 = time.monotonic()
     res = sh([ctx.job["hushgate"], "firewall", "remove", "--config", "/vmout/config.toml"],
              ns="gw", timeout=ctx.t(10))
@@ -547,10 +1016,15 @@ def firewall_remove_leaves_nothing(ctx: Ctx) -> str:
         expect(nft("list table inet fw4").stdout == ctx.fw4_before, "fw4's table changed")
     rules = sh("ip rule; ip -6 rule", ns="gw").stdout
     expect("fwmark" not in rules, f"a policy rule is left: {rules.strip()}")
+    routes = sh(f"ip route show table {table}; ip -6 route show table {table}", ns="gw",
+                check=False).stdout
+    expect(not routes.strip(), f"the relay's routes are left in table {table}: {routes.strip()}")
     tables = [ln.strip(" {") for ln in ruleset.splitlines() if ln.startswith("table ")]
     detail = ctx.speaker_passes()
-    return (f"{res.stdout.strip()!r} in {took:.1f} s; tables left: {', '.join(tables)}; "
-            f"no fwmark rule; {detail}")
+    had = ("the relay's ip rule and route were there before" if routing_before else
+           "NOTE: no relay routing was loaded before (the real guard did not run)")
+    return (f"{res.stdout.strip()!r} in {took:.1f} s; {had}; tables left: {', '.join(tables)}; "
+            f"no fwmark rule, table {table} empty; {detail}")
 
 
 # ------------------------------------------------------------------------------------ main
@@ -576,11 +1050,7 @@ def main(job_path: str) -> int:
         tmp.write_text(json.dumps(results, indent=1))
         tmp.replace(OUT / "results.json")
 
-    # A check others build on runs even when not asked for; only asked-for ones are reported.
-    needed = {"topology", "rules_load"} if wanted else set()
-    for c in CHECKS:
-        if wanted and c.name not in wanted and c.name not in needed:
-            continue
+    def run(c: Check) -> dict:
         t0 = time.monotonic()
         try:
             detail, ok = c.fn(ctx), True
@@ -588,15 +1058,54 @@ def main(job_path: str) -> int:
             detail, ok = str(exc), False
         except Exception as exc:  # a broken check is a failed one, with its reason
             detail, ok = f"{type(exc).__name__}: {exc}", False
-        rec = {"name": c.name, "ok": ok, "detail": detail, "seconds": time.monotonic() - t0}
-        print(("PASS " if ok else "FAIL ") + f"{c.name}: {detail}", flush=True)
+        return {"name": c.name, "ok": ok, "detail": detail, "seconds": time.monotonic() - t0}
+
+    # A check others build on runs even when not asked for; only asked-for ones are reported.
+    needed = {"topology", "rules_load"} if wanted else set()
+    for c in CHECKS:
+        if wanted and c.name not in wanted and c.name not in needed:
+            continue
+        rec = run(c)
+        print(("PASS " if rec["ok"] else "FAIL ") + f"{c.name}: {rec['detail']}", flush=True)
         if not wanted or c.name in wanted:
             results["checks"].append(rec)
-        elif not ok:
+        elif not rec["ok"]:
             results["checks"].append(rec)  # a prerequisite that failed explains the rest
         save()
-    if ctx.consumer is not None and ctx.consumer.poll() is None:
-        ctx.consumer.kill()
+
+    # The sabotaged pass: from a clean router (no guard, no hushgate table), fw4 loads the
+    # sabotaged include, and the fail-closed checks run again; each must fail.
+    if job.get("sabotage_pass"):
+        results["sabotage_pass"] = job["sabotage_pass"]
+        results["sabotaged"] = []
+        ctx.sabotaged, ctx.files = True, OUT / "sabotaged"
+        if ctx.guard_running():
+            ctx.kill9_guard()
+        if ctx.consumer is not None and ctx.consumer.poll() is None:
+            ctx.consumer.kill()
+        nft("delete table inet hushgate", check=False)
+        names = ("rules_load", *job.get("sabotage_pass_checks", ()))
+        for c in CHECKS:
+            if c.name not in names:
+                continue
+            rec = run(c)
+            print(("sabotaged: PASS " if rec["ok"] else "sabotaged: FAIL ")
+                  + f"{c.name}: {rec['detail']}", flush=True)
+            if c.name == "rules_load":
+                if not rec["ok"]:
+                    results["error"] = f"the sabotaged pass could not load its rules: {rec}"
+                    break
+                continue
+            results["sabotaged"].append(rec)
+            save()
+
+    for sp in ctx.speakers:
+        sp.kill()
+    for proc in (ctx.guard, ctx.tls_cloud, ctx.consumer):
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    results["cli_seconds"] = [round(x, 2) for x in ctx.cli_times]
     results["guest_seconds"] = time.time() - t_start
     save()
     return 0

@@ -18,7 +18,17 @@ The job directory (the guest's /vmout) holds job.json (time scale, checks, sabot
 rulesets rendered here with the project's own API (fw4 include, queue chains), the config, and
 afterwards results.json, guest.log and console.log.
 
-Command line: `python -m tests.vm.harness [--sabotage NAME] [--check NAME]... [--keep]`.
+The relay checks run the real `hushgate run` (backend nftables, tcp_hold relay) against the
+project's TLS cloud (guard/sim/cloud.py) and speaker simulator (guard/sim/speaker.py): the test
+CA and the hosts' certificates are made here (cryptography is slow to import in the guest) and
+handed over in the job directory with the cloud's config.
+
+One boot runs everything: the checks, then (with `sabotage_pass`) the fail-closed checks again
+with the rendered rules sabotaged, which must then fail (results.json "sabotaged").
+
+Command line: `python -m tests.vm.harness [--sabotage NAME]... [--sabotage-pass NAME]...
+[--check NAME]... [--out DIR]`. `--sabotage` sabotages the whole run (the checks asked for are
+expected to fail); `--sabotage-pass` adds the second, sabotaged pass after the normal one.
 """
 
 from __future__ import annotations
@@ -54,7 +64,7 @@ TOOLS = (("qemu-system-x86_64", "qemu-system-x86"), ("busybox", "busybox-static"
          ("nft", "nftables"), ("ip", "iproute2"), ("timeout", "coreutils"))
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 TIME_SCALE = 15.0  # CPU-bound work in the TCG guest is ~15x slower than here
-DEFAULT_TIMEOUT_S = 240.0
+DEFAULT_TIMEOUT_S = 480.0  # the whole boot; a normal one takes ~2-3 min
 
 # Sabotage: take one fail-closed element out of the rendered rules, to show the checks catch it.
 # Each is a line rewrite; one that matches no line is an error (the rendering changed).
@@ -324,9 +334,13 @@ def build_initramfs(kernel: Kernel, cache: Path = CACHE) -> Path:
 # ------------------------------------------------------------------------------------ the job
 
 CONFIG = """\
-# The guard's config for the VM topology (tests/vm/guest.py): one guarded speaker, QUIC blocked.
+# The guard's config for the VM topology (tests/vm/guest.py): one guarded (strict) speaker whose
+# TCP the relay holds, QUIC blocked; fw4's backend. hold_timeout_s is the guest's time scale
+# times the default's margin: a pending upload must outlive the guest's slow CLI round trips.
 [guard]
 backend = "nftables"
+tcp_hold = "relay"
+hold_timeout_s = {hold_timeout_s}
 queue = {queue}
 fail = "closed"
 quic = "block"
@@ -344,19 +358,35 @@ mode = "strict"
 """
 
 
-def write_job(out: Path, *, checks: tuple[str, ...] = (), sabotage: tuple[str, ...] = (),
-              time_scale: float = TIME_SCALE) -> dict:
-    """The job directory: config, rulesets rendered by the project's code, job.json, run.sh."""
-    from guard.config import load_config
+def write_cloud(out: Path) -> dict:
+    """The TLS cloud's certificates (a fresh test CA) and config, for guard/sim/cloud.py in the
+    guest's wan namespace: one address per vendor host, TCP :443 only."""
+    try:
+        from guard.sim.certs import TestCA
+    except ImportError as exc:
+        raise HarnessError(f"the TLS cloud's certificates need {exc.name} "
+                           "(pip install -e '.[dev]')") from None
+
+    hosts = guest.TLS_HOSTS
+    TestCA("hushgate VM test CA").write(out / "certs", list(hosts))
+    certs = f"{guest.OUT}/certs"  # where the guest sees them
+    config = {
+        "hosts": [{"name": name, "addrs": [addr], "cert": f"{certs}/{name}.pem",
+                   "key": f"{certs}/{name}.key"} for name, addr in hosts.items()],
+        "control": guest.CLOUD_SOCKET,
+        "udp": False,
+        "max_seconds": 900,
+    }
+    (out / "cloud.json").write_text(json.dumps(config, indent=1))
+    return {"ca": f"{certs}/ca.pem", "config": f"{guest.OUT}/cloud.json"}
+
+
+def render_files(config, sabotage: tuple[str, ...] = ()) -> dict[str, str]:
+    """The rulesets the guest loads, rendered by the project's code (sabotaged when asked)."""
     from guard.firewall import NftablesBackend
     from guard.fwspec import spec_from_config
     from guard.uci import fw4_include
 
-    topo = guest.TOPOLOGY
-    cfg = out / "config.toml"
-    cfg.write_text(CONFIG.format(queue=topo["queue"], mac=topo["speaker_mac"],
-                                 address=topo["speaker"]))
-    config = load_config(str(cfg))
     backend = NftablesBackend(spec_from_config(config))
     files = {
         # what /etc/init.d/hushgate writes to /var/etc/hushgate/fw4.nft for fw4 to include
@@ -365,11 +395,35 @@ def write_job(out: Path, *, checks: tuple[str, ...] = (), sabotage: tuple[str, .
         "dynamic-install.nft": backend.dynamic_script(install=True),
         "dynamic-remove.nft": backend.dynamic_script(install=False),
     }
-    files = sabotage_files(files, sabotage)
+    return sabotage_files(files, sabotage)
+
+
+def write_job(out: Path, *, checks: tuple[str, ...] = (), sabotage: tuple[str, ...] = (),
+              sabotage_pass: tuple[str, ...] = (), time_scale: float = TIME_SCALE) -> dict:
+    """The job directory: config, rulesets rendered by the project's code, the TLS cloud's
+    certificates and config, job.json, run.sh. `sabotage_pass` adds a sabotaged copy of the
+    rulesets in sabotaged/ for the guest's second pass."""
+    from guard.config import load_config
+    from guard.firewall import NftablesBackend
+    from guard.fwspec import spec_from_config
+
+    topo = guest.TOPOLOGY
+    cfg = out / "config.toml"
+    cfg.write_text(CONFIG.format(queue=topo["queue"], mac=topo["speaker_mac"],
+                                 address=topo["speaker"],
+                                 hold_timeout_s=round(20.0 * max(1.0, time_scale / 5), 1)))
+    config = load_config(str(cfg))
+    backend = NftablesBackend(spec_from_config(config))
+    files = render_files(config, sabotage)
     # `hushgate firewall show --backend nftables`, for the record
     files["ruleset-show.nft"] = backend.render()
     for name, text in files.items():
         (out / name).write_text(text)
+    if sabotage_pass:
+        (out / "sabotaged").mkdir(exist_ok=True)
+        for name, text in render_files(config, sabotage_pass).items():
+            (out / "sabotaged" / name).write_text(text)
+    cloud = write_cloud(out)
     marks = backend.spec.marks
     job = {
         "repo": str(REPO),
@@ -379,11 +433,16 @@ def write_job(out: Path, *, checks: tuple[str, ...] = (), sabotage: tuple[str, .
         "time_scale": time_scale,
         "checks": list(checks),
         "sabotage": list(sabotage),
+        "sabotage_pass": list(sabotage_pass),
+        "sabotage_pass_checks": list(guest.SABOTAGE_PASS_CHECKS) if sabotage_pass else [],
+        "cloud": cloud,
         "marks": {"mask": marks.verdict_mask, "allow": marks.allow, "block": marks.block,
                   "device": marks.device},
         "queue": topo["queue"],
         "relayed": backend.spec.relay,
         "relay_port": backend.spec.relay_port,
+        "relay_table": backend.spec.relay_table,
+        "hold_timeout_s": config.hold_timeout_s,
     }
     (out / "job.json").write_text(json.dumps(job, indent=1))
     (out / "run.sh").write_text(
@@ -430,7 +489,7 @@ def qemu_argv(kernel: Kernel, initrd: Path, out: Path, memory_mb: int = 1024,
 
 
 def run_vm(*, checks: tuple[str, ...] = (), sabotage: tuple[str, ...] = (),
-           timeout_s: float = DEFAULT_TIMEOUT_S, out: Path | None = None,
+           sabotage_pass: tuple[str, ...] = (), timeout_s: float = DEFAULT_TIMEOUT_S, out: Path | None = None,
            cache: Path = CACHE, log=print) -> VmRun:
     """Boot the VM once, run the guest checks, return their results."""
     t0 = time.monotonic()
@@ -443,7 +502,7 @@ def run_vm(*, checks: tuple[str, ...] = (), sabotage: tuple[str, ...] = (),
     if out is None:
         out = Path(tempfile.mkdtemp(prefix="hushgate-vm-"))
     out.mkdir(parents=True, exist_ok=True)
-    write_job(out, checks=checks, sabotage=sabotage)
+    write_job(out, checks=checks, sabotage=sabotage, sabotage_pass=sabotage_pass)
     t_boot = time.monotonic()
     argv = ["timeout", "-k", "5", str(int(timeout_s))] + qemu_argv(kernel, initrd, out)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -470,6 +529,12 @@ def summary(run: VmRun) -> str:
     for c in run.results.get("checks", []):
         mark = "PASS" if c["ok"] else "FAIL"
         lines.append(f"{mark} {c['name']} ({c['seconds']:.1f} s): {c['detail']}")
+    if run.results.get("sabotage_pass"):
+        lines.append(f"sabotaged pass ({', '.join(run.results['sabotage_pass'])}): each check "
+                     "below must FAIL")
+        for c in run.results.get("sabotaged", []):
+            mark = "FAILED (as it must)" if not c["ok"] else "PASSED (the sabotage went unseen)"
+            lines.append(f"  {mark} {c['name']} ({c['seconds']:.1f} s): {c['detail']}")
     if run.results.get("error"):
         lines.append(f"ERROR {run.results['error']}")
     boot = f", boot to the guest runner {run.boot_s:.1f} s" if run.boot_s is not None else ""
@@ -487,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="run only these checks (repeatable; default all)")
     ap.add_argument("--sabotage", action="append", default=[], choices=sorted(SABOTAGE),
                     help="; ".join(f"{k}: {v}" for k, v in SABOTAGE.items()))
+    ap.add_argument("--sabotage-pass", action="append", default=[], choices=sorted(SABOTAGE),
+                    help="after the checks, run the fail-closed ones again with these sabotaged "
+                         "(they must fail)")
     ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
     ap.add_argument("--out", type=Path, help="job directory (default: a new one under /tmp)")
     args = ap.parse_args(argv)
@@ -495,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run = run_vm(checks=tuple(args.check), sabotage=tuple(args.sabotage),
-                     timeout_s=args.timeout, out=args.out)
+                     sabotage_pass=tuple(args.sabotage_pass), timeout_s=args.timeout,
+                     out=args.out)
     except HarnessError as exc:
         print(f"vm: {exc}", file=sys.stderr)
         return 2
@@ -503,7 +572,9 @@ def main(argv: list[str] | None = None) -> int:
     checks = run.results.get("checks", [])
     if not checks:
         print(run.console[-3000:] + "\n--- guest.log\n" + run.guest_log[-3000:])
-    return 0 if checks and all(c["ok"] for c in checks) and not run.results.get("error") else 1
+    ok = checks and all(c["ok"] for c in checks) and not run.results.get("error")
+    ok = ok and not any(c["ok"] for c in run.results.get("sabotaged", []))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
