@@ -296,3 +296,93 @@ def test_reading_stops_when_the_kept_bytes_pass_the_cap(world: Any) -> None:
     kept = w.relay.stats()["kept_bytes"]
     assert 100_000 <= kept <= 100_000 + 65536 + 16005, kept
     assert sent > kept  # the rest waits in the kernel's buffers, not in ours
+
+
+# --- flood bounds (issue 16 point 6) and splice ----------------------------------------------------
+
+
+def test_a_trickled_hello_is_aborted_at_the_hello_wait_and_counted(world: Any) -> None:
+    e = FakeEngine(Verdict.ACCEPT)
+    w = world(e)
+    w.relay.hello_wait_s = 0.3
+    w.device.sendall(bytes([0x16, 3, 1, 0x40, 0x00, 0x01, 0xff, 0xff, 0xff]))  # 16 MB hello
+    w.pump(lambda: w.relay.counters["head_timeout"] == 1)
+    assert not [c for c in e.calls if c[0] == "open"]  # never opened, never connected
+    w.device.settimeout(1)
+    with pytest.raises(ConnectionResetError):
+        w.device.recv(10)
+    assert list(w.relay.stats()["devices"].values())[0]["head_timeout"] == 1
+
+
+def test_a_trickled_held_record_is_aborted_at_the_record_wait(world: Any) -> None:
+    e = FakeEngine(Verdict.HOLD)
+    w = world(e)
+    w.relay.record_wait_s = 0.4
+    w.device.sendall(tls(22, b"h" * 10) + bytes([23, 3, 3, 0x40, 0x00]) + b"x")
+    t0 = time.monotonic()
+    for _ in range(20):  # a byte every 0.1 s: never completes
+        sent = time.monotonic()
+        while time.monotonic() - sent < 0.1 and not w.relay.counters["record_timeout"]:
+            w.pump(lambda: True)
+        if w.relay.counters["record_timeout"]:
+            break
+        w.device.send(b"x")
+    assert w.relay.counters["record_timeout"] == 1
+    assert 0.35 <= time.monotonic() - t0 < 1.5
+    assert ("closed", w.conn, True) in e.calls and w.relay.stats()["kept_bytes"] == 0
+
+
+def test_half_closed_and_silent_connections_are_aborted_when_idle(world: Any) -> None:
+    e = FakeEngine(Verdict.ACCEPT)
+    w = world(e)
+    w.relay.half_closed_idle_s = w.relay.silent_idle_s = 0.5
+    w.relay._next_sweep = 0.0
+    w.device.sendall(b"x")
+    w.device.shutdown(socket.SHUT_WR)  # half-closed; the cloud never answers nor closes
+    w.pump(lambda: w.relay.counters["idle_half_closed"] == 1, timeout_s=3.0)
+    w2 = world(FakeEngine(Verdict.ACCEPT))  # never sends a byte, nor does the cloud
+    w2.relay.half_closed_idle_s = w2.relay.silent_idle_s = 0.5
+    w2.pump(lambda: w2.relay.counters["idle_silent"] == 1, timeout_s=3.0)
+
+
+def test_kept_bytes_are_capped_per_device_across_its_connections(world: Any) -> None:
+    e = FakeEngine(Verdict.HOLD)
+    w = world(e)
+    w.relay.max_kept_per_device = 50_000
+    w.device.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        for _ in range(10_000):
+            w.device.send(tls(23, b"k" * 16000))
+            w.pump(lambda: True, timeout_s=0.05)
+    assert 50_000 <= w.relay.stats()["kept_bytes"] <= 50_000 + 65536 + 16005
+    assert w.relay.counters["kept_device_cap"] == 1
+    w.relay.discard(w.conn, 10**9)  # under the cap again: reading resumes
+    w.pump(lambda: w.relay.stats()["kept_bytes"] > 0)
+
+
+def test_bulk_passes_through_splice_in_order(world: Any, monkeypatch: Any) -> None:
+    import guard.relay as relay_mod
+
+    monkeypatch.setattr(relay_mod, "SPLICE_AFTER_BYTES", 1000)
+    e = FakeEngine(Verdict.ACCEPT)
+    w = world(e)
+    up = bytes(range(256)) * 4000
+    w.device.sendall(up[:2000])
+    assert w.cloud_read(2000) == up[:2000]
+    w.device.sendall(up[2000:])
+    assert w.cloud_read(len(up) - 2000) == up[2000:]
+    assert w.cloud is not None
+    w.cloud.sendall(up)
+    w.device.settimeout(2)
+    got = b""
+    for _ in range(1000):
+        if len(got) >= len(up):
+            break
+        w.pump(lambda: True)
+        try:
+            got += w.device.recv(1 << 20)
+        except TimeoutError:
+            pass
+    assert got == up
+    assert w.relay.counters["spliced"] == 2
+    assert sum(c[2] for c in e.calls if c[0] == "down") == len(up)
