@@ -390,6 +390,24 @@ def _relay_families(relay: Any, quic: Any) -> Iterator[Metric]:
     relayed.add_metric(("down",), _number(stats.get("bytes_down")))
     relayed.add_metric(("discarded",), _number(stats.get("bytes_discarded")))
     yield relayed
+    # flood bounds (issue 16 point 6): each limit the relay enforced, in total and per device
+    limited = CounterMetricFamily(
+        "hushgate_relay_limited", "Times a relay limit acted (a connection reset over a cap, a "
+        "trickled hello or record or an idle half-open connection aborted, reads stopped at a "
+        "device's kept-bytes cap), by limit.", labels=("limit",))
+    per_device = CounterMetricFamily(
+        "hushgate_relay_device_limited", "hushgate_relay_limited per device (MAC, or address "
+        "when the MAC is unknown).", labels=("device", "limit"))
+    for name in ("over_cap_device", "over_cap_total", "head_timeout", "record_timeout",
+                 "idle_half_closed", "idle_silent", "kept_device_cap"):
+        limited.add_metric((name,), _number(stats.get(name)))
+    devices = stats.get("devices")
+    for dev_id, row in sorted(devices.items()) if isinstance(devices, Mapping) else ():
+        for name, value in sorted(row.items()) if isinstance(row, Mapping) else ():
+            if name not in ("connections", "kept_bytes"):
+                per_device.add_metric((sanitize_label(str(dev_id)), str(name)), _number(value))
+    yield limited
+    yield per_device
     states = quic if isinstance(quic, Mapping) else {}
     refused = CounterMetricFamily("hushgate_quic_refused_packets",
                                   "QUIC packets refused (quic = block), per device.",

@@ -43,6 +43,8 @@ FAMILIES = {
     "hushgate_relay_kept_bytes": "gauge",
     "hushgate_relay_connections_total": "counter",
     "hushgate_relay_bytes_total": "counter",
+    "hushgate_relay_limited_total": "counter",
+    "hushgate_relay_device_limited_total": "counter",
     "hushgate_quic_refused_packets_total": "counter",
     "hushgate_quic_no_tcp_fallback": "gauge",
     "hushgate_fail_mode": "gauge",
@@ -198,6 +200,17 @@ hushgate_relay_connections_total{outcome="aborted"} 0.0
 hushgate_relay_bytes_total{direction="up"} 0.0
 hushgate_relay_bytes_total{direction="down"} 0.0
 hushgate_relay_bytes_total{direction="discarded"} 0.0
+# HELP hushgate_relay_limited_total Times a relay limit acted (a connection reset over a cap, a trickled hello or record or an idle half-open connection aborted, reads stopped at a device's kept-bytes cap), by limit.
+# TYPE hushgate_relay_limited_total counter
+hushgate_relay_limited_total{limit="over_cap_device"} 0.0
+hushgate_relay_limited_total{limit="over_cap_total"} 0.0
+hushgate_relay_limited_total{limit="head_timeout"} 0.0
+hushgate_relay_limited_total{limit="record_timeout"} 0.0
+hushgate_relay_limited_total{limit="idle_half_closed"} 0.0
+hushgate_relay_limited_total{limit="idle_silent"} 0.0
+hushgate_relay_limited_total{limit="kept_device_cap"} 0.0
+# HELP hushgate_relay_device_limited_total hushgate_relay_limited per device (MAC, or address when the MAC is unknown).
+# TYPE hushgate_relay_device_limited_total counter
 # HELP hushgate_quic_refused_packets_total QUIC packets refused (quic = block), per device.
 # TYPE hushgate_quic_refused_packets_total counter
 # HELP hushgate_quic_no_tcp_fallback 1 while a device keeps trying QUIC and opens no TCP instead.
