@@ -971,23 +971,25 @@ def relay_deny_resets(ctx: Ctx) -> str:
 
 @check
 def relay_fail_closed_after_kill9(ctx: Ctx) -> str:
-    """`hushgate run` killed with SIGKILL (its rules stay, the relay's listener is gone): a new
-    TCP connection from the speaker gets nothing through, 0 bytes at the cloud (the explicit drop
-    after nft `tproxy`, FORWARD's reset behind it)."""
+    """`hushgate run` killed with SIGKILL (its rules stay, the relay's listener is gone): the
+    speaker's new TCP connection for an upload gets nothing through, 0 bytes at the cloud (the
+    explicit drop after nft `tproxy`, FORWARD's reset behind it)."""
     started = ctx.ensure_guard()
     pid = ctx.guard.pid if ctx.guard else None
     ctx.kill9_guard()
     drop0 = ctx.counter("relay")
     since = time.time()
-    sp = Speaker(ctx, SMART_HOME, ["--max-seconds", str(ctx.t(0.4))],
-                 ["events", "--count", "1"])
+    sp = Speaker(ctx, VOICE, ["--max-seconds", str(ctx.t(0.5))],
+                 ["upload", "--profile", "echo-opus-118"])
     res = sp.result(ctx.t(4))
     time.sleep(0.5)
     conns = cloud_conns(None, since)
     got = sum(c["app_bytes"] for c in conns)
+    whole = any(c["sha256"] == res["sha256"] and c["app_bytes"] for c in conns)
     expect(not conns and res["bytes_sent"] == 0,
-           f"the speaker's TCP reached the cloud ({len(conns)} connection(s), {got} app B; "
-           f"the speaker sent {res['bytes_sent']} B, error {res['error']})")
+           f"the speaker's TCP reached the cloud ({len(conns)} connection(s), {got} app B"
+           f"{', the whole upload: SHA-256 equal' if whole else ''}; the speaker sent "
+           f"{res['bytes_sent']} B, error {res['error']})")
     expect(res["error"] is not None, f"the speaker reports no error: {res}")
     plain = ctx.speaker_blocked()
     return (f"{'' if started == 'guard running' else started + '; '}guard (pid {pid}) killed "
