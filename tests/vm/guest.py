@@ -994,7 +994,8 @@ def relay_fail_closed_after_kill9(ctx: Ctx) -> str:
     plain = ctx.speaker_blocked()
     return (f"{'' if started == 'guard running' else started + '; '}guard (pid {pid}) killed "
             f"-9; speaker: {res['error']}, 0 B sent, no connection at the TLS cloud; "
-            f"{ctx.counter('relay') - drop0} packet(s) dropped after tproxy; {plain}")
+            f"{ctx.counter('relay') - drop0} packet(s) counted at the no-listener rule after "
+            f"tproxy; {plain}")
 
 
 @check
