@@ -237,7 +237,8 @@ class Decision:
     conn_id: int | None
     lane: str | None
     held_bytes: int
-    allowed: float | None = None
+    allow_sent: float | None = None  # when the allow request went out
+    allowed: float | None = None  # when its answer came back (the kept bytes are out by then)
     error: str | None = None
 
 
@@ -315,6 +316,7 @@ class Decider(threading.Thread):
                     if 0 < settle <= SETTLE_S:
                         time.sleep(settle)
                     d.cloud_bytes = self._cloud_bytes(conn_id) if conn_id is not None else None
+                    d.allow_sent = time.time()
                     request(path, {"cmd": "decide", "id": pid, "verb": "allow",
                                    "scope": "once", "duration_s": None, "by": "replay-test"},
                             timeout_s=5.0)
@@ -595,13 +597,13 @@ def figures(setup: str, runs: Sequence[ReplayRun], decisions: Sequence[Decision]
                 continue
             res = results[item_burst[k]]
             res.decisions.append(d.id)
-            if d.allowed is not None:
-                at_allow = max((int(n) for t, n in timeline if t <= d.allowed), default=0)
+            if d.allow_sent is not None:
+                at_allow = max((int(n) for t, n in timeline if t <= d.allow_sent), default=0)
                 if at_allow != d.cloud_bytes:
                     fig.problems.append(
                         f"{replay.conn.name}: upload {d.id}: the cloud had {d.cloud_bytes} B "
-                        f"{SETTLE_S} s after the judgement and {at_allow} B at the allow: "
-                        "bytes moved while the upload was pending")
+                        f"{SETTLE_S} s after the judgement and {at_allow} B when the allow was "
+                        "sent: bytes moved while the upload was pending")
             if spans[k][0] != d.cloud_bytes:
                 res.note += f" upload {d.id} held from mid-record ({d.cloud_bytes} B)"
         for j, b in enumerate(replay.bursts):
