@@ -43,6 +43,9 @@ class Profile:
     description: str = ""
     source: str = "builtin"
     audio: bool = True  # ground truth for tests: is this shape an audio upload?
+    # items are whole TLS records (as the speaker wrote them), not TCP segments: written at
+    # their own size, never clamped to the connection's MSS
+    records: bool = False
 
     @property
     def duration_s(self) -> float:
@@ -61,6 +64,7 @@ class Profile:
                 "description": self.description,
                 "source": self.source,
                 "audio": self.audio,
+                "records": self.records,
             }
         )
 
@@ -77,6 +81,7 @@ class Profile:
             description=str(raw.get("description", "")),
             source=str(raw.get("source", "file")),
             audio=bool(raw.get("audio", True)),
+            records=bool(raw.get("records", False)),
         )
 
 

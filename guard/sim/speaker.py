@@ -322,7 +322,10 @@ class TlsSpeaker:
 
     def record_sizes(self, profile: profiles.Profile) -> list[tuple[float, int]]:
         """Profile items clamped to this connection's MSS (a 1,460-B item on a 1,448-B MSS path
-        becomes one full segment, not a full one plus a 12-B runt)."""
+        becomes one full segment, not a full one plus a 12-B runt); a profile of whole TLS
+        records is written as it is (TLS caps a record at 16 KB of plaintext itself)."""
+        if profile.records:
+            return list(profile.items)
         out: list[tuple[float, int]] = []
         for t, size in profile.items:
             size = min(size, self.mss) if self.mss > self.overhead else size

@@ -467,10 +467,14 @@ class Figures:
             missed = [b.label for b in self.bursts if b.audio and not b.decisions]
             out.append(f"{self.uploads - self.uploads_pending} of {self.uploads} labelled "
                        f"uploads never pending: {missed}")
-        if self.leaked_bytes:
-            leaks = [f"{b.label}: {b.leaked_bytes} B ({b.note})" for b in self.bursts
-                     if b.leaked_bytes]
-            out.append(f"{self.leaked_bytes} B of upload audio at the cloud before the "
+        # What may pass before the decision: records of at most CONTROL_RECORD_BYTES that
+        # come while nothing is held (an HTTP/2 frame header in TLS: no room for a codec frame;
+        # a HomePod opens each activation with one, 0.18-0.30 s before its audio). Any byte of
+        # a larger record of the upload at the cloud before the decision is a leak.
+        if self.leaked_data_bytes:
+            leaks = [f"{b.label}: {b.leaked_data_bytes} B ({b.note})" for b in self.bursts
+                     if b.leaked_data_bytes]
+            out.append(f"{self.leaked_data_bytes} B of upload audio at the cloud before the "
                        f"decision: {leaks}")
         if self.messages_prompted > self.messages * MAX_PROMPT_RATIO:
             prompted = [f"{b.conn} {b.label} ({b.records} rec, {b.wire_bytes} B, "
@@ -485,11 +489,14 @@ class Figures:
                        + ", ".join(f"{b.conn} {b.label} {b.release_s} s ({b.records} rec, "
                                    f"{b.wire_bytes} B{', ' + b.note if b.note else ''})"
                                    for b in slow))
-        if self.pending_p95_s is None or self.pending_p95_s > PENDING_P95_S:
+        # Pending is timed from the upload's first record that can carry audio (a control
+        # record before it, as above, is not the upload's start); pending_p95_s, from the very
+        # first byte, is reported beside it.
+        if self.pending_data_p95_s is None or self.pending_data_p95_s > PENDING_P95_S:
             slow = sorted((b for b in self.bursts if b.audio),
-                          key=lambda b: -(b.pending_after_s or 1e9))[:4]
-            out.append(f"pending p95 {self.pending_p95_s} s > {PENDING_P95_S} s; slowest: "
-                       + ", ".join(f"{b.label} {b.pending_after_s} s" for b in slow))
+                          key=lambda b: -(b.pending_after_data_s or 1e9))[:4]
+            out.append(f"pending p95 {self.pending_data_p95_s} s > {PENDING_P95_S} s; slowest: "
+                       + ", ".join(f"{b.label} {b.pending_after_data_s} s" for b in slow))
         return out
 
     def row(self) -> dict[str, Any]:
@@ -571,7 +578,7 @@ def figures(setup: str, runs: Sequence[ReplayRun], decisions: Sequence[Decision]
                                 f"reset {sp.get('reset')}")
         sent_at: list[float] = sp["uploads"][0].get("sent_at") or []
         spans = tl.plaintext_spans(replay.profile.items, int(sp["record_overhead"]),
-                                   sp.get("mss"))
+                                   None if replay.profile.records else sp.get("mss"))
         timeline = run.cloud.get("timeline") or []
         got = int(run.cloud.get("app_bytes") or 0)
         if got != int(sp.get("bytes_sent") or 0) or run.cloud.get("sha256") != sp.get("sha256"):
