@@ -9,7 +9,7 @@ at the end; both contenders read that same file in the same run; each is timed `
 
 (a) bare: dpkt.pcap.Reader, then dpkt.ethernet.Ethernet(buf).data.data and the L4 payload's
     length for every frame: the least any Python analysis of the file must do;
-(b) analyze: guard.analyze.analyze_capture(path) with automatic device discovery.
+(b) analyze: guard.tools.analyze.analyze_capture(path) with automatic device discovery.
 The ratio is analyze time / bare time.
 """
 
@@ -102,7 +102,7 @@ def bare_loop(path: str) -> int:
 def analyze(path: str) -> int:
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from guard.analyze import analyze_capture
+    from guard.tools.analyze import analyze_capture
 
     return int(analyze_capture(path)["packets"])
 

@@ -301,7 +301,7 @@ def load_labels(shared: Path) -> list[Labels]:
 def run(captures: Sequence[Labels], shared: Path, mode: str) -> list[tuple[Labels, Result]]:
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from guard.analyze import analyze_capture
+    from guard.tools.analyze import analyze_capture
 
     return [
         (
@@ -315,12 +315,12 @@ def run(captures: Sequence[Labels], shared: Path, mode: str) -> list[tuple[Label
 
 
 def run_synthetic(mode: str, seed: int, tmp: Path) -> tuple[Labels, Result]:
-    """The synthetic session of guard.synth (it holds a follow-up dialogue, which the shared
+    """The synthetic session of hushsim.synth (it holds a follow-up dialogue, which the shared
     captures do not), labelled from its own ground truth."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from guard import synth
-    from guard.analyze import analyze_capture
+    from guard.tools.analyze import analyze_capture
+    from hushsim import synth
 
     path = synth.write_session(tmp / f"synthetic-seed{seed}.pcap", seed)
     labels = synth.session_labels(seed, file=f"synthetic seed {seed}")
@@ -430,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="SEED",
         nargs="?",
         const=1,
-        help="also evaluate guard.synth's session for SEED (default 1)",
+        help="also evaluate hushsim.synth's session for SEED (default 1)",
     )
     args = ap.parse_args(argv)
     try:

@@ -11,7 +11,7 @@ Rules of this file: like bench/forwarding.py (namespaces it creates, prefix `hgb
   kernel's kB are KiB) and in SI MB.
 - What the running daemon imported: it is started with `python -X importtime`, whose log lists
   every module the process imported; scapy must not be among them (kernel-facts: 73 MB, 0.5 s).
-  The same check in a fresh interpreter that imports guard.daemon and guard.cli (what `run`
+  The same check in a fresh interpreter that imports guard.shell.daemon and guard.tools.cli (what `run`
   loads), with its RSS.
 - Wall time of `hushgate --help` and `hushgate pending --socket S` against the running daemon,
   median of `--repeat` (15) runs each. Target: under 0.25 s.
@@ -50,7 +50,7 @@ HEAVY = ("scapy", "dpkt", "prometheus_client", "click", "sqlite3", "cryptography
 
 IMPORT_CHECK = r"""
 import json, sys
-import guard.daemon, guard.cli  # what `hushgate run` loads before its first packet
+import guard.shell.daemon, guard.tools.cli  # what `hushgate run` loads before its first packet
 tops = sorted({m.split(".")[0] for m in sys.modules})
 rss = 0
 for line in open("/proc/self/status"):
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         world.setup("guard", start=False)
         g = world.guard
         assert g is not None
-        g.command = ("-X", "importtime", "-m", "guard.cli", "run")
+        g.command = ("-X", "importtime", "-m", "guard.tools.cli", "run")
         g.start()
         pid = g.pid
         assert pid is not None
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         maps = Path(f"/proc/{pid}/maps").read_text()
         report["maps_mention_scapy"] = "scapy" in maps
         hushgate = shutil.which("hushgate", path=str(Path(sys.executable).parent)) or ""
-        cli = [hushgate] if hushgate else [sys.executable, "-m", "guard.cli"]
+        cli = [hushgate] if hushgate else [sys.executable, "-m", "guard.tools.cli"]
         report["cli"] = {
             "command": " ".join(cli),
             "help": timed([*cli, "--help"], args.repeat, env),
@@ -185,7 +185,7 @@ def print_report(r: dict[str, Any]) -> None:
           f"of {', '.join(HEAVY)}: {', '.join(di['heavy_present'])}; scapy in /proc/PID/maps: "
           f"{r['maps_mention_scapy']}")
     ic = r["import_check"]
-    print(f"fresh interpreter importing guard.daemon + guard.cli: {ic['modules']} modules, "
+    print(f"fresh interpreter importing guard.shell.daemon + guard.tools.cli: {ic['modules']} modules, "
           f"RSS {ic['rss_kb'] / 1024:.1f} MiB, scapy {'present' if 'scapy' in ic['top'] else 'absent'}")
     c = r["cli"]
     for k in ("help", "pending"):

@@ -1,6 +1,6 @@
 """What the router forwards with and without the guard: bulk TCP and 64-byte UDP, side by side.
 
-Rules of this file: all traffic stays inside namespaces this script creates (guard.sim.topology,
+Rules of this file: all traffic stays inside namespaces this script creates (hushsim.topology,
 prefix `hgb`, addresses in 198.18.0.0/15); every process is started through the topology and
 killed by PID, and the namespaces are deleted on exit, on an exception, on SIGTERM and when the
 overall time bound (`--max-seconds`) runs out. Every mode is measured in the same run, rounds
@@ -45,10 +45,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from guard.config import parse_config  # noqa: E402
-from guard.firewall import IptablesBackend, netns_runner  # noqa: E402
-from guard.fwspec import spec_from_config  # noqa: E402
-from guard.sim.topology import Topology, TopologyError, cleanup_stale  # noqa: E402
+from guard.core.config import parse_config  # noqa: E402
+from guard.shell.firewall import IptablesBackend, netns_runner  # noqa: E402
+from guard.shell.fwspec import spec_from_config  # noqa: E402
+from hushsim.topology import Topology, TopologyError, cleanup_stale  # noqa: E402
 from tests.e2e.guardkit import Guard, device, queue_counters  # noqa: E402
 
 PREFIX = "hgb"
@@ -63,7 +63,7 @@ UNKNOWN_V4 = "198.19.0.200"  # an address on the wan side with no DNS name
 UNKNOWN2_V4 = "198.19.0.201"
 IPERF_PORTS = (5201, 5202)
 MAX_LEN = 4096 + 1024  # what the daemon binds with (max_held_packets_total + 1024)
-COPY_RANGE = 4016  # what the daemon copies (guard.nfqueue.COPY_RANGE)
+COPY_RANGE = 4016  # what the daemon copies (guard.shell.nfqueue.COPY_RANGE)
 
 MODES = ("none", "bare", "dpkt", "fast", "inspected")
 WORKLOADS = ("tcp_up", "tcp_down", "udp64")

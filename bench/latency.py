@@ -273,9 +273,9 @@ class FakePacket:
 
 
 def make_daemon(tmp: str) -> Any:
-    from guard.config import parse_config
-    from guard.daemon import Daemon
-    from guard.nfqueue import QueueHandler
+    from guard.core.config import parse_config
+    from guard.shell.daemon import Daemon
+    from guard.shell.nfqueue import QueueHandler
 
     config = parse_config({
         "guard": {"queue": 7, "socket": os.path.join(tmp, "s.sock"),
@@ -322,7 +322,7 @@ def time_callbacks(kind: str, n: int, profile: bool = False) -> dict[str, Any]:
     """µs per packet: the daemon's callback vs accept-only vs dpkt parse + accept."""
     import dpkt
 
-    from guard import nfqueue
+    from guard.shell import nfqueue
 
     packets = workload_packets(kind, n)
     out: dict[str, Any] = {}

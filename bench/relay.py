@@ -75,7 +75,7 @@ from bench.forwarding import (  # noqa: E402
     machine,
     median,
 )
-from guard.sim.topology import GW_LAN_V4  # noqa: E402
+from hushsim.topology import GW_LAN_V4  # noqa: E402
 
 RELAY_PORT = 7421
 # once ports: echo REQUEST bytes, then close (the server closes first, as an HTTP server does, so
@@ -426,7 +426,7 @@ class Bench:
         g = self.world.guard
         assert g is not None
         if profile_to is not None:
-            g.command = ("-m", "cProfile", "-o", str(profile_to), "-m", "guard.cli", "run")
+            g.command = ("-m", "cProfile", "-o", str(profile_to), "-m", "guard.tools.cli", "run")
         g.start()
         self.pids["relay"] = self.pids["voice"] = g.pid
         # the guard learns the names from the DNS answers the speaker gets

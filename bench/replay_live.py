@@ -5,7 +5,7 @@ Rules of this file: like bench/soak.py (namespaces it creates, prefix `hgr`, add
 198.18.0.0/15 and 2001:2::/48, every process killed by PID, namespaces deleted on any exit, a
 hard time bound). The harness is tests/e2e/replaykit.py (shared with
 tests/e2e/test_replay_live.py, which replays a rotating subset per setup in CI); the replays come
-from guard/sim/timeline.py (../shared/captures, idle gaps between bursts shortened to 1.5 s).
+from hushsim/timeline.py (../shared/captures, idle gaps between bursts shortened to 1.5 s).
 
     python bench/replay_live.py [--setups defaults,bbr,...] [--only TEXT] [--max-gap 1.5]
                                 [--details] [--json FILE]
@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from guard.sim import timeline as tl  # noqa: E402
-from guard.sim.profiles import default_captures_dir  # noqa: E402
-from guard.sim.topology import Topology, cleanup_stale  # noqa: E402
+from hushsim import timeline as tl  # noqa: E402
+from hushsim.profiles import default_captures_dir  # noqa: E402
+from hushsim.topology import Topology, cleanup_stale  # noqa: E402
 from tests.e2e import replaykit as rk  # noqa: E402
 from tests.e2e.guardkit import Guard, device  # noqa: E402
 

@@ -1,7 +1,7 @@
 """A bounded soak of the real daemon: mixed traffic through `hushgate run` for N minutes, sampled.
 
 Rules of this file: like the other live benchmarks (bench/README.md). All traffic stays inside
-namespaces this script creates (guard.sim.topology, prefix `hgs`, addresses in 198.18.0.0/15 and
+namespaces this script creates (hushsim.topology, prefix `hgs`, addresses in 198.18.0.0/15 and
 2001:2::/48). Every process is started through the topology and killed by PID. The namespaces
 are deleted on any exit: normal end, exception, Ctrl-C, SIGTERM and the hard time bound
 (`--max-seconds`, default the soak plus 110 s). Every wait is bounded.
@@ -71,11 +71,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from guard.control import ControlError  # noqa: E402
-from guard.control import request as control_request  # noqa: E402
-from guard.detector import DetectorConfig  # noqa: E402
-from guard.sim import profiles, quic  # noqa: E402
-from guard.sim.topology import GW_LAN_V4, Topology, cleanup_stale  # noqa: E402
+from guard.core.detector import DetectorConfig  # noqa: E402
+from guard.shell.control import ControlError  # noqa: E402
+from guard.shell.control import request as control_request  # noqa: E402
+from hushsim import profiles, quic  # noqa: E402
+from hushsim.topology import GW_LAN_V4, Topology, cleanup_stale  # noqa: E402
 from tests.e2e.guardkit import Guard, GuardError, SpeakerRun, device  # noqa: E402
 
 PREFIX = "hgs"

@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-.venv/bin/ruff check guard tests bench
+.venv/bin/ruff check guard hushsim tests bench
 .venv/bin/python -m pytest -q "$@"

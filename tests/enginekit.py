@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from guard.config import DeviceConfig, GuardConfig
-from guard.engine import Engine, Verdict
-from guard.packet import ACK, PSH, SYN, TCP, UDP, Hint, Packet
-from guard.policy import Mode
-from guard.ruleset import load_rules
+from guard.core.config import DeviceConfig, GuardConfig
+from guard.core.engine import Engine, Verdict
+from guard.core.packet import ACK, PSH, SYN, TCP, UDP, Hint, Packet
+from guard.core.policy import Mode
+from guard.core.ruleset import load_rules
 
 ECHO = "198.18.10.10"
 ECHO_MAC = "68:db:f5:90:19:64"

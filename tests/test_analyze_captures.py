@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from guard.analyze import analyze_capture
-from guard.config import DEFAULT_CATEGORY_ACTIONS
-from guard.policy import CategoryAction
+from guard.core.config import DEFAULT_CATEGORY_ACTIONS
+from guard.core.policy import CategoryAction
+from guard.tools.analyze import analyze_capture
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.eval_captures import evaluate, evaluate_followups
@@ -154,8 +154,8 @@ def test_shape_only_synthetic_speakers_are_held_as_with_names(speaker: str, tmp_
     """The two speaker kinds the shared captures lack: the synthetic Echo session (follow-up,
     telemetry, a call) and a Nest's QUIC upload (~1,350-byte datagrams, no name once its Initial
     is zeroed). Shape-only, every true upload is held exactly as with names."""
-    from guard import synth
-    from guard.capture import write_pcap
+    from guard.tools.capture import write_pcap
+    from hushsim import synth
 
     if speaker == "nest-quic":
         frames, device, truth = synth.generate_nest_quic(1), synth.NEST.ip, synth.nest_quic_truth(1)

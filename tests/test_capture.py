@@ -1,4 +1,4 @@
-"""guard.capture: pcap and pcapng in, (timestamp, parsed frame) out; damaged files say so.
+"""guard.tools.capture: pcap and pcapng in, (timestamp, parsed frame) out; damaged files say so.
 
 Small captures are written byte by byte into tmp_path; the shared captures are read in place.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from guard.capture import CaptureError, read_capture, write_pcap
-from guard.packet import UDP, Malformed, Packet
+from guard.core.packet import UDP, Malformed, Packet
+from guard.tools.capture import CaptureError, read_capture, write_pcap
 
 MAC = bytes.fromhex("68dbf5901964")
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from guard.analyze import format_table
-from guard.cli import main
+from guard.tools.analyze import format_table
+from guard.tools.cli import main
 
 UPLOAD_KEYS = {"device", "remote", "host", "category", "start", "end", "bytes", "packets",
                "action", "leaked_bytes", "turn", "decided", "decided_after_packets"}
@@ -122,8 +122,8 @@ def test_analyze_names_the_candidates_when_no_speaker_is_recognised(tmp_path: Pa
 
     import dpkt
 
-    from guard import synth
-    from guard.capture import write_pcap
+    from guard.tools.capture import write_pcap
+    from hushsim import synth
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from bench.shape_only import shape_only_frame

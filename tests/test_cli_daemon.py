@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from guard.cli import main, printable
-from guard.config import parse_config
-from guard.control import ControlServer, Peer, reply_error, reply_ok
+from guard.core.config import parse_config
+from guard.shell.control import ControlServer, Peer, reply_error, reply_ok
+from guard.tools.cli import main, printable
 
 
 class FakeDaemon:
@@ -402,9 +402,9 @@ def test_firewall_errors_are_one_line(tmp_path: Path) -> None:
 
 
 def test_nft_persistent_script_keeps_the_dynamic_chains(tmp_path: Path) -> None:
-    from guard.config import load_config
-    from guard.firewall import NftablesBackend
-    from guard.fwspec import nft_persistent_script, spec_from_config
+    from guard.core.config import load_config
+    from guard.shell.firewall import NftablesBackend
+    from guard.shell.fwspec import nft_persistent_script, spec_from_config
 
     config = tmp_path / "hushgate.toml"
     config.write_text(CONFIG)
@@ -473,7 +473,7 @@ def test_devices_discover_without_speakers_and_with_a_missing_file(tmp_path: Pat
 
 
 def test_neighbour_table_is_parsed_in_both_formats() -> None:
-    from guard.discover import parse_neigh
+    from guard.shell.neighbours import parse_neigh
 
     as_json = json.dumps([
         {"dst": "192.168.1.23", "dev": "br-lan", "lladdr": "68:db:f5:90:19:64",
@@ -495,14 +495,14 @@ def test_neighbour_table_is_parsed_in_both_formats() -> None:
 def test_help_imports_nothing_heavy() -> None:
     code = (
         "import sys\n"
-        "from guard.cli import main\n"
+        "from guard.tools.cli import main\n"
         "for args in (['--help'], ['pending', '--help'], ['firewall', 'show', '--help']):\n"
         "    try:\n"
         "        main(args)\n"
         "    except SystemExit:\n"
         "        pass\n"
         "heavy = {'dpkt', 'prometheus_client', 'netfilterqueue', 'scapy', 'sqlite3',\n"
-        "         'guard.engine', 'guard.control', 'guard.firewall'}\n"
+        "         'guard.core.engine', 'guard.shell.control', 'guard.shell.firewall'}\n"
         "print(sorted(heavy & set(sys.modules)), file=sys.stderr)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -518,7 +518,7 @@ class Recorder:
         self.fail = fail
 
     def __call__(self, argv: Any, input: str | None = None) -> Any:
-        from guard.firewall import Completed
+        from guard.shell.firewall import Completed
 
         argv = tuple(argv)
         self.calls.append((argv, input))
@@ -528,8 +528,8 @@ class Recorder:
 
 
 def test_firewall_apply_installs_no_queue_rules(tmp_path: Path) -> None:
-    from guard.config import load_config
-    from guard.fwspec import apply_persistent
+    from guard.core.config import load_config
+    from guard.shell.fwspec import apply_persistent
 
     config = tmp_path / "hushgate.toml"
     config.write_text(CONFIG)
@@ -548,11 +548,11 @@ def test_firewall_apply_installs_no_queue_rules(tmp_path: Path) -> None:
 def test_firewall_remove_needs_the_configured_backend_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from guard.config import load_config
-    from guard.firewall import FirewallError
-    from guard.fwspec import remove_everything
+    from guard.core.config import load_config
+    from guard.shell.firewall import FirewallError
+    from guard.shell.fwspec import remove_everything
 
-    monkeypatch.setattr("guard.fwspec.shutil.which", lambda tool: f"/usr/sbin/{tool}")
+    monkeypatch.setattr("guard.shell.fwspec.shutil.which", lambda tool: f"/usr/sbin/{tool}")
     config = tmp_path / "hushgate.toml"
     config.write_text(CONFIG)
     # nft failing (a kernel without nf_tables) does not fail an iptables remove

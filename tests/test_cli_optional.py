@@ -12,7 +12,7 @@ import pytest
 RUN = ("import sys\n"
        "for m in sys.argv[1].split(','): sys.modules[m] = None\n"
        "sys.argv = ['hushgate'] + sys.argv[2:]\n"
-       "from guard.cli import main\n"
+       "from guard.tools.cli import main\n"
        "main()\n")
 
 
@@ -25,8 +25,8 @@ def hushgate_without(missing: str, *args: str) -> subprocess.CompletedProcess:
     ("dpkt", ("analyze",), "opkg install python3-dpkt"),
     ("dpkt", ("analyze", "--json"), "hushgate analyze FILE.pcap"),
     ("dpkt", ("demo",), "pip install dpkt"),
-    ("guard.sim", ("demo",), "the simulated home (guard.sim)"),
-    ("guard.sim,dpkt", ("demo",), "the simulated home (guard.sim)"),
+    ("hushsim", ("demo",), "the simulated home (hushsim)"),
+    ("hushsim,dpkt", ("demo",), "the simulated home (hushsim)"),
 ])
 def test_a_missing_optional_part_is_one_line(missing: str, args: tuple[str, ...],
                                              says: str) -> None:
@@ -42,6 +42,6 @@ def test_a_missing_optional_part_is_one_line(missing: str, args: tuple[str, ...]
 def test_analyze_of_a_capture_needs_no_simulator(tmp_path) -> None:
     """Without the simulator, `analyze FILE` still runs (here: fails on a missing file, in one
     line, not on an import)."""
-    res = hushgate_without("guard.sim,dpkt,guard.synth", "analyze", str(tmp_path / "none.pcap"))
+    res = hushgate_without("hushsim,dpkt,hushsim.synth", "analyze", str(tmp_path / "none.pcap"))
     assert "Traceback" not in res.stderr, res.stderr
-    assert "guard.sim" not in res.stderr and "dpkt" not in res.stderr, res.stderr
+    assert "hushsim" not in res.stderr and "dpkt" not in res.stderr, res.stderr

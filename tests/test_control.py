@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from guard.control import ControlError, ControlServer, Peer, reply_error, reply_ok, request
+from guard.shell.control import ControlError, ControlServer, Peer, reply_error, reply_ok, request
 from tests import ci
 
 NOBODY = 65534

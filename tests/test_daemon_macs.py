@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from guard import daemon
-from guard.config import DeviceConfig, GuardConfig
-from guard.packet import TCP, Packet
+from guard.core.config import DeviceConfig, GuardConfig
+from guard.core.packet import TCP, Packet
+from guard.shell import daemon
 
 ECHO = DeviceConfig(name="echo", address="198.18.10.10")
 LAMP = DeviceConfig(name="lamp", address="198.18.10.30", mac="02:00:5e:10:00:30")

@@ -1,4 +1,4 @@
-"""guard.doctor: each check passing and failing on canned iptables-save / nft / proc output, and
+"""guard.tools.doctor: each check passing and failing on canned iptables-save / nft / proc output, and
 once against a real kernel in a throw-away network namespace."""
 
 from __future__ import annotations
@@ -11,8 +11,18 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
-from guard.config import DeviceConfig, GuardConfig
-from guard.doctor import (
+from guard.core.config import DeviceConfig, GuardConfig
+from guard.core.policy import Mode
+from guard.shell.firewall import (
+    Completed,
+    FirewallSpec,
+    IptablesBackend,
+    NftablesBackend,
+    build_rules,
+    netns_runner,
+)
+from guard.shell.fwspec import spec_from_config
+from guard.tools.doctor import (
     NFQUEUE_PROC,
     Check,
     diagnose,
@@ -21,16 +31,6 @@ from guard.doctor import (
     format_report,
     parse_nfqueue_proc,
 )
-from guard.firewall import (
-    Completed,
-    FirewallSpec,
-    IptablesBackend,
-    NftablesBackend,
-    build_rules,
-    netns_runner,
-)
-from guard.fwspec import spec_from_config
-from guard.policy import Mode
 from tests.ci import need_root
 
 ECHO = DeviceConfig("kitchen-echo", address="198.18.10.10", mac="02:00:5e:10:00:10")
@@ -371,7 +371,7 @@ def test_a_running_guard_without_its_queue_rules_is_told_to_restart_not_to_apply
 
 
 def test_capabilities_of_the_running_guard_and_of_this_shell():
-    from guard.doctor import _check_capabilities
+    from guard.tools.doctor import _check_capabilities
 
     full = "Name:\tpython3\nCapEff:\t000001ffffffffff\n"
     no_raw = "CapEff:\t0000000000001000\n"  # CAP_NET_ADMIN only
@@ -386,7 +386,7 @@ def test_capabilities_of_the_running_guard_and_of_this_shell():
 
 
 def test_listen_addresses_that_cannot_be_bound_fail_while_no_guard_runs():
-    from guard.doctor import _check_listen
+    from guard.tools.doctor import _check_listen
 
     web = replace(CONFIG, metrics_listen="127.0.0.1:9877", web_listen="198.18.1.1:8787")
     why = {"198.18.1.1:8787": "Cannot assign requested address"}
@@ -652,7 +652,7 @@ def test_doctor_against_a_real_kernel_in_a_namespace():
 
 
 def test_relay_check_names_a_missing_policy_route_and_a_missing_listener() -> None:
-    from guard.doctor import _check_relay
+    from guard.tools.doctor import _check_relay
 
     config = GuardConfig(devices=(ECHO,), socket=CONFIG.socket)
     spec = spec_from_config(config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from guard.engine import (
+from guard.core.engine import (
     BurstReleased,
     Discard,
     FlowBlocked,
@@ -20,8 +20,8 @@ from guard.engine import (
     UploadSeen,
     Verdict,
 )
-from guard.packet import ACK, FIN, TCP, Hint, Malformed, Packet
-from guard.policy import Decision, Mode, Outcome, Scope, StandingRule, Verb, Window, WindowKind
+from guard.core.packet import ACK, FIN, TCP, Hint, Malformed, Packet
+from guard.core.policy import Decision, Mode, Outcome, Scope, StandingRule, Verb, Window, WindowKind
 from tests.enginekit import CLOUD, ECHO, ECHO_MAC, Conn, engine, of, udp
 
 T0 = 1_000_000.0
@@ -672,8 +672,8 @@ def test_malformed_and_unconfigured_packets() -> None:
 def test_device_by_mac_ignores_a_spoofer_with_its_address() -> None:
     from dataclasses import replace
 
-    from guard.config import DeviceConfig, GuardConfig
-    from guard.engine import Engine
+    from guard.core.config import DeviceConfig, GuardConfig
+    from guard.core.engine import Engine
     from tests.enginekit import RULES
 
     device = DeviceConfig(name="echo", mac=ECHO_MAC)
@@ -697,7 +697,7 @@ def test_illegal_transition_raises() -> None:
 
 
 def _answer(name: str, address: str):
-    from guard.packet import DnsAnswer
+    from guard.core.packet import DnsAnswer
 
     return DnsAnswer(name, address, 300)
 
@@ -705,8 +705,8 @@ def _answer(name: str, address: str):
 def test_quiet_connection_that_predates_the_guard_is_reset_with_exact_numbers() -> None:
     from dataclasses import replace
 
-    from guard.config import DeviceConfig, GuardConfig
-    from guard.engine import Engine
+    from guard.core.config import DeviceConfig, GuardConfig
+    from guard.core.engine import Engine
     from tests.enginekit import RULES
 
     device = DeviceConfig(name="kitchen-echo", address=ECHO)
@@ -728,8 +728,8 @@ def test_quiet_connection_that_predates_the_guard_is_reset_with_exact_numbers() 
 def test_predating_connection_that_uploads_first_is_inspected_by_shape() -> None:
     from dataclasses import replace
 
-    from guard.config import DeviceConfig, GuardConfig
-    from guard.engine import Engine
+    from guard.core.config import DeviceConfig, GuardConfig
+    from guard.core.engine import Engine
     from tests.enginekit import RULES
 
     device = DeviceConfig(name="kitchen-echo", address=ECHO)
@@ -760,7 +760,7 @@ def test_quic_request_ending_on_a_partial_datagram_is_released() -> None:
 
 
 def test_address_only_device_is_known_by_its_mac_once_seen_ipv6_included() -> None:
-    from guard.engine import MacLearned
+    from guard.core.engine import MacLearned
 
     eng = engine()  # kitchen-echo configured by IPv4 address only
     v4 = Conn(eng, mac=ECHO_MAC)

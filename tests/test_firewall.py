@@ -1,4 +1,4 @@
-"""guard.firewall without root: generated rules and commands, through a scripted runner."""
+"""guard.shell.firewall without root: generated rules and commands, through a scripted runner."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
-from guard.firewall import (
+from guard.shell.firewall import (
     Completed,
     DeviceMatch,
     FirewallError,

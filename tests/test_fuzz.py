@@ -38,8 +38,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guard.config import DeviceConfig, GuardConfig
-from guard.engine import (
+from guard.core.config import DeviceConfig, GuardConfig
+from guard.core.engine import (
     Discard,
     Engine,
     FlowState,
@@ -51,7 +51,7 @@ from guard.engine import (
     UploadState,
     Verdict,
 )
-from guard.packet import (
+from guard.core.packet import (
     ACK,
     FIN,
     INTERNAL_ERROR,
@@ -68,7 +68,7 @@ from guard.packet import (
     parse_frame,
     parse_ip,
 )
-from guard.policy import (
+from guard.core.policy import (
     DENYING_OUTCOMES,
     Decision,
     Mode,
@@ -78,8 +78,14 @@ from guard.policy import (
     Window,
     WindowKind,
 )
-from guard.ruleset import load_rules
-from guard.sni import MAX_STREAM_BYTES, NEED_MORE, SniAssembler, _RecordReader, client_hello_sni
+from guard.core.ruleset import load_rules
+from guard.core.sni import (
+    MAX_STREAM_BYTES,
+    NEED_MORE,
+    SniAssembler,
+    _RecordReader,
+    client_hello_sni,
+)
 from tests.ci import missing_or_fail
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -89,7 +95,7 @@ HELLO = (FIXTURES / "tls_client_hello_bob_dispatch.bin").read_bytes()  # TLS rec
 QUIC_V1_FIXTURE = (FIXTURES / "rfc9001_a2_client_initial.bin").read_bytes()  # SNI example.com
 QUIC_V2_FIXTURE = (FIXTURES / "rfc9369_a2_client_initial.bin").read_bytes()
 
-# What a host name may look like once it leaves the parsers (guard.packet.normalise_name).
+# What a host name may look like once it leaves the parsers (guard.core.packet.normalise_name).
 INERT_NAME = re.compile(r"[a-z0-9._?-]{1,253}")
 FULL_HINTS = (Hint.TLS_HELLO, Hint.QUIC_INITIAL, Hint.DNS)  # payloads kept whole
 KEEP = 64  # parse_ip's default keep_payload
@@ -169,7 +175,7 @@ def udp(sport: int, dport: int, payload: bytes) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------
-# QUIC Initial protection (RFC 9001 5), written here independently of guard.sni
+# QUIC Initial protection (RFC 9001 5), written here independently of guard.core.sni
 
 QUIC_V1, QUIC_V2 = 0x00000001, 0x6B3343CF
 _SALT = {
@@ -252,7 +258,7 @@ def quic_hello(version: int = QUIC_V1, dcid: bytes = DCID, pieces: int = 1) -> l
 
 
 # ---------------------------------------------------------------------------------------------
-# The shared captures, read with dpkt (independent of guard.capture)
+# The shared captures, read with dpkt (independent of guard.tools.capture)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import pytest
 
-from guard.config import DeviceConfig, GuardConfig
-from guard.firewall import Completed, IptablesBackend
-from guard.fwspec import NftRunBackend, run_backend
+from guard.core.config import DeviceConfig, GuardConfig
+from guard.shell.firewall import Completed, IptablesBackend
+from guard.shell.fwspec import NftRunBackend, run_backend
 from tests.ci import missing_or_fail
 
 
@@ -74,7 +74,7 @@ def test_relay_on_nftables_adds_policy_routing_and_removes_it() -> None:
 
 
 def test_a_failing_nft_is_a_firewall_error() -> None:
-    from guard.firewall import FirewallError
+    from guard.shell.firewall import FirewallError
 
     def broken(argv, input=None):  # noqa: A002
         return Completed(tuple(argv), 1, "", "Error: Could not process rule")

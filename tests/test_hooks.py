@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from guard.config import Hook
-from guard.hooks import Hooks
+from guard.core.config import Hook
+from guard.shell.hooks import Hooks
 
 NOW = 1_700_000_000.5
 UPLOAD = {

@@ -27,14 +27,14 @@ from typing import Any
 
 import pytest
 
-from guard.analyze import analyze_capture, format_table
-from guard.capture import write_pcap
-from guard.config import ConfigError, DeviceConfig, GuardConfig, load_config
-from guard.control import ControlError, ControlServer, Peer, reply_error, reply_ok, request
-from guard.engine import Engine, MarkFlow, UploadHeld, Verdict
-from guard.packet import ACK, PSH, SYN, TCP, UDP, DnsAnswer, Hint, Packet, parse_frame
-from guard.ruleset import RuleError, RuleSet, check_dirs, load_rules
-from guard.store import Store, StoreCorrupt, StoreError
+from guard.core.config import ConfigError, DeviceConfig, GuardConfig, load_config
+from guard.core.engine import Engine, MarkFlow, UploadHeld, Verdict
+from guard.core.packet import ACK, PSH, SYN, TCP, UDP, DnsAnswer, Hint, Packet, parse_frame
+from guard.core.ruleset import RuleError, RuleSet, check_dirs, load_rules
+from guard.shell.control import ControlError, ControlServer, Peer, reply_error, reply_ok, request
+from guard.shell.store import Store, StoreCorrupt, StoreError
+from guard.tools.analyze import analyze_capture, format_table
+from guard.tools.capture import write_pcap
 from tests.ci import missing_or_fail
 
 REPO = Path(__file__).resolve().parents[1]

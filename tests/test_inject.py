@@ -1,4 +1,4 @@
-"""guard.inject: the TCP resets the guard builds and the Injector that sends them.
+"""guard.shell.inject: the TCP resets the guard builds and the Injector that sends them.
 
 `tcp_reset`'s bytes are parsed back with dpkt (independent of guard) and their checksums are
 verified twice: by our own ones'-complement sum over the (pseudo-)header and by dpkt recomputing
@@ -17,8 +17,8 @@ from typing import Any
 import dpkt
 import pytest
 
-from guard import inject
-from guard.inject import Injector, _checksum, tcp_reset
+from guard.shell import inject
+from guard.shell.inject import Injector, _checksum, tcp_reset
 
 DEVICE4, REMOTE4 = "192.168.86.40", "52.94.233.109"
 DEVICE6, REMOTE6 = "2001:db8::40", "2607:f8b0:4005:800::2004"
@@ -26,7 +26,7 @@ TH_RST, TH_ACK = dpkt.tcp.TH_RST, dpkt.tcp.TH_ACK
 
 
 def ones_complement_sum(data: bytes) -> int:
-    """RFC 1071, written differently from guard.inject._checksum: a 16-bit end-around carry add."""
+    """RFC 1071, written differently from guard.shell.inject._checksum: a 16-bit end-around carry add."""
     if len(data) % 2:
         data += b"\0"
     total = 0
@@ -179,7 +179,7 @@ class FakeSocket:
 
 
 class FakeSocketModule:
-    """Stands in for the `socket` module inside guard.inject: records the sockets it opens."""
+    """Stands in for the `socket` module inside guard.shell.inject: records the sockets it opens."""
 
     AF_INET, AF_INET6 = socket.AF_INET, socket.AF_INET6
     SOCK_RAW, IPPROTO_RAW = socket.SOCK_RAW, socket.IPPROTO_RAW

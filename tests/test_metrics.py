@@ -14,7 +14,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from guard.metrics import (
+from guard.core.policy import Outcome
+from guard.shell.metrics import (
     MAX_LABEL_CHARS,
     GuardCollector,
     Metrics,
@@ -22,7 +23,6 @@ from guard.metrics import (
     sanitize_label,
     serve_metrics,
 )
-from guard.policy import Outcome
 from tests.ci import need_tool
 
 MONITORING = Path(__file__).resolve().parents[1] / "packaging" / "monitoring"

@@ -1,11 +1,11 @@
-"""guard.nfqueue: the NFQUEUE callback, late verdicts and the MAC memo.
+"""guard.shell.nfqueue: the NFQUEUE callback, late verdicts and the MAC memo.
 
 Kernel packets are played by `FakeNfPacket`, which behaves like netfilterqueue 1.1.0's Packet where
 it matters: a verdict is given at most once (a second one raises, as does one after the queue was
 unbound), the mark is whatever `set_mark` put there before the verdict, and the payload is gone
 once the callback has returned. Packets are real IPv4/IPv6 bytes built with `struct` and go
 through the real parser; the engine is a scripted stub, except in the tests at the end, which
-wire the handler to a real `guard.engine.Engine`.
+wire the handler to a real `guard.core.engine.Engine`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from typing import Any
 
 import pytest
 
-from guard import nfqueue
-from guard.engine import Discard, Engine, Release, Reset, Verdict
-from guard.nfqueue import (
+from guard.core.engine import Discard, Engine, Release, Reset, Verdict
+from guard.core.packet import ACK, PSH, TCP, UDP, Malformed, Packet
+from guard.core.policy import Decision, Verb
+from guard.shell import nfqueue
+from guard.shell.nfqueue import (
     COPY_RANGE,
     QueueHandler,
     QueueStats,
@@ -29,8 +31,6 @@ from guard.nfqueue import (
     late_verdict,
     mac_of,
 )
-from guard.packet import ACK, PSH, TCP, UDP, Malformed, Packet
-from guard.policy import Decision, Verb
 from tests.ci import missing_or_fail
 from tests.enginekit import CLOUD, ECHO, engine
 

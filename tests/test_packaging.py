@@ -39,8 +39,8 @@ from pathlib import Path
 
 import pytest
 
-from guard.config import GuardConfig, load_config, parse_config
-from guard.uci import OPENWRT_DEFAULTS
+from guard.core.config import GuardConfig, load_config, parse_config
+from guard.tools.uci import OPENWRT_DEFAULTS
 from tests.ci import missing_or_fail, need_root, need_tool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_default_config_commented_examples_are_valid_when_uncommented():
     data = tomllib.loads("\n".join(uncommented))
     # the placeholder stands for a real hash, which loading checks as `run` would (issue 16)
     assert data["web"]["password_hash"] == "…"
-    from guard.web import hash_password
+    from guard.shell.web import hash_password
 
     data["web"]["password_hash"] = hash_password("correct horse")
     config = parse_config(data)
@@ -286,7 +286,7 @@ def jail_mounts(calls: list[str]) -> tuple[list[str], list[str]]:
 # What the guard needs in the jail and where OpenWrt keeps it: python3 and its modules and C
 # extensions (/usr/bin, /usr/lib; musl and libgcc in /lib), the tools it runs (nft, iptables,
 # conntrack in /usr/sbin; ip in /sbin, a link into /usr/libexec or to busybox in /bin), the DHCP
-# leases it reads for address-only devices (guard.discover.DEFAULT_LEASE_FILES on OpenWrt).
+# leases it reads for address-only devices (guard.shell.neighbours.DEFAULT_LEASE_FILES on OpenWrt).
 JAIL_NEEDS_RO = {"/usr/bin", "/usr/lib", "/lib", "/usr/sbin", "/sbin", "/bin", "/usr/libexec",
                  "/tmp/dhcp.leases", "/tmp/hosts"}
 # What must never be visible writable (secrets, other daemons' state, ubus) or at all (ubus:
@@ -680,7 +680,7 @@ def test_unit_is_hardened_and_runs_the_documented_commands():
     assert d["ExecStartPre"] == [f"-/opt/hushgate/bin/hushgate firewall apply --config {cfg}"]
     assert d["ExecStart"] == [f"/opt/hushgate/bin/hushgate run --config {cfg}"]
     assert d["Restart"] == ["on-failure"]
-    from guard.daemon import EXIT_CONFIG
+    from guard.shell.daemon import EXIT_CONFIG
 
     assert d["RestartPreventExitStatus"] == [str(EXIT_CONFIG)]  # no restart loop on bad config
     assert d["CapabilityBoundingSet"] == ["CAP_NET_ADMIN CAP_NET_RAW"]
@@ -869,7 +869,7 @@ def test_debian_install_lifecycle_in_a_namespace_leaves_nothing_behind(installed
         # doctor, from the installed package, inside the namespace: everything in place
         doctor = sh(*in_ns(installed / "bin/python", "-c", textwrap.dedent(f"""
             import sys
-            from guard.doctor import diagnose_file, exit_code, format_report
+            from guard.tools.doctor import diagnose_file, exit_code, format_report
             checks = diagnose_file({str(config)!r})
             print(format_report(checks), end="")
             sys.exit(exit_code(checks))
@@ -911,7 +911,7 @@ def test_fw4_include_loads_idempotently_in_a_namespace(tmp_path):
     is valid, loads twice without duplicating a rule, and a missing file is no error."""
     need_root()
     nft = need_tool("nft", "nftables")
-    from guard.uci import write_openwrt_files
+    from guard.tools.uci import write_openwrt_files
 
     uci = tmp_path / "hushgate"
     uci.write_text((FILES / "hushgate.config").read_text().replace(

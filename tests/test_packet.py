@@ -1,4 +1,4 @@
-"""guard.packet: wire bytes in, Packet/Malformed/None out; never an exception.
+"""guard.core.packet: wire bytes in, Packet/Malformed/None out; never an exception.
 
 Fixtures are built byte by byte here (so lengths can lie on purpose) or taken from the shared
 captures under ../shared/captures, which are read in place and never copied into the repo.
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guard.packet import (
+from guard.core.packet import (
     ACK,
     INTERNAL_ERROR,
     PSH,
@@ -128,7 +128,7 @@ def rr_aaaa(name: str, addr: bytes, ttl: int) -> dpkt.dns.DNS.RR:
 
 
 def capture_frames(captures: Path, name: str) -> list[bytes]:
-    """Raw frames of a shared capture, read with dpkt (independent of guard.capture)."""
+    """Raw frames of a shared capture, read with dpkt (independent of guard.tools.capture)."""
     with (captures / name).open("rb") as f:
         return [bytes(buf) for _, buf in dpkt.pcapng.Reader(f)]
 

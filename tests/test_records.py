@@ -1,11 +1,11 @@
-"""TLS records from a byte stream (guard/records.py): the relay's and analyze's one framer."""
+"""TLS records from a byte stream (guard/core/records.py): the relay's and analyze's one framer."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guard.records import NOT_TLS, RecordFramer, StreamAssembler
+from guard.core.records import NOT_TLS, RecordFramer, StreamAssembler
 
 
 def record(body: int, ctype: int = 23) -> bytes:

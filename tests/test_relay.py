@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from guard.engine import Verdict
-from guard.relay import Record, RecordFramer, Relay, RelayTag
+from guard.core.engine import Verdict
+from guard.shell.relay import Record, RecordFramer, Relay, RelayTag
 
 
 def tls(ctype: int, body: bytes) -> bytes:
@@ -361,7 +361,7 @@ def test_kept_bytes_are_capped_per_device_across_its_connections(world: Any) -> 
 
 
 def test_bulk_passes_through_splice_in_order(world: Any, monkeypatch: Any) -> None:
-    import guard.relay as relay_mod
+    import guard.shell.relay as relay_mod
 
     monkeypatch.setattr(relay_mod, "SPLICE_AFTER_BYTES", 1000)
     e = FakeEngine(Verdict.ACCEPT)

@@ -1,4 +1,4 @@
-"""Tests for guard.ruleset: pattern semantics, lookups, loading, errors, and the shipped rules."""
+"""Tests for guard.core.ruleset: pattern semantics, lookups, loading, errors, and the shipped rules."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guard.ruleset import (
+from guard.core.ruleset import (
     AddressHint,
     Category,
     HostRule,

@@ -1,4 +1,4 @@
-"""guard.sni: server names from TLS ClientHellos over TCP and from QUIC v1/v2 Initials.
+"""guard.core.sni: server names from TLS ClientHellos over TCP and from QUIC v1/v2 Initials.
 
 Fixtures: a ClientHello made by the stdlib ssl module (also kept as
 tests/fixtures/tls_client_hello_bob_dispatch.bin), the client Initial test vectors of RFC 9001
@@ -23,9 +23,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guard.capture import read_capture
-from guard.packet import ACK, SYN, TCP, Packet
-from guard.sni import (
+from guard.core.packet import ACK, SYN, TCP, Packet
+from guard.core.sni import (
     MAX_STREAM_BYTES,
     NEED_MORE,
     NeedMore,
@@ -34,6 +33,7 @@ from guard.sni import (
     client_hello_sni,
     parse_client_hello,
 )
+from guard.tools.capture import read_capture
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BOB = "bob-dispatch-prod-na.amazon.com"

@@ -1,4 +1,4 @@
-"""guard.store: persistence, id sequence, corruption handling, durability under kill -9, retention."""
+"""guard.shell.store: persistence, id sequence, corruption handling, durability under kill -9, retention."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from guard.config import AUDIT_MIN_BYTES, ConfigError, GuardConfig, parse_config
-from guard.store import (
+from guard.core.config import AUDIT_MIN_BYTES, ConfigError, GuardConfig, parse_config
+from guard.shell.store import (
     Action,
     Outcome,
     PendingUpload,
@@ -24,7 +24,7 @@ from guard.store import (
     StoreTooNew,
     WindowKind,
 )
-from guard.uci import uci_to_config
+from guard.tools.uci import uci_to_config
 
 NOW = 1_700_000_000.0
 
@@ -507,7 +507,7 @@ def test_empty_existing_file_is_initialised(db: Path) -> None:
 
 CHILD = """
 import sys
-from guard.store import Store, PendingUpload
+from guard.shell.store import Store, PendingUpload
 s = Store.open(sys.argv[1], 1.0)
 while True:
     uid = s.next_upload_id()

@@ -1,10 +1,10 @@
-"""The stream judge as a table: bursts of records in, judgements out (guard/detector.py)."""
+"""The stream judge as a table: bursts of records in, judgements out (guard/core/detector.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from guard.detector import Judgement, StreamConfig, judge_stream, stream_deadline
+from guard.core.detector import Judgement, StreamConfig, judge_stream, stream_deadline
 
 CFG = StreamConfig()
 

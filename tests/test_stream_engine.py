@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from guard.config import DeviceConfig, GuardConfig
-from guard.engine import (
+from guard.core.config import DeviceConfig, GuardConfig
+from guard.core.engine import (
     BurstReleased,
     Discard,
     Engine,
@@ -20,7 +20,7 @@ from guard.engine import (
     UploadHeld,
     Verdict,
 )
-from guard.policy import Decision, Mode, Outcome, Scope, Verb
+from guard.core.policy import Decision, Mode, Outcome, Scope, Verb
 from tests.enginekit import CLOUD, ECHO, RULES
 
 VOICE = "bob-dispatch-prod-na.amazon.com"

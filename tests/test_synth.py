@@ -1,4 +1,4 @@
-"""guard.synth: the synthetic sessions are deterministic, well-formed on the wire, carry the
+"""hushsim.synth: the synthetic sessions are deterministic, well-formed on the wire, carry the
 names and shapes design.md section 7 describes, and their ground truth matches their packets.
 Also bench/eval_captures.evaluate() on hand-made analyze results."""
 
@@ -18,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from guard import synth
+from hushsim import synth
 
 REPO = Path(__file__).resolve().parents[1]
 VOICE_REMOTE = (synth.AVS.ip, 443)
@@ -204,7 +204,7 @@ def test_tcp_client_hellos_are_real_and_carry_the_snis(session) -> None:
 
 
 def test_sni_assembler_finds_the_names_if_present(session) -> None:
-    from guard import sni
+    from guard.core import sni
     found = set()
     for stream in _client_streams(session).values():
         asm = sni.SniAssembler()
@@ -244,7 +244,7 @@ def test_dns_answers_have_ttls_and_one_cname_chain(session) -> None:
 
 
 def test_guard_packet_maps_the_cname_chain_to_the_asked_name(session_file: Path) -> None:
-    from guard.packet import parse_frame
+    from guard.core.packet import parse_frame
 
     names = set()
     for _, buf in _read(session_file):
@@ -329,7 +329,7 @@ def test_quic_initial_keys_match_rfc9001_appendix_a() -> None:
 
 
 def test_sni_assembler_reads_the_quic_initial_if_present(nest) -> None:
-    from guard import sni
+    from guard.core import sni
     asm = sni.SniAssembler()
     assert asm.feed_quic(_first_client_initial(nest)) == "embeddedassistant.googleapis.com"
 
@@ -569,7 +569,8 @@ def test_evaluate_counts_detection_leak_false_prompts_and_delays() -> None:
     assert (o["labels"], o["detected"], o["false_prompts"]) == (2, 1, 2)
     failures = ev.check(summary)
     assert any("recall" in f for f in failures) and any("false prompts" in f for f in failures)
-    assert not any("leak" in f for f in failures) and not any("p95" in f for f in failures)
+    # the stream hold's targets: leak <= 0.1 % (0.4 % here), release p95 <= 0.3 s (0.955 here)
+    assert any("leak" in f for f in failures) and any("p95" in f for f in failures)
 
 
 def test_evaluate_pools_captures_and_passes_a_clean_run() -> None:

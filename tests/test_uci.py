@@ -1,4 +1,4 @@
-"""guard.uci: OpenWrt's /etc/config/hushgate to the TOML config, pure and line-exact."""
+"""guard.tools.uci: OpenWrt's /etc/config/hushgate to the TOML config, pure and line-exact."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guard.config import ConfigError, GuardConfig, parse_config
-from guard.policy import CategoryAction, Mode
-from guard.uci import (
+from guard.core.config import ConfigError, GuardConfig, parse_config
+from guard.core.policy import CategoryAction, Mode
+from guard.tools.uci import (
     OPENWRT_DEFAULTS,
     UciError,
     dumps_toml,

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from guard.control import ControlServer, reply_error, reply_ok
-from guard.watch import clean, run_watch
+from guard.shell.control import ControlServer, reply_error, reply_ok
+from guard.tools.watch import clean, run_watch
 
 REPO = Path(__file__).resolve().parents[1]
 HOSTILE_HOST = "<b>x</b>\x1b[2J\x1b]0;pwn\x07" + "A" * 255
@@ -72,7 +72,7 @@ class Terminal:
     def __init__(self, socket_path: str) -> None:
         self.master, self.slave = os.openpty()
         self.before = termios.tcgetattr(self.slave)
-        code = ("import sys; from guard.watch import run_watch; "
+        code = ("import sys; from guard.tools.watch import run_watch; "
                 f"sys.exit(run_watch({socket_path!r}, poll_s=0.1))")
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=self.slave,

@@ -1,8 +1,8 @@
-"""The LAN web prompt (guard/web.py): login, sessions, CSRF, Host allowlist, escaping, TLS, and a
+"""The LAN web prompt (guard/shell/web.py): login, sessions, CSRF, Host allowlist, escaping, TLS, and a
 real headless Chromium that signs in, sees a held upload appear and answers it.
 
 Every server here listens on 127.0.0.1 with an ephemeral port and talks to a fake handler that
-speaks the control protocol (guard/control.py) and records what the page asked for.
+speaks the control protocol (guard/shell/control.py) and records what the page asked for.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from guard.web import (
+from guard.shell.web import (
     HOST_MAX_CHARS,
     LoginLimiter,
     Sessions,

@@ -80,7 +80,7 @@ SOCKET=/run/hushgate/control.sock
 STATE_DB=/var/lib/hushgate/state.db
 if [ -x "$VENV/bin/python" ] && [ -f "$CONFIG" ]; then
 	paths=$("$VENV/bin/python" -c 'import sys
-from guard.config import load_config
+from guard.core.config import load_config
 c = load_config(sys.argv[1])
 print(c.socket)
 print(c.state_db)' "$CONFIG" 2>/dev/null) && {

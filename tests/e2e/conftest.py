@@ -1,4 +1,4 @@
-"""Fixtures for the namespace-based end-to-end suite: the simulated home of guard.sim.topology.
+"""Fixtures for the namespace-based end-to-end suite: the simulated home of hushsim.topology.
 
 Rules of this file: kernel-level tests run in CI (as root) and must pass there. They are skipped
 only when not root AND $CI is not "true"; in CI a missing privilege or tool FAILS them, so a green
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from guard.sim.topology import Topology, cleanup_stale, missing_tools
+from hushsim.topology import Topology, cleanup_stale, missing_tools
 from tests.ci import need_root
 from tests.e2e.guardkit import Guard, MakeGuard, device
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from guard.sim.topology import Topology, TopologyError, parse_speaker_output
+from hushsim.topology import Topology, TopologyError, parse_speaker_output
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts"
@@ -86,7 +86,7 @@ def render_config(
 class Guard:
     """A `hushgate run` in the topology's gw namespace, with its own config, socket and store in a
     temp dir named after the topology (so `cleanup_stale` finds leftovers of a crashed run).
-    `command` is how the daemon is started: `python -m guard.cli run --config FILE`.
+    `command` is how the daemon is started: `python -m guard.tools.cli run --config FILE`.
 
     Use as a context manager: entering starts the daemon (unless `autostart=False`) and waits
     until `status` answers; leaving stops it, removes its firewall and kills the speakers started
@@ -104,7 +104,7 @@ class Guard:
         sections: Mapping[str, Mapping[str, Any]] | None = None,
         **guard_keys: Any,
     ) -> None:
-        self.command: tuple[str, ...] = ("-m", "guard.cli", "run")
+        self.command: tuple[str, ...] = ("-m", "guard.tools.cli", "run")
         self.topo = topo
         self.devices = [dict(d) for d in devices]
         self.dir = Path(tempfile.mkdtemp(prefix=f"{topo.prefix}-guard-"))
@@ -295,10 +295,10 @@ class Guard:
     def cli(
         self, *args: str, socket: bool = True, timeout: float = CLI_TIMEOUT_S
     ) -> subprocess.CompletedProcess[str]:
-        """`python -m guard.cli ARGS [--socket S]` inside gw; never raises on a failing exit."""
+        """`python -m guard.tools.cli ARGS [--socket S]` inside gw; never raises on a failing exit."""
         extra = ["--socket", str(self.socket)] if socket else []
         return self.topo.run(
-            "gw", sys.executable, "-m", "guard.cli", *args, *extra, check=False, timeout=timeout
+            "gw", sys.executable, "-m", "guard.tools.cli", *args, *extra, check=False, timeout=timeout
         )
 
     def cli_ok(self, *args: str, socket: bool = True) -> subprocess.CompletedProcess[str]:
@@ -412,7 +412,7 @@ def hushgate_rules(topo: Topology) -> list[str]:
 def queue_counters(topo: Topology) -> dict[str, int]:
     """Packets counted by every NFQUEUE rule in gw, per family and chain: {"ipv4 CHAIN": n}.
     Only the guard's rules queue, so these count every packet that reached userspace."""
-    from guard.firewall import parse_save
+    from guard.shell.firewall import parse_save
 
     out: dict[str, int] = {}
     for fam, text in ruleset(topo, counters=True).items():
@@ -426,7 +426,7 @@ def queue_counters(topo: Topology) -> dict[str, int]:
 
 def _remove_rules_directly(topo: Topology) -> None:
     """Last resort when the CLI left rules: remove every HUSHGATE chain and jump ourselves."""
-    from guard.firewall import FirewallSpec, IptablesBackend, netns_runner
+    from guard.shell.firewall import FirewallSpec, IptablesBackend, netns_runner
 
     spec = FirewallSpec(devices=(), queue=0)
     backend = IptablesBackend(

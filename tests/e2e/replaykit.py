@@ -1,7 +1,7 @@
 """Replay whole captured voice connections through a live guard and measure what the cloud got.
 
 Shared by tests/e2e/test_replay_live.py (a rotating subset per sender setup, in CI) and
-bench/replay_live.py (every burst, every setup). The replays come from guard/sim/timeline.py.
+bench/replay_live.py (every burst, every setup). The replays come from hushsim/timeline.py.
 
 How a run goes: replays are grouped in lanes, one per LAN speaker (the Echo's replays one after
 another on the echo host, the HomePod's on the homepod host, the two lanes at the same time, as
@@ -39,10 +39,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from guard.control import ControlError, request
-from guard.detector import StreamConfig
-from guard.sim import timeline as tl
-from guard.sim.topology import GW_LAN_V4, GW_LAN_V6, WAN_IF, Topology, TopologyError
+from guard.core.detector import StreamConfig
+from guard.shell.control import ControlError, request
+from hushsim import timeline as tl
+from hushsim.topology import GW_LAN_V4, GW_LAN_V6, WAN_IF, Topology, TopologyError
 from tests.e2e.guardkit import Guard, cloud_conn_since
 
 VOICE_AMAZON = "bob-dispatch-prod-na.amazon.com"
@@ -165,7 +165,7 @@ def _later(topo: Topology, ns: str, *cmd: str) -> Callable[[], object]:
 
 def _wan_delay(topo: Topology, undo: list[Callable[[], object]]) -> str:
     """WAN_DELAY each way between the router and the cloud: netem on gw's uplink and the
-    cloud's side of it; on a kernel without sch_netem, a delay line (guard.sim.delayline, an
+    cloud's side of it; on a kernel without sch_netem, a delay line (hushsim.delayline, an
     NFQUEUE whose verdicts come WAN_DELAY late) on the cloud's side, both directions."""
     if _netem_works(topo):
         for ns, dev in (("gw", WAN_IF), ("wan", "eth0")):
@@ -173,7 +173,7 @@ def _wan_delay(topo: Topology, undo: list[Callable[[], object]]) -> str:
             undo.append(_later(topo, ns, "tc", "qdisc", "del", "dev", dev, "root"))
         return f"netem delay {WAN_DELAY} on gw {WAN_IF} and wan eth0 (RTT +40 ms)"
     delay_ms = WAN_DELAY.removesuffix("ms")
-    proc = topo.popen("wan", sys.executable, "-m", "guard.sim.delayline", "--queue",
+    proc = topo.popen("wan", sys.executable, "-m", "hushsim.delayline", "--queue",
                       str(DELAY_QUEUE), "--delay-ms", delay_ms, "--max-seconds", "900")
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], 10.0)
@@ -197,7 +197,7 @@ def _wan_delay(topo: Topology, undo: list[Callable[[], object]]) -> str:
             topo.run("wan", tool, "-t", "mangle", "-A", *rule)
             undo.append(_later(topo, "wan", tool, "-t", "mangle", "-D", *rule))
     return (f"{WAN_DELAY} each way on the wan side of the uplink: an NFQUEUE delay line "
-            "(guard/sim/delayline.py; this kernel has no sch_netem)")
+            "(hushsim/delayline.py; this kernel has no sch_netem)")
 
 
 def wan_rtt_ms(topo: Topology, host: str = VOICE_AMAZON) -> float:

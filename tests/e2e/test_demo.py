@@ -6,12 +6,12 @@ import re
 import subprocess
 import sys
 
-from guard.sim.topology import _netns_list
+from hushsim.topology import _netns_list
 from tests.e2e.guardkit import REPO
 
 
 def test_demo_walks_through_every_step_and_leaves_nothing_behind(kernel_world: None) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "guard.cli", "demo"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "guard.tools.cli", "demo"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         out, _ = proc.communicate(timeout=120)

@@ -34,8 +34,8 @@ from typing import Any
 
 import pytest
 
-from guard.sim import quic
-from guard.sim.topology import Topology
+from hushsim import quic
+from hushsim.topology import Topology
 from tests.e2e.guardkit import (
     Guard,
     MakeGuard,
@@ -58,7 +58,7 @@ REFUSE_WITHIN_S = 0.5  # "refused at once" (test_guard_live's bound for a blocke
 PENDING_WITHIN_S = 4.0  # generous: test_guard_live asserts the 1 s bound itself
 KEEPALIVE_S = 2  # the quiet connection's TCP keepalive period (its next packet comes this soon)
 INITIAL_BYTES = len(quic.build_initial(GOOGLE_VOICE, bytes(8), bytes(8)))  # 1,200: RFC 9000 14.1
-HOST_MAX = 253  # the longest DNS name; the guard caps names there (guard.packet.normalise_name)
+HOST_MAX = 253  # the longest DNS name; the guard caps names there (guard.core.packet.normalise_name)
 
 ETH_P_ALL = 0x0003
 SO_TIMESTAMPNS = 35  # asm-generic/socket.h (= SCM_TIMESTAMPNS)

@@ -29,9 +29,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from guard.control import ControlError, request
-from guard.sim import quic
-from guard.sim.topology import Topology
+from guard.shell.control import ControlError, request
+from hushsim import quic
+from hushsim.topology import Topology
 from tests.e2e.guardkit import (
     Guard,
     MakeGuard,
@@ -593,7 +593,7 @@ def test_broken_rules_refuse_start_and_a_broken_reload_keeps_the_rules_in_force(
     custom.write_text(SYNTAX_BROKEN)
     assert not any("NFQUEUE" in text for text in ruleset(topology).values())
     g = guards(autostart=False, rules_dir=str(rules))
-    res = topology.run("gw", sys.executable, "-m", "guard.cli", "run", "--config",
+    res = topology.run("gw", sys.executable, "-m", "guard.tools.cli", "run", "--config",
                        str(g.config_path), check=False, timeout=30)  # fmt: skip
     err_lines = [line for line in res.stderr.splitlines() if line.strip()]
     record("broken_rules_start", exit_code=res.returncode, stderr=err_lines)

@@ -1,4 +1,4 @@
-"""guard.firewall against the real kernel, in throw-away network namespaces.
+"""guard.shell.firewall against the real kernel, in throw-away network namespaces.
 
 Topology (all addresses in 198.18.0.0/15 and the 2001:2::/48 benchmarking prefix):
   dev  (a configured speaker, 198.18.10.10, 2001:2:0:10::10)  ─┐
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from guard.firewall import (
+from guard.shell.firewall import (
     DeviceMatch,
     FirewallSpec,
     IptablesBackend,
@@ -409,7 +409,7 @@ def test_fail_open_bypass_passes_without_consumer(topo: Topo, variant: str) -> N
 CONSUMER = """
 import sys
 from netfilterqueue import NetfilterQueue
-from guard.firewall import compose_mark
+from guard.shell.firewall import compose_mark
 mode, queue = sys.argv[1], int(sys.argv[2])
 seen = 0
 def cb(pkt):

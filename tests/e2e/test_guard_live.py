@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from guard.sim import profiles, quic
-from guard.sim.topology import GW_LAN_V4, Topology
+from hushsim import profiles, quic
+from hushsim.topology import GW_LAN_V4, Topology
 from tests.e2e.guardkit import (
     Guard,
     MakeGuard,

@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from guard.sim.topology import Topology
+from hushsim.topology import Topology
 from tests.e2e.guardkit import (
     Guard,
     MakeGuard,
@@ -80,7 +80,7 @@ def _rules(topology: Topology) -> dict[int, list[str]]:
 def _run_once(topology: Topology, config: Path, *prefix: str, timeout: float = 30.0
               ) -> subprocess.CompletedProcess[str]:
     """A foreground `hushgate run` that is expected to refuse (bounded)."""
-    return topology.run("gw", *prefix, sys.executable, "-m", "guard.cli", "run", "--config",
+    return topology.run("gw", *prefix, sys.executable, "-m", "guard.tools.cli", "run", "--config",
                         str(config), check=False, timeout=timeout)
 
 
@@ -201,7 +201,7 @@ def test_run_without_the_network_capabilities_is_one_line_exit_1_and_no_rule(
     topology: Topology, guards: MakeGuard, fail: str
 ) -> None:
     g = guards(autostart=False, fail=fail, tcp_hold="relay", relay_port=RELAY_PORT)
-    res = topology.run("gw", *CAPSH, "-c", f"exec {sys.executable} -m guard.cli run --config "
+    res = topology.run("gw", *CAPSH, "-c", f"exec {sys.executable} -m guard.tools.cli run --config "
                        f"{g.config_path}", check=False, timeout=30.0)
     assert "Traceback" not in res.stderr, res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
@@ -214,7 +214,7 @@ def test_run_without_the_network_capabilities_is_one_line_exit_1_and_no_rule(
         assert "WARNING" in lines[0] and "missing capabilities" in lines[0], lines
         assert len(lines) <= 3 and "refusing to start" in "\n".join(lines), lines
     assert hushgate_rules(topology) == []
-    doctor = topology.run("gw", *CAPSH, "-c", f"exec {sys.executable} -m guard.cli doctor "
+    doctor = topology.run("gw", *CAPSH, "-c", f"exec {sys.executable} -m guard.tools.cli doctor "
                           f"--json --config {g.config_path}", check=False, timeout=30.0)
     checks = {c["name"]: c for c in json.loads(doctor.stdout)}
     assert checks["capabilities"]["severity"] == "warn", checks["capabilities"]
@@ -249,7 +249,7 @@ def test_watchdog_pings_come_from_the_loop_and_stop_while_it_is_stopped(
     try:
         env = {**topology._env, "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"}
         with g.log_path.open("a") as log:
-            g.proc = topology.popen("gw", sys.executable, "-m", "guard.cli", "run", "--config",
+            g.proc = topology.popen("gw", sys.executable, "-m", "guard.tools.cli", "run", "--config",
                                     str(g.config_path), stdout=log, stderr=subprocess.STDOUT,
                                     env=env)
         g.wait_ready()

@@ -3,7 +3,7 @@ connections are replayed through a real `hushgate run` (tcp_hold = relay) while 
 the speaker's side at the router; `analyze` then runs over that recording, and each upload the
 live guard made pending must be one `analyze` holds (decided within PARITY_S of each other), and
 the bursts released as messages must be the same number. The relay and `analyze` share the
-framer (guard/records.py) and the judge (guard/detector.py judge_stream): this test checks the
+framer (guard/core/records.py) and the judge (guard/core/detector.py judge_stream): this test checks the
 parts around them (the relay's reads against a capture's reassembly, timers against packets)."""
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from guard.analyze import analyze_capture
-from guard.sim import timeline as tl
-from guard.sim.profiles import default_captures_dir
-from guard.sim.topology import BRIDGE, Topology
+from guard.tools.analyze import analyze_capture
+from hushsim import timeline as tl
+from hushsim.profiles import default_captures_dir
+from hushsim.topology import BRIDGE, Topology
 from tests.ci import IN_CI
 from tests.e2e import replaykit
 from tests.e2e.guardkit import MakeGuard, device

@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from guard.sim.topology import Topology
+from hushsim.topology import Topology
 from tests.ci import IN_CI
 from tests.e2e.guardkit import (
     ARTIFACTS,
@@ -416,7 +416,7 @@ def test_watch_in_a_terminal_allows_with_a_and_denies_with_d(
 ) -> None:
     g = guards()
     term = PtyProcess(
-        topology, "gw", sys.executable, "-m", "guard.cli", "watch", "--socket", str(g.socket)
+        topology, "gw", sys.executable, "-m", "guard.tools.cli", "watch", "--socket", str(g.socket)
     )
     try:
         term.expect(r"no uploads pending")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from guard.sim.topology import Topology
+from hushsim.topology import Topology
 from tests.e2e.guardkit import MakeGuard, device
 
 GOOGLE_VOICE = "embeddedassistant.googleapis.com"

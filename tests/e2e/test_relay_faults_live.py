@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from guard.sim.topology import Topology
+from hushsim.topology import Topology
 from tests.e2e.guardkit import (
     Guard,
     MakeGuard,

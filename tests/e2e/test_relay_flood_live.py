@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 
-from guard.sim.topology import Topology
+from hushsim.topology import Topology
 from tests.e2e.guardkit import MakeGuard, cloud_bytes_stay, cloud_conn_since, device, record
 
 VOICE = "bob-dispatch-prod-na.amazon.com"
@@ -26,7 +26,7 @@ SMART_HOME = "api.amazonalexa.com"
 QUEUE = 43  # this module's NFQUEUE number (other modules use their own)
 ECHO_PORT, SINK_PORT = 7501, 7502
 FLOOD_CONNS = int(os.environ.get("HUSHGATE_FLOOD_CONNS", "4000"))
-FLOOD_SECONDS = 16.0  # past HELLO_WAIT_S (2 s) and RECORD_WAIT_S (10 s) of guard/relay.py
+FLOOD_SECONDS = 16.0  # past HELLO_WAIT_S (2 s) and RECORD_WAIT_S (10 s) of guard/shell/relay.py
 PER_DEVICE = 512  # config max_connections_per_device (default)
 RTT_SLACK_MS = 5.0
 

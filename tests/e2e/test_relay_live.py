@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from guard.sim.topology import GW_LAN_V4, Topology
+from hushsim.topology import GW_LAN_V4, Topology
 from tests.e2e.guardkit import (
     Guard,
     MakeGuard,

@@ -1,7 +1,7 @@
 """Issue 13's live acceptance: captured voice connections replayed through a real `hushgate run`.
 
 A speaker replays labelled uploads and the non-audio bursts around them on the same connection
-(guard/sim/timeline.py: the captures' voice connections, idle gaps shortened to 1.5 s) through
+(hushsim/timeline.py: the captures' voice connections, idle gaps shortened to 1.5 s) through
 the relay (`tcp_hold = "relay"`, strict), under each sender setup: Linux defaults,
 tcp_early_retrans=0, initcwnd 4, tcp_slow_start_after_idle=0, bbr, 20 ms of WAN delay each way
 (netem, or where the kernel has no sch_netem an NFQUEUE delay line in the wan namespace).
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from guard.sim import timeline as tl
-from guard.sim.profiles import default_captures_dir
-from guard.sim.topology import Topology
+from hushsim import timeline as tl
+from hushsim.profiles import default_captures_dir
+from hushsim.topology import Topology
 from tests.ci import missing_or_fail
 from tests.e2e import replaykit as rk
 from tests.e2e.guardkit import MakeGuard, device, record

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from guard.sim import profiles
-from guard.sim.topology import (
+from hushsim import profiles
+from hushsim.topology import (
     GW_WAN_V4,
     Topology,
     _netns_list,
@@ -201,7 +201,7 @@ def test_reset_is_noticed_within_a_second_while_blocked_in_send(topology: Topolo
         out, err = proc.communicate(timeout=10)
     finally:
         topology.run("gw", topology.iptables, "-D", *rule, check=False)
-    from guard.sim.topology import parse_speaker_output
+    from hushsim.topology import parse_speaker_output
 
     result = parse_speaker_output(out, err)
     assert result["reset"], result

@@ -13,8 +13,8 @@ setns(2) just long enough to open its socket, and the socket stays in that names
 
 The relay checks run the real guard: `hushgate run --config /vmout/config.toml` (backend
 nftables, tcp_hold relay, the speaker strict) in gw, after fw4 loaded hushgate's include; the
-project's TLS cloud (guard/sim/cloud.py, one address per vendor host, certificates from the
-harness) in wan, and its speaker simulator (guard/sim/speaker.py) in lan. What left the house is
+project's TLS cloud (hushsim/cloud.py, one address per vendor host, certificates from the
+harness) in wan, and its speaker simulator (hushsim/speaker.py) in lan. What left the house is
 read from the TLS cloud's own counters (its control socket), never from the guard. The guard is
 driven through its CLI (`hushgate pending --json`, `allow`, `deny`, `status --json`). As on an
 OpenWrt router with fw4, there is no iptables in the guest (it is renamed in the overlay), so
@@ -64,7 +64,7 @@ UDP_PORTS = (443, 5000, 5001, 5002)
 # (the connmark fast path takes over), accept with the block mark (the kernel rejects the rest).
 PLAIN, ALLOW, BLOCK = (80, 5000), (443, 5001), (5002,)
 OUT = Path("/vmout")
-# The TLS cloud (guard/sim/cloud.py): one wan address per vendor host, :443.
+# The TLS cloud (hushsim/cloud.py): one wan address per vendor host, :443.
 VOICE = "bob-dispatch-prod-na.amazon.com"  # voice: held until a person decides
 SMART_HOME = "api.amazonalexa.com"  # smart-home events: an allowed category, relayed at once
 MESSAGING = "alexa-comms-mobile-service.amazon.com"  # messaging: refused
@@ -349,9 +349,9 @@ class Ctx:
     # the real guard and the TLS cloud
 
     def start_tls_cloud(self) -> None:
-        """Start guard/sim/cloud.py in wan (not waited for: it comes up while others run)."""
+        """Start hushsim/cloud.py in wan (not waited for: it comes up while others run)."""
         self.tls_cloud = subprocess.Popen(
-            ["ip", "netns", "exec", "wan", self.job["python"], "-m", "guard.sim.cloud",
+            ["ip", "netns", "exec", "wan", self.job["python"], "-m", "hushsim.cloud",
              "--config", self.job["cloud"]["config"]],
             stdout=open(OUT / "tls-cloud.log", "w"), stderr=subprocess.STDOUT,
             cwd=self.job["repo"])
@@ -522,7 +522,7 @@ def _json_line(text: str) -> dict:
 
 
 class Speaker:
-    """guard/sim/speaker.py in lan, connecting to `host` at its TLS cloud address: started at
+    """hushsim/speaker.py in lan, connecting to `host` at its TLS cloud address: started at
     once; `ready()` waits for its TLS connection, `go()` releases a --wait-file one."""
 
     n = 0
@@ -534,7 +534,7 @@ class Speaker:
         self.ready_file = Path(f"/tmp/speaker{Speaker.n}.ready")
         self.go_file = Path(f"/tmp/speaker{Speaker.n}.go")
         self.err_path = OUT / f"speaker{Speaker.n}.err"
-        argv = [ctx.job["python"], "-m", "guard.sim.speaker", "--ca", ctx.job["cloud"]["ca"],
+        argv = [ctx.job["python"], "-m", "hushsim.speaker", "--ca", ctx.job["cloud"]["ca"],
                 "--host", host, "--addr", TLS_HOSTS[host], "-4",
                 "--ready-file", str(self.ready_file), *head, *mode]
         if wait:

@@ -19,7 +19,7 @@ rulesets rendered here with the project's own API (fw4 include, queue chains), t
 afterwards results.json, guest.log and console.log.
 
 The relay checks run the real `hushgate run` (backend nftables, tcp_hold relay) against the
-project's TLS cloud (guard/sim/cloud.py) and speaker simulator (guard/sim/speaker.py): the test
+project's TLS cloud (hushsim/cloud.py) and speaker simulator (hushsim/speaker.py): the test
 CA and the hosts' certificates are made here (cryptography is slow to import in the guest) and
 handed over in the job directory with the cloud's config.
 
@@ -359,10 +359,10 @@ mode = "strict"
 
 
 def write_cloud(out: Path) -> dict:
-    """The TLS cloud's certificates (a fresh test CA) and config, for guard/sim/cloud.py in the
+    """The TLS cloud's certificates (a fresh test CA) and config, for hushsim/cloud.py in the
     guest's wan namespace: one address per vendor host, TCP :443 only."""
     try:
-        from guard.sim.certs import TestCA
+        from hushsim.certs import TestCA
     except ImportError as exc:
         raise HarnessError(f"the TLS cloud's certificates need {exc.name} "
                            "(pip install -e '.[dev]')") from None
@@ -383,9 +383,9 @@ def write_cloud(out: Path) -> dict:
 
 def render_files(config, sabotage: tuple[str, ...] = ()) -> dict[str, str]:
     """The rulesets the guest loads, rendered by the project's code (sabotaged when asked)."""
-    from guard.firewall import NftablesBackend
-    from guard.fwspec import spec_from_config
-    from guard.uci import fw4_include
+    from guard.shell.firewall import NftablesBackend
+    from guard.shell.fwspec import spec_from_config
+    from guard.tools.uci import fw4_include
 
     backend = NftablesBackend(spec_from_config(config))
     files = {
@@ -403,9 +403,9 @@ def write_job(out: Path, *, checks: tuple[str, ...] = (), sabotage: tuple[str, .
     """The job directory: config, rulesets rendered by the project's code, the TLS cloud's
     certificates and config, job.json, run.sh. `sabotage_pass` adds a sabotaged copy of the
     rulesets in sabotaged/ for the guest's second pass."""
-    from guard.config import load_config
-    from guard.firewall import NftablesBackend
-    from guard.fwspec import spec_from_config
+    from guard.core.config import load_config
+    from guard.shell.firewall import NftablesBackend
+    from guard.shell.fwspec import spec_from_config
 
     topo = guest.TOPOLOGY
     cfg = out / "config.toml"

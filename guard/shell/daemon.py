@@ -1,0 +1,1339 @@
+"""`hushgate run`: the composition root, and the one place that reads the clock.
+
+Rules of this module: it wires the shell around the engine and makes no decisions of its own.
+One thread owns the packet loop; the control server's thread reaches the engine only under the
+same lock, and every action the engine emits is carried out before the lock is released (so a
+decision is acted on and persisted before its reply is sent). Start-up order keeps the guard
+closed: store first (a corrupt one is moved aside, never silently reset), then the persistent
+safety net, then the queue rules, then traffic.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from guard import __version__
+from guard.core.config import GuardConfig
+from guard.core.engine import (
+    BurstReleased,
+    Discard,
+    Engine,
+    FlowBlocked,
+    HeldCapHit,
+    MacLearned,
+    MarkFlow,
+    Release,
+    Reset,
+    StreamBytes,
+    UnknownUpload,
+    Unreachable,
+    UploadDecided,
+    UploadEnded,
+    UploadHeld,
+    UploadSeen,
+)
+from guard.core.packet import TCP, Malformed
+from guard.core.policy import (
+    Decision,
+    Outcome,
+    Scope,
+    StandingRule,
+    Verb,
+    Window,
+    WindowKind,
+)
+from guard.core.ruleset import RuleError, load_rules
+from guard.shell.control import ControlError
+from guard.shell.firewall import FirewallError, IptablesBackend, compose_mark
+from guard.shell.firewall import mac_sharers as _mac_sharers
+from guard.shell.firewall import neighbour_table as _neighbour_table
+from guard.shell.fwspec import run_backend, spec_from_config
+from guard.shell.hooks import Hooks
+from guard.shell.inject import Injector
+from guard.shell.metrics import GuardCollector, Metrics, serve_metrics
+from guard.shell.nfqueue import COPY_RANGE, QueueHandler, late_reject, late_verdict
+from guard.shell.relay import Relay, RelayTag
+from guard.shell.store import PendingUpload, Store, StoreCorrupt, StoreError
+from guard.shell.web import WebError
+
+
+def log(message: str) -> None:
+    print(f"hushgate: {message}", file=sys.stderr, flush=True)
+
+
+class Daemon:
+    def __init__(self, config: GuardConfig, *, backend: IptablesBackend | None = None) -> None:
+        self.config = config
+        self.lock = threading.RLock()
+        self.stopping = threading.Event()
+        self.started = time.time()
+        self.loop_at = time.monotonic()  # the packet loop's last turn (`hushgate health`)
+        self.notifier = Notifier()
+        self.installed_dynamic = False  # our queue rules: only a guard that installed them removes
+        self.close_failed = False
+        self.rules = load_rules([config.rules_dir] if config.rules_dir else [])
+        # An address-only device's MAC is matched only while that MAC is that one address's in
+        # the neighbour table (design.md 4): a MAC shared by several addresses (clients behind a
+        # MAC-rewriting Wi-Fi extender) would pull every one of them in. Warned once each.
+        self.shared_macs: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self.neighbours: dict[str, str] = {}
+        self.learned_macs: dict[str, str] = {}  # device -> MAC learned at run time (not config)
+        self._warned_shared: set[tuple[str, str]] = set()
+        self.configured = config  # as written: which devices are address-only
+        config = self.config = with_neighbour_macs(config, wait_s=NEIGHBOUR_START_WAIT_S,
+                                                   shared=self.shared_macs)
+        self.learned_macs = {d.name: d.mac for d, c in zip(config.devices, self.configured.devices)
+                             if c.mac is None and d.mac is not None}
+        self._warn_shared()
+        self.neighbours = _neighbour_table() if _macless(config) or self.learned_macs else {}
+        self.spec = spec_from_config(config)
+        self.marks = self.spec.marks
+        self.firewall = backend or run_backend(config)
+        self.injector = Injector()
+        self.store = self._open_store()
+        self.errors: dict[str, int] = {"store": 0, "reset": 0, "conntrack": 0}
+        # QUIC refused per device (kernel counters) and whether it fell back to TCP
+        self.quic: dict[str, dict[str, Any]] = {}
+        self.quic_checked = time.time()
+        # the last bursts released as not audio, for `status --json` (what was judged a message)
+        self.releases: deque[dict[str, Any]] = deque(maxlen=RECENT_RELEASES)
+        self.engine = self._engine()
+        self._gate_engine_macs()
+        self.queues: list[Any] = []
+        self.handler: QueueHandler | None = None
+        self.control: Any = None
+        self.reload_requested = threading.Event()
+        self.metrics = Metrics(devices=[d.name for d in config.devices])
+        self.registry = CollectorRegistry()
+        GuardCollector(self.metrics, "open" if config.fail_open else "closed", __version__,
+                       registry=self.registry)
+        self.metrics.set_gauges_source(self._gauges)
+        self.metrics_server: Any = None
+        self.web: Any = None
+        self.hooks = Hooks(config.hooks)
+        self.selector: selectors.BaseSelector = selectors.DefaultSelector()
+        # The stream hold (design.md 5): relayed devices' TCP, when the rules intercept any.
+        self.relay: Relay | None = None
+        if self.spec.relay:
+            self.relay = Relay(
+                self.engine, port=config.relay_port, upstream_mark=config.relay_mark,
+                max_per_device=config.max_connections_per_device,
+                max_total=config.max_relay_connections,
+                max_kept_bytes=config.max_held_bytes_per_upload + RELAY_KEPT_SLACK_BYTES,
+                families=(4, 6) if os.path.exists("/proc/sys/net/ipv6") else (4,), log=log)
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    def _open_store(self) -> Store:
+        now = time.time()
+        try:
+            return Store.open(self.config.state_db, now)
+        except StoreCorrupt as exc:
+            log(f"state database {exc.path} is corrupt ({exc.reason}); moved aside to "
+                f"{exc.moved_to}; starting with an empty one, fail-closed")
+            return Store.open(self.config.state_db, now, upload_id_floor=exc.next_id_floor)
+
+    def _engine(self) -> Engine:
+        now = time.time()
+        engine = Engine(self.config, self.rules, id_source=self.store.next_upload_id,
+                        forget_closed=True,
+                        reset_midstream=self.config.reset_midstream)
+        self._load_standing(engine, now)
+        lost = self.store.lost_pending()
+        relayed = [p for p in lost if p.proto == "tcp" and self.config.tcp_hold == "relay"]
+        for p in relayed:
+            # The relay's sockets died with the previous run (SO_LINGER 0: reset, nothing kept
+            # was delivered); the speaker reconnects through the relay. Lost now, with its bytes.
+            self._persist_decision({"id": p.id, "device": p.device, "host": p.host,
+                                    "remote": f"{p.dst}:{p.dport}", "category": p.category,
+                                    "start": p.started}, Outcome.LOST, "restart")
+        engine.expect_lost(
+            (p.id, TCP if p.proto == "tcp" else 17, p.src, p.sport, p.dst, p.dport)
+            for p in lost if p not in relayed)
+        if lost:
+            log(f"{len(lost)} upload(s) were pending when the guard stopped: nothing of them is "
+                "delivered; recorded as lost")
+        return engine
+
+    def _load_standing(self, engine: Engine, now: float) -> None:
+        engine.set_windows(
+            Window(w.device, WindowKind(w.kind), w.until, w.category, w.id)
+            for w in self.store.active_windows(now))
+        engine.set_standing(
+            StandingRule(r.device, Verb(r.action), r.host, r.category, r.id)
+            for r in self.store.rules())
+
+    def start(self) -> None:
+        from netfilterqueue import COPY_PACKET, NetfilterQueue
+
+        from guard.shell.control import ControlServer
+        from guard.shell.web import WebPrompt
+
+        # What can fail for reasons outside the kernel rules fails before they are touched.
+        try:
+            self.metrics_server = serve_metrics(self.config.metrics_listen or "", self.registry)
+        except (OSError, ValueError) as exc:
+            raise StartError(f"metrics.listen {self.config.metrics_listen}: cannot listen: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+        if self.config.web_listen:
+            probe_listen(self.config.web_listen, "web.listen")
+        self.firewall.apply_safety_net()
+        self.handler = QueueHandler(self._receive, self._after_packet, self.config.fail_open,
+                                    observe=self.metrics.packet)
+        max_len = self.config.max_held_packets_total + 1024  # a full queue drops other flows
+        for number in range(self.config.queue, self.config.queue + self.config.queue_count):
+            queue = NetfilterQueue()
+            try:
+                queue.bind(number, self._callback, max_len=max_len, mode=COPY_PACKET,
+                           range=COPY_RANGE)
+            except OSError as exc:
+                raise StartError(f"cannot bind NFQUEUE {number}: {exc.strerror or exc} (another "
+                                 "program holds it, or CAP_NET_ADMIN is missing)") from None
+            self.queues.append(queue)
+        self.installed_dynamic = True  # from here on the queue rules are ours, even half applied
+        self.firewall.install_dynamic()
+        if self.relay is not None:
+            self.relay.start(self.selector)
+            self._flush_relayed_conntrack()
+        if self.config.web_listen:
+            state_dir = web_state_dir(self.config)
+            self.web = WebPrompt(self.config.web_listen, self.handle_request,
+                                 secret_file=os.path.join(state_dir, "web-token"),
+                                 password_hash=self.config.web_password_hash,
+                                 allowed_hosts=self.config.web_hosts, tls=self.config.web_tls,
+                                 state_dir=state_dir)
+            self.web.start()
+            log(f"web prompt on {self.web.url}")
+        # the control socket last: once `status` answers, everything is up
+        self.control = ControlServer(self.config.socket, self.handle_request,
+                                     group=self.config.socket_group)
+        self.control.start()
+        log(f"guarding {len(self.config.devices)} device(s) on queue {self.config.queue}, "
+            f"fail-{'open' if self.config.fail_open else 'closed'}, control {self.config.socket}")
+
+    def _flush_relayed_conntrack(self) -> None:
+        """Fresh start: forget the relayed devices' TCP connections, so ones opened before the
+        guard meet the interception at their next packet and are reset (design.md 5). A device
+        known by MAC only has no address to name here: its old connections are reset when their
+        next packet reaches the listener anyway (TPROXY catches non-SYN packets too)."""
+        relayed = set(self.spec.relay_devices)
+        for d in self.spec.devices:
+            if d.name not in relayed:
+                continue
+            for addr in ([d.address] if d.address else []) + list(d.address6):
+                argv = ["conntrack", "-D", "-f", "ipv6" if ":" in addr else "ipv4", "-p", "tcp",
+                        "-s", addr]
+                try:
+                    subprocess.run(argv, capture_output=True, timeout=5, check=False)
+                except (OSError, subprocess.TimeoutExpired):
+                    self.errors["conntrack"] += 1
+
+    def _receive(self, pkt: Any, now: float, token: Any) -> Any:
+        if pkt is None or isinstance(pkt, Malformed):
+            self.metrics.malformed()
+        return self.engine.receive(pkt, now, token)
+
+    def _gauges(self) -> dict[str, Any]:
+        with self.lock:
+            packets, held = self.engine.held()
+            flows: dict[str, int] = {}
+            for flow in self.engine.iter_flows():
+                flows[flow.state.value] = flows.get(flow.state.value, 0) + 1
+            return {"pending": len(self.engine.pending()), "held_packets": packets,
+                    "held_bytes": held, "flows": flows,
+                    "quic": {name: dict(state) for name, state in self.quic.items()},
+                    "relay": self.relay.stats() if self.relay is not None else None}
+
+    def _callback(self, nfpkt: Any) -> None:
+        with self.lock:
+            self.handler(nfpkt)  # type: ignore[misc]  # set before any queue is bound
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        selector = self.selector
+        # One queue: netfilterqueue's own C loop reads until the socket is empty. Several
+        # queues (guard.queue = "7-8", --queue-balance): each turn reads at most QUEUE_BATCH
+        # packets per queue, round robin, because under sustained load a socket is never
+        # empty and the queue read first would starve the others (their flows stall, then
+        # the kernel drops them when the queue is full).
+        batches = [_QueueBatch(q.get_fd()) for q in self.queues] if len(self.queues) > 1 else []
+        for i, queue in enumerate(self.queues):
+            selector.register(queue.get_fd(), selectors.EVENT_READ,
+                              (queue, batches[i] if batches else None))
+        try:
+            self._serve(selector)
+        finally:
+            selector.close()
+            for batch in batches:
+                batch.close()
+
+    def _serve(self, selector: selectors.BaseSelector) -> None:
+        last_housekeeping = last_neighbours = time.time()
+        while not self.stopping.is_set():
+            # The liveness beat comes from this loop itself: a loop that hangs stops it, and the
+            # service manager restarts the guard (systemd WatchdogSec; `hushgate health` on
+            # OpenWrt). At most 0.5 s apart while the loop turns (the select timeout below).
+            self.loop_at = time.monotonic()
+            self.notifier.beat(self.loop_at)
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.reload()
+            with self.lock:
+                deadline = self.engine.next_timer()
+                if self.relay is not None:
+                    relay_deadline = self.relay.next_deadline()
+                    if relay_deadline is not None:
+                        deadline = min(deadline or relay_deadline, relay_deadline)
+            timeout = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.time()))
+            relay_events: list[tuple[Any, Any, int]] = []
+            for key, mask in selector.select(timeout):
+                if isinstance(key.data, RelayTag):
+                    relay_events.append((key.data, key.fileobj, mask))
+                    continue
+                queue, batch = key.data
+                try:
+                    if batch is None:
+                        queue.run(block=False)
+                    else:
+                        queue.run_socket(batch.start())
+                except OSError as exc:  # ENOBUFS and friends: counted, survived
+                    self.errors["queue"] = self.errors.get("queue", 0) + 1
+                    log(f"queue read error: {exc}")
+            if relay_events:
+                self._relay_events(relay_events)
+            now = time.time()
+            with self.lock:
+                self.engine.handle_timer(now)
+                if self.relay is not None:
+                    self.relay.tick(now)
+                self._drain()
+                if now - last_neighbours >= NEIGHBOUR_POLL_S and self._macless():
+                    last_neighbours = now
+                    self._poll_neighbours()
+                if now - last_housekeeping >= 60:
+                    last_housekeeping = now
+                    self.engine.expire_flows(now)
+                    self._housekeeping(now)
+                if now - self.quic_checked >= QUIC_CHECK_S:
+                    self._check_quic(now)
+
+    def _relay_event(self, tag: RelayTag, sock: Any, mask: int) -> None:
+        """One relay socket is ready (see _relay_events)."""
+        self._relay_events([(tag, sock, mask)])
+
+    def _relay_events(self, events: list[tuple[Any, Any, int]]) -> None:
+        """The relay sockets one select found ready, under one lock: the relay moves bytes and
+        asks the engine; the actions that caused are carried out before the lock is released."""
+        relay = self.relay
+        assert relay is not None
+        with self.lock:
+            for tag, sock, mask in events:
+                try:
+                    relay.on_event(tag, sock, mask)
+                except Exception as exc:  # noqa: BLE001 - the relay catches per connection
+                    self.errors["relay"] = self.errors.get("relay", 0) + 1
+                    log(f"relay: {exc!r}")
+            self._drain()
+
+    def _drain(self) -> None:
+        """Carry out the engine's actions, and those they cause (a release that completes a
+        close tells the engine, which may act again); bounded."""
+        for _ in range(8):
+            actions = self.engine.take_actions()
+            if not actions:
+                return
+            self._apply(actions)
+
+    def _macless(self) -> bool:
+        return bool(_macless(self.config)) or bool(self.learned_macs)
+
+    def _address_of(self, name: str) -> str | None:
+        device = self.configured.device(name)
+        return device.address if device is not None else None
+
+    def _gate_engine_macs(self) -> None:
+        """The engine learns an address-only device's MAC from its IPv4 packets (and matches it
+        by that MAC from then on). Only a MAC the neighbour table holds for that one address is
+        learned: one it holds for several addresses stands for several hosts, and the device
+        stays known by its address alone (warned once)."""
+        self.engine.devices.mac_gate = self._mac_unique
+
+    def _mac_unique(self, name: str, mac: str) -> bool:
+        """Whether `mac` is, in the last neighbour table read, `name`'s address's and no other
+        address's. Unknown yet: not now (the next neighbour poll decides, within 2 s)."""
+        address = self._address_of(name)
+        if address is None or self.neighbours.get(address) != mac.lower():
+            return False
+        others = _mac_sharers(self.neighbours, mac, address)
+        if others:
+            self.shared_macs[name] = (mac, others)
+            self._warn_shared()
+            return False
+        return True
+
+    def _warn_shared(self) -> None:
+        for name, (mac, others) in self.shared_macs.items():
+            if (name, mac) in self._warned_shared:
+                continue
+            self._warned_shared.add((name, mac))
+            log(f"warning: {name} ({self._address_of(name)}) shares MAC {mac} with "
+                f"{', '.join(others)} (a MAC-rewriting Wi-Fi extender or bridge?): {name} stays "
+                f"matched by its address alone, so the other hosts are not guarded; its IPv6 is "
+                f"matched only by address6 (set it, or give {name} its own MAC)")
+
+    def _poll_neighbours(self) -> None:
+        """An address-only device's MAC, as soon as the router's neighbour table knows it (its
+        IPv6 traffic cannot be matched before): each one learned is matched by MAC from then on,
+        while the table holds that MAC for that one address. A learned MAC that the table comes
+        to hold for another address too is dropped again (the device back to its address)."""
+        table = _neighbour_table()
+        self.neighbours = table
+        for name, mac in list(self.learned_macs.items()):
+            address = self._address_of(name)
+            others = _mac_sharers(table, mac, address) if address else ()
+            if others:
+                self.shared_macs[name] = (mac, others)
+                self._warn_shared()
+                self._unlearn_mac(name, mac)
+        found = with_neighbour_macs(self.config, wait_s=0.0, shared=self.shared_macs,
+                                    table=table)
+        self._warn_shared()
+        for before, after in zip(self.config.devices, found.devices):
+            if before.mac is None and after.mac is not None:
+                try:
+                    self.engine.learn_mac(after.name, after.mac)
+                except ValueError:  # the engine's gate refused it: the tables disagree, next poll
+                    continue
+                self._learn_mac(after.name, after.mac)
+
+    def _unlearn_mac(self, name: str, mac: str) -> None:
+        """Back to matching `name` by its address alone, in the kernel and in the engine."""
+        self.learned_macs.pop(name, None)
+        devices = tuple(replace(d, mac=None) if d.name == name and d.mac == mac else d
+                        for d in self.config.devices)
+        self.config = replace(self.config, devices=devices)
+        table = self.engine.devices
+        device = table.by_name.get(name)
+        if device is not None and device.mac is not None:
+            plain = replace(device, mac=None)
+            if table.by_mac.get(device.mac) is device or (
+                    table.by_mac.get(device.mac) is not None
+                    and table.by_mac[device.mac].name == name):
+                del table.by_mac[device.mac]
+            table.replace(plain)
+            for addr, dev in list(table.learned.items()):
+                if dev.name == name:
+                    del table.learned[addr]
+            for flow in self.engine.flows.values():
+                if flow.device.name == name:
+                    flow.device = plain
+        self._reinstall(f"{name} is matched by its address alone again (MAC {mac} is shared)")
+
+    def _reinstall(self, what: str) -> None:
+        self.spec = spec_from_config(self.config)
+        self.firewall = run_backend(self.config)
+        try:
+            self.firewall.install_dynamic()
+            log(what)
+        except FirewallError as exc:
+            self.errors["firewall"] = self.errors.get("firewall", 0) + 1
+            log(f"could not update the rules ({what}): {exc}")
+
+    def _check_quic(self, now: float) -> None:
+        """Which devices keep trying QUIC and never fall back to TCP: refused QUIC packets
+        counted by the kernel since the last look, and no relayed TCP connection from the
+        device within QUIC_FALLBACK_S. Such a device has no voice service while QUIC is
+        refused; status, metrics and doctor say so."""
+        self.quic_checked = now
+        try:
+            refused = self.firewall.quic_refusals()
+        except (FirewallError, OSError) as exc:
+            self.errors["firewall"] = self.errors.get("firewall", 0) + 1
+            log(f"could not read the QUIC counters: {exc}")
+            return
+        for name, count in refused.items():
+            state = self.quic.setdefault(name, {"refused": 0, "no_tcp_fallback": False})
+            trying = count > state["refused"]
+            tcp = self.engine.last_stream.get(name, float("-inf")) >= now - QUIC_FALLBACK_S
+            was = state["no_tcp_fallback"]
+            state["refused"] = count
+            state["no_tcp_fallback"] = (trying and not tcp) or (was and not tcp)
+            if state["no_tcp_fallback"] and not was:
+                log(f"{name} keeps trying QUIC ({count} packets refused) and has not fallen back "
+                    "to TCP: it has no voice service while QUIC is refused; set quic = \"hold\" "
+                    "for it to hold QUIC uploads by packet instead")
+
+    def _housekeeping(self, now: float) -> None:
+        try:
+            pruned = self.store.prune(now, self.config.audit_max_age_s,
+                                      self.config.audit_max_rows, self.config.audit_max_bytes)
+            if pruned.warning:
+                log(f"store: {pruned.warning}")
+            self._load_standing(self.engine, now)
+        except StoreError as exc:
+            self.errors["store"] += 1
+            log(f"store: {exc}")
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def reload(self) -> bool:
+        """Re-read the rule files (SIGHUP). A broken rule set is reported and the last good
+        one stays in force."""
+        try:
+            rules = load_rules([self.config.rules_dir] if self.config.rules_dir else [])
+        except RuleError as exc:
+            log(f"reload refused, keeping the rules in force: {exc}")
+            return False
+        with self.lock:
+            self.rules = rules
+            self.engine.rules = rules
+        log("rules reloaded")
+        return True
+
+    def close(self) -> None:
+        """Leave the kernel as the fail mode says: closed keeps the safety net, open removes all.
+        Only a guard that installed its queue rules removes them (a second `run` that was
+        refused, or failed before that, leaves the running guard's rules alone). Never raises:
+        a step that fails is one line in the log."""
+        self.notifier.send("STOPPING=1")
+        steps: list[tuple[str, Any]] = [
+            ("control socket", self.control.stop if self.control is not None else None),
+            ("web prompt", self.web.stop if self.web is not None else None),
+            ("metrics", self.metrics_server.shutdown if self.metrics_server is not None else None),
+            ("hooks", lambda: self.hooks.close(2.0)),
+            ("relay", self._close_relay if self.relay is not None else None),
+        ]
+        for what, step in steps:
+            if step is None:
+                continue
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - one line, and the rest still runs
+                log(f"stopping: {what}: {exc}")
+        for queue in self.queues:
+            try:
+                queue.unbind()
+            except Exception:  # noqa: BLE001
+                pass
+        self.queues = []
+        try:
+            if self.installed_dynamic:
+                if self.config.fail_open:
+                    self.firewall.remove_all()
+                else:
+                    self.firewall.remove_dynamic()
+        except (FirewallError, OSError) as exc:
+            self.close_failed = True
+            log(f"could not remove the queue rules: {_one_line(str(exc))}; remove them with "
+                f"`hushgate firewall remove` (fail-{'open' if self.config.fail_open else 'closed'})")
+        finally:
+            self.injector.close()
+            self.store.close()
+            self.notifier.close()
+
+    def _close_relay(self) -> None:
+        with self.lock:  # every relayed connection reset; what was pending is recorded lost
+            self.relay.close()  # type: ignore[union-attr]
+            self._drain()
+
+    # -- actions ------------------------------------------------------------------------------
+
+    def _after_packet(self, nfpkt: Any) -> int | None:
+        """Carry out the actions the current packet caused; the mark for its own verdict."""
+        if not self.engine.actions:
+            return None  # most packets cause none: skip the list swap
+        mark = None
+        for action in self.engine.take_actions():
+            if isinstance(action, MarkFlow) and not action.direct:
+                mark = compose_mark(nfpkt.get_mark(), action.verdict, self.config.mark_mask)
+            else:
+                self._apply([action])
+        return mark
+
+    def _apply(self, actions: list[Any]) -> None:
+        """Carry out the engine's actions. One that fails is logged and counted, and the rest
+        still run: they include the late verdicts of held packets."""
+        for action in actions:
+            try:
+                self._apply_one(action)
+            except Exception as exc:  # noqa: BLE001 - the packet loop and the timers go on
+                self.errors["actions"] = self.errors.get("actions", 0) + 1
+                log(f"could not carry out {type(action).__name__}: {exc!r}")
+
+    def _stream_tokens(self, tokens: tuple[Any, ...]) -> tuple[dict[int, int], list[Any]]:
+        """Split tokens: the relay's (the furthest end per connection) and NFQUEUE packets."""
+        ends: dict[int, int] = {}
+        rest: list[Any] = []
+        for token in tokens:
+            if isinstance(token, StreamBytes):
+                ends[token.conn] = max(ends.get(token.conn, 0), token.end)
+            elif token is not None:
+                rest.append(token)
+        return ends, rest
+
+    def _relayed(self, key: Any) -> int | None:
+        return self.relay.relayed(key) if self.relay is not None else None
+
+    def _apply_one(self, action: Any) -> None:
+        stats = self.handler.stats if self.handler is not None else None
+        if isinstance(action, (Release, Discard)):
+            ends, packets = self._stream_tokens(action.tokens)
+            if ends and self.relay is not None:
+                for conn, end in ends.items():
+                    if isinstance(action, Release):
+                        self.relay.release(conn, end)
+                    else:
+                        self.relay.discard(conn, end)
+            if ends and not packets:
+                return
+            action = replace(action, tokens=tuple(packets))
+        if (isinstance(action, Reset) or (isinstance(action, MarkFlow)
+                                          and action.verdict == "block")):
+            conn = self._relayed(action.key)
+            if conn is not None:  # a relayed connection: reset both of its sockets
+                self.relay.abort(conn)  # type: ignore[union-attr]
+                return
+        if isinstance(action, Release):
+            for token in action.tokens:
+                if token is not None and stats is not None:
+                    late_verdict(token, True, stats)
+        elif isinstance(action, Discard):
+            tokens = [t for t in action.tokens if t is not None]
+            last = tokens.pop() if action.reject_last and tokens else None
+            for token in tokens:
+                if stats is not None:
+                    late_verdict(token, False, stats)
+            if last is not None and stats is not None:
+                late_reject(last, compose_mark(last.get_mark(), "block", self.config.mark_mask),
+                            stats)
+        elif isinstance(action, Reset):
+            key = action.key
+            sent = self.injector.reset_both(key.device_addr, key.device_port, key.remote_addr,
+                                            key.remote_port, action.seq_to_device,
+                                            action.seq_to_remote)
+            if action.also_to_remote is not None:
+                sent += self.injector.reset_both(key.device_addr, key.device_port,
+                                                 key.remote_addr, key.remote_port, None,
+                                                 action.also_to_remote)
+            if sent == 0:
+                self.errors["reset"] += 1
+                log(f"could not reset {key.remote}: {self.injector.last_error}")
+        elif isinstance(action, Unreachable):
+            self._conntrack_block(action.key)
+        elif isinstance(action, MarkFlow):
+            if action.verdict == "block":
+                self._conntrack_block(action.key)
+        elif isinstance(action, UploadHeld):
+            self._persist_pending(action.upload)
+            self.hooks.emit("upload-held", action.upload)
+            log(f"upload {action.upload['id']} held: {action.upload['device']} -> "
+                f"{action.upload['host'] or action.upload['remote']}")
+        elif isinstance(action, UploadDecided):
+            upload = action.upload
+            self._persist_decision(upload, action.outcome, action.by)
+            held_since = upload.get("decided")
+            self.metrics.upload_outcome(
+                upload["device"], upload.get("category") or "unknown", action.outcome,
+                time.time() - held_since if held_since is not None else None)
+            self.hooks.emit("upload-decided",
+                            {**upload, "outcome": action.outcome.value, "decided_by": action.by})
+        elif isinstance(action, UploadSeen):
+            upload = action.upload
+            if upload.get("outcome"):
+                self._persist_decision(upload, Outcome(upload["outcome"]),
+                                       upload.get("decided_by") or upload["outcome"])
+                self.metrics.upload_outcome(upload["device"], upload.get("category") or
+                                            "unknown", upload["outcome"], None)
+        elif isinstance(action, BurstReleased):
+            self.metrics.released(action.delay_s)
+            self.releases.append({"device": action.device, "remote": action.key.remote,
+                                  "host": action.host, "start": action.start,
+                                  "decided": action.decided, "bytes": action.bytes,
+                                  "records": action.packets, "delay_s": round(action.delay_s, 6),
+                                  "reason": action.reason})
+        elif isinstance(action, FlowBlocked):
+            self.metrics.blocked_flow(action.device, action.category)
+            self.hooks.emit("flow-blocked", {"device": action.device,
+                                             "remote": action.key.remote,
+                                             "host": action.host,
+                                             "category": action.category,
+                                             "reason": action.reason})
+        elif isinstance(action, MacLearned):
+            self._learn_mac(action.device, action.mac)
+        elif isinstance(action, (UploadEnded, HeldCapHit)):
+            pass
+
+    def _learn_mac(self, name: str, mac: str) -> None:
+        """An address-only device showed its MAC: match it by MAC in the kernel too, so its
+        IPv6 traffic is guarded (design.md 4: never left open). Only a MAC that is that one
+        address's (the engine's gate and the neighbour poll check it)."""
+        if self._address_of(name) is None or not self._mac_unique(name, mac):
+            return
+        devices = tuple(replace(d, mac=mac) if d.name == name and d.mac is None else d
+                        for d in self.config.devices)
+        self.config = replace(self.config, devices=devices)
+        self.learned_macs[name] = mac
+        self._reinstall(f"{name} is {mac}: now matched by MAC (IPv6 included)")
+
+    def _conntrack_block(self, key: Any) -> None:
+        proto = "tcp" if key.proto == TCP else "udp"
+        argv = self.firewall.conntrack_mark_argv(proto, key.device_addr, key.remote_addr,
+                                                 key.device_port, key.remote_port, "block")
+        try:
+            subprocess.run(argv, capture_output=True, timeout=5, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            self.errors["conntrack"] += 1
+
+    def _persist_pending(self, upload: dict[str, Any]) -> None:
+        flow = self.engine.flows.get(self.engine.uploads[upload["id"]].key) \
+            if upload["id"] in self.engine.uploads else None
+        key = self.engine.uploads[upload["id"]].key if upload["id"] in self.engine.uploads else None
+        if key is None:
+            return
+        try:
+            self.store.record_upload_start(PendingUpload(
+                upload["id"], upload["device"], upload["proto"], key.device_addr, key.device_port,
+                key.remote_addr, key.remote_port, upload["decided"], upload["host"],
+                upload["category"],
+                seq_up=flow.device_next if flow else None,
+                ack_up=flow.device_ack if flow else None))
+        except StoreError as exc:
+            self.errors["store"] += 1
+            log(f"store: could not record pending upload {upload['id']}: {exc}")
+
+    def _persist_decision(self, upload: dict[str, Any], outcome: Outcome, by: str) -> None:
+        kwargs = dict(device=upload["device"], outcome=outcome, decided_by=by,
+                      decided_at=time.time(), host=upload.get("host"),
+                      remote=upload.get("remote"), category=upload.get("category"),
+                      upload_bytes=upload.get("bytes", 0), packets=upload.get("packets", 0),
+                      started=upload.get("start"))
+        try:
+            self.store.record_decision(upload["id"], **kwargs)
+        except StoreError:
+            try:  # a first turn that was logged as passed and later held: log it again
+                self.store.record_decision(None, **kwargs)
+            except StoreError as exc:
+                self.errors["store"] += 1
+                log(f"store: could not record decision for upload {upload['id']}: {exc}")
+
+    # -- control requests ------------------------------------------------------------------------
+
+    def handle_request(self, request: dict[str, Any], peer: Any) -> dict[str, Any]:
+        cmd = request.get("cmd")
+        handler = getattr(self, f"_cmd_{cmd}", None) if isinstance(cmd, str) else None
+        if handler is None:
+            return {"ok": False, "error": f"unknown command {cmd!r}"}
+        try:
+            with self.lock:
+                result = handler(request, peer)
+                self._apply(self.engine.take_actions())
+        except UnknownUpload as exc:
+            return {"ok": False, "error": f"no pending upload {exc.args[0]}"}
+        except (KeyError, TypeError, ValueError) as exc:
+            return {"ok": False, "error": f"bad request: {exc}"}
+        except StoreError as exc:
+            return {"ok": False, "error": f"store: {exc}"}
+        return {"ok": True, "result": result}
+
+    def _cmd_ping(self, request: dict[str, Any], peer: Any) -> str:
+        return "pong"
+
+    def _cmd_health(self, request: dict[str, Any], peer: Any) -> dict[str, Any]:
+        """How long ago the packet loop last turned (answered under the engine's lock: a loop
+        stuck holding it makes this time out, one stuck elsewhere shows a growing age)."""
+        return {"pid": os.getpid(), "loop_age_s": round(time.monotonic() - self.loop_at, 3)}
+
+    def _cmd_status(self, request: dict[str, Any], peer: Any) -> dict[str, Any]:
+        packets, held = self.engine.held()
+        stats = self.handler.stats if self.handler else None
+        return {
+            "version": __version__,
+            "fail_mode": "open" if self.config.fail_open else "closed",
+            "devices": [{"name": d.name, "address": d.address, "mac": d.mac, "mode": d.mode.value,
+                         "quic": self.config.quic_for(d),
+                         "quic_refused": self.quic.get(d.name, {}).get("refused", 0),
+                         "quic_no_tcp_fallback": self.quic.get(d.name, {}).get(
+                             "no_tcp_fallback", False)}
+                        for d in self.engine.devices.by_name.values()],
+            "pending": len(self.engine.pending()),
+            "held_bytes": held,
+            "held_packets": packets,
+            "uptime_s": round(time.time() - self.started, 1),
+            "queue": self.config.queue,
+            "backend": self.firewall.backend_name(),
+            "packets": stats.packets if stats else 0,
+            "errors": {**self.errors, "packet": stats.errors if stats else 0},
+            "counters": dict(self.engine.counters),
+            "hooks": self.hooks.stats(),
+            "metrics": self.metrics_server.url if self.metrics_server is not None else None,
+            "tcp_hold": self.config.tcp_hold,
+            "relay": self.relay.stats() if self.relay is not None else None,
+            "recent_releases": list(self.releases),
+        }
+
+    def _cmd_pending(self, request: dict[str, Any], peer: Any) -> list[dict[str, Any]]:
+        out = []
+        for upload in sorted(self.engine.pending(), key=lambda u: u.id):
+            out.append({
+                "id": upload.id, "device": upload.device, "remote": upload.key.remote,
+                "host": upload.host, "category": upload.category,
+                "held_packets": len(upload.held), "held_bytes": upload.held_bytes,
+                "started": upload.decided, "expires": upload.expires,
+            })
+        return out
+
+    def _cmd_decide(self, request: dict[str, Any], peer: Any) -> dict[str, Any]:
+        upload_id = int(request["id"])
+        verb = Verb(request["verb"])
+        scope = Scope(request.get("scope") or "once")
+        duration = request.get("duration_s")
+        by = _by(request, peer)
+        now = time.time()
+        upload = self.engine.uploads.get(upload_id)
+        if upload is None:
+            raise UnknownUpload(upload_id)
+        if scope is Scope.FOR:
+            if not duration or float(duration) <= 0:
+                raise ValueError("scope 'for' needs a positive duration_s")
+            kind = WindowKind.ALLOW if verb is Verb.ALLOW else WindowKind.QUIET
+            self.store.add_window(upload.device, kind, now + float(duration), now,
+                                  category=upload.category, source=by)
+        elif scope is Scope.ALWAYS:
+            if upload.host:
+                self.store.add_rule(upload.device, verb, now, host=upload.host, source=by)
+            else:
+                self.store.add_rule(upload.device, verb, now, category=upload.category,
+                                    source=by)
+        before = upload.summary()  # what was held, before the decision releases or drops it
+        self.engine.decide(upload_id, Decision(verb, scope, duration, by), now)
+        return {**upload.summary(), "held_packets": before["held_packets"],
+                "held_bytes": before["held_bytes"]}
+
+    def _cmd_window(self, request: dict[str, Any], peer: Any) -> dict[str, Any]:
+        device = str(request["device"])
+        if device not in self.engine.devices.by_name:
+            raise ValueError(f"no device named {device!r}")
+        kind = WindowKind(request["kind"])
+        duration = float(request["duration_s"])
+        if duration <= 0:
+            raise ValueError("duration_s must be positive")
+        now = time.time()
+        by = _by(request, peer)
+        window = self.store.add_window(device, kind, now + duration, now, source=by)
+        self._load_standing(self.engine, now)
+        return {"device": device, "kind": kind.value, "until": window.until}
+
+    def _cmd_devices(self, request: dict[str, Any], peer: Any) -> list[dict[str, Any]]:
+        flows: dict[str, int] = {}
+        for flow in self.engine.iter_flows():
+            flows[flow.device.name] = flows.get(flow.device.name, 0) + 1
+        return [{"name": d.name, "address": d.address, "mac": d.mac, "mode": d.mode.value,
+                 "flows": flows.get(d.name, 0),
+                 "uploads": sum(1 for u in self.engine.uploads.values() if u.device == d.name)}
+                for d in self.engine.devices.by_name.values()]
+
+    def _cmd_flows(self, request: dict[str, Any], peer: Any) -> list[dict[str, Any]]:
+        device = request.get("device")
+        out = []
+        for flow in self.engine.iter_flows():
+            if device and flow.device.name != device:
+                continue
+            item = flow.summary()
+            item["device"] = item.pop("device_name")
+            out.append(item)
+        return out
+
+    def _cmd_log(self, request: dict[str, Any], peer: Any) -> list[dict[str, Any]]:
+        records = self.store.log(device=request.get("device"), since=request.get("since"),
+                                 outcome=request.get("outcome"),
+                                 limit=int(request.get("limit") or 100))
+        return [{"id": r.upload_id, "device": r.device, "host": r.host, "remote": r.remote,
+                 "category": r.category, "bytes": r.upload_bytes, "packets": r.packets,
+                 "started": r.started, "decided_at": r.decided_at, "outcome": r.outcome.value,
+                 "decided_by": r.decided_by} for r in records]
+
+
+# How often the neighbour table is read (and a missing entry probed for) while a device is known
+# by address only.
+NEIGHBOUR_POLL_S = 2.0
+# How often the QUIC block rules' counters are read, and how recent a relayed TCP connection
+# must be to count as the device's fallback (Chromium's stack marks QUIC broken and uses TCP
+# for new requests at once: design.md 5).
+QUIC_CHECK_S = 10.0
+QUIC_FALLBACK_S = 300.0
+# At start, how long to wait for the router to resolve the address-only devices it was asked to:
+# an ARP round trip on a LAN takes milliseconds; a device that is away does not answer at all.
+NEIGHBOUR_START_WAIT_S = 1.0
+
+
+def _macless(config: GuardConfig) -> list[str]:
+    return [d.address for d in config.devices
+            if d.mac is None and d.address and ":" not in d.address]
+
+
+def _probe(address: str) -> None:
+    """Make the kernel resolve an address: a datagram to the discard port needs the neighbour's
+    MAC before it can leave (ARP), and the device at most answers port-unreachable."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)
+            s.sendto(b"", (address, 9))
+    except OSError:
+        pass  # no route, a down link: the device is not there, the next poll asks again
+
+
+def _lease_macs(lease_files: Sequence[str]) -> dict[str, str]:
+    """IPv4 address -> MAC from the DHCP lease files that exist (dnsmasq, odhcpd), for the
+    addresses exactly one MAC holds a lease on, and whose MAC holds a lease on no other address
+    (an extender that rewrites the DHCP client's MAC too gets one MAC for many hosts)."""
+    from guard.shell.neighbours import parse_leases
+
+    sightings = []
+    for name in lease_files:
+        try:
+            with open(name, encoding="utf-8", errors="replace") as f:
+                sightings += parse_leases(f.read(1 << 20), name)
+        except OSError:
+            continue  # no such file (another DHCP server), or unreadable: nothing from it
+    holders: dict[str, set[str]] = {}
+    addresses: dict[str, set[str]] = {}
+    for sighting in sightings:
+        if sighting.address and ":" not in sighting.address:
+            holders.setdefault(sighting.address, set()).add(sighting.mac)
+            addresses.setdefault(sighting.mac, set()).add(sighting.address)
+    return {addr: next(iter(macs)) for addr, macs in holders.items()
+            if len(macs) == 1 and len(addresses[next(iter(macs))]) == 1}
+
+
+def with_neighbour_macs(config: GuardConfig, wait_s: float = 0.0,
+                        lease_files: Sequence[str] | None = None,
+                        shared: dict[str, tuple[str, tuple[str, ...]]] | None = None,
+                        table: dict[str, str] | None = None) -> GuardConfig:
+    """Address-only devices get their MAC from the router's neighbour table, so their IPv6
+    traffic (matched by MAC) is guarded from its first packet. An address the table does not
+    know is probed, so the kernel resolves it: within `wait_s` here, or for the next poll. An
+    address still unresolved takes the MAC of its DHCP lease, if the router handed one out: a
+    device that is away now gets matched by MAC the moment it comes back, before its first
+    packet (the neighbour table, when it answers, is preferred: it is what is on the wire).
+
+    A MAC that the table also holds for another IPv4 address is never taken: it stands for
+    several hosts (clients behind a MAC-rewriting Wi-Fi extender), and matching it would guard
+    them all. Such a device stays matched by its address alone; `shared` (if given) gets
+    device name -> (MAC, the other addresses). `table` is a neighbour table already read."""
+    table = dict(table) if table is not None else _neighbour_table()
+    wanted = _macless(config)
+    missing = [address for address in wanted if address not in table]
+    for address in missing:
+        _probe(address)
+    deadline = time.monotonic() + wait_s
+    while missing and time.monotonic() < deadline:
+        time.sleep(0.05)
+        table = _neighbour_table()
+        missing = [address for address in missing if address not in table]
+    macs: dict[str, str] = {}
+    sharers: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for address in wanted:
+        mac = table.get(address)
+        if mac is None:
+            continue
+        others = _mac_sharers(table, mac, address)
+        if others:
+            sharers[address] = (mac, others)
+        else:
+            macs[address] = mac
+    if missing:
+        from guard.shell.neighbours import DEFAULT_LEASE_FILES
+
+        leased = _lease_macs(DEFAULT_LEASE_FILES if lease_files is None else lease_files)
+        for address in missing:
+            mac = leased.get(address)
+            if mac is None:
+                continue
+            others = _mac_sharers(table, mac, address)
+            if others:
+                sharers[address] = (mac, others)
+            else:
+                macs[address] = mac
+    if shared is not None:
+        for d in config.devices:
+            if d.mac is None and d.address in sharers:
+                shared[d.name] = sharers[d.address]
+    devices = tuple(replace(d, mac=macs[d.address]) if macs.get(d.address or "") else d
+                    for d in config.devices)
+    return replace(config, devices=devices)
+
+
+# Second guard on a held connection's kept bytes, above the engine's per-upload cap: the relay
+# stops reading it there (the engine denies at its cap; this only bounds a bug's damage).
+RELAY_KEPT_SLACK_BYTES = 64 << 10
+RECENT_RELEASES = 64  # bursts released as not audio kept for `status --json`
+
+QUEUE_BATCH = 64  # packets read from one queue per turn when serving several
+
+
+class _QueueBatch:
+    """What NetfilterQueue.run_socket reads from: the queue's own netlink socket (not a copy
+    of it), non-blocking, that reports EAGAIN after QUEUE_BATCH reads so run_socket returns."""
+
+    def __init__(self, fd: int) -> None:
+        import socket
+
+        self._flags = socket.MSG_DONTWAIT
+        self._sock = socket.socket(fileno=fd)
+        self._left = 0
+
+    def start(self) -> _QueueBatch:
+        self._left = QUEUE_BATCH
+        return self
+
+    def recv(self, size: int) -> bytes:
+        if self._left <= 0:
+            raise BlockingIOError(errno.EAGAIN, "batch done")
+        self._left -= 1
+        return self._sock.recv(size, self._flags)
+
+    def close(self) -> None:
+        self._sock.detach()  # the fd is the queue's: unbind closes it
+
+
+def web_state_dir(config: GuardConfig) -> str:
+    """Where the web prompt keeps its token and certificate: beside the state database, so on
+    OpenWrt (state_db under /etc/hushgate) they survive reboots and the fingerprint stays."""
+    return os.path.dirname(os.path.abspath(config.state_db)) or "."
+
+
+def _by(request: dict[str, Any], peer: Any) -> str:
+    """Who decided, for the audit log: what the client says, and the uid the kernel vouches for."""
+    said = "".join(ch for ch in str(request.get("by") or "cli") if ch.isprintable())[:48]
+    uid = getattr(peer, "uid", None)
+    return f"{said} (uid {uid})" if uid is not None else said
+
+
+# `hushgate run`'s exit code for a configuration it cannot use (sysexits' EX_CONFIG). The service
+# units do not restart on it: systemd's RestartPreventExitStatus=78, and on OpenWrt procd's
+# respawn limit (packaging/); restarting would only fail again, with the speakers offline.
+EXIT_CONFIG = 78
+CONFIG_ERROR_NOTE = ("configuration error (exit 78): the service is not restarted until the "
+                     "config is fixed")
+
+CAP_NET_ADMIN = 12
+CAP_NET_RAW = 13
+# What each capability is needed for, in the words `run` and `doctor` use.
+CAPABILITIES = {
+    CAP_NET_ADMIN: ("CAP_NET_ADMIN", "the firewall rules, NFQUEUE, conntrack and the relay's "
+                    "IP_TRANSPARENT and SO_MARK"),
+    CAP_NET_RAW: ("CAP_NET_RAW", "the TCP resets that deny and block send"),
+}
+LOCK_NAME = "hushgate.lock"
+
+
+class StartError(Exception):
+    """A start-up failure already worded for the one-line log."""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:400]
+
+
+def capabilities(pid: int | str = "self") -> int | None:
+    """The effective capability set of a process (/proc/PID/status CapEff), or None."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def missing_capabilities(pid: int | str = "self") -> list[str]:
+    """["CAP_NET_RAW (what it is for)", ...]: what a guard (this process, or `pid`) lacks."""
+    caps = capabilities(pid)
+    if caps is None:
+        return []  # no /proc: nothing to say; the first kernel call tells
+    return [f"{name} ({why})" for bit, (name, why) in CAPABILITIES.items()
+            if not caps & (1 << bit)]
+
+
+def probe_listen(listen: str, what: str) -> None:
+    """Bind (and close) a TCP socket on a listen address, so a web prompt that could not listen
+    is refused before any rule is touched. Raises StartError naming the address."""
+    from guard.shell.web import WebError, parse_listen
+
+    try:
+        address, port = parse_listen(listen)
+    except WebError as exc:
+        raise StartError(str(exc)) from None
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((str(address), port))
+    except OSError as exc:
+        raise StartError(f"{what} {listen}: cannot listen: {exc.strerror or exc}") from None
+
+
+class Notifier:
+    """sd_notify(3) without libsystemd: datagrams to $NOTIFY_SOCKET (a path, or an abstract
+    socket written "@name"). READY=1 once started, WATCHDOG=1 from the packet loop at a quarter
+    of $WATCHDOG_USEC, STOPPING=1 on the way out. Without NOTIFY_SOCKET it does nothing. The
+    variables are taken out of the environment, so hooks (children) cannot speak for the guard."""
+
+    def __init__(self, environ: dict[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        target = env.pop("NOTIFY_SOCKET", "") or ""
+        usec = env.pop("WATCHDOG_USEC", "") or ""
+        pid = env.pop("WATCHDOG_PID", "") or ""
+        self.address: str | bytes | None = None
+        if target.startswith("@"):
+            self.address = b"\0" + target[1:].encode()
+        elif target.startswith("/"):
+            self.address = target
+        self.interval: float | None = None
+        try:
+            if usec and (not pid or int(pid) == os.getpid()) and int(usec) > 0:
+                self.interval = int(usec) / 1e6 / 4
+        except ValueError:
+            self.interval = None
+        self.last_beat = float("-inf")
+        self.sent = 0
+        self._sock: socket.socket | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None
+
+    def send(self, message: str) -> bool:
+        if self.address is None:
+            return False
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._sock.setblocking(False)
+            self._sock.sendto(message.encode(), self.address)
+        except OSError:
+            return False  # the manager is gone or busy: the next beat tries again
+        self.sent += 1
+        return True
+
+    def beat(self, now: float) -> None:
+        if self.interval is not None and now - self.last_beat >= self.interval:
+            self.last_beat = now
+            self.send("WATCHDOG=1")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+class GuardRunning(Exception):
+    def __init__(self, pid: int | None, socket_path: str | None) -> None:
+        super().__init__(pid, socket_path)
+        self.pid = pid
+        self.socket = socket_path
+
+
+def lock_path(config: GuardConfig) -> str:
+    """One guard per router: the lock lives beside the control socket (/run/hushgate), so
+    guards that share a socket directory exclude each other."""
+    return os.path.join(os.path.dirname(os.path.abspath(config.socket)), LOCK_NAME)
+
+
+def lock_holder(path: str) -> tuple[int | None, str | None]:
+    """(pid, socket) written in a lock file by the guard that holds it; (None, None) unknown."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            fields = f.read(4096).split("\n")
+        return int(fields[0]), (fields[1] if len(fields) > 1 and fields[1] else None)
+    except (OSError, ValueError):
+        return None, None
+
+
+def running_guard(config: GuardConfig) -> int | None:
+    """The pid of the guard that holds this config's lock, or None (`doctor`)."""
+    path = lock_path(config)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:  # a shared lock is taken only while nobody holds the exclusive one
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return lock_holder(path)[0]
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+class GuardLock:
+    """An exclusive flock(2) held for the daemon's life; the kernel drops it when the process
+    dies however it dies, so a crashed guard never blocks the next one."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self, socket_path: str) -> None:
+        directory = os.path.dirname(self.path)
+        if directory and not os.path.isdir(directory):
+            os.makedirs(directory, mode=0o755, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise GuardRunning(*lock_holder(self.path)) from None
+        except OSError:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n{socket_path}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # the lock goes with it; the file stays (unlinking would race)
+            self.fd = None
+
+
+def _bound_queue(config: GuardConfig) -> tuple[int, int] | None:
+    """(queue, netlink portid) of a queue of ours some other process has bound already."""
+    from guard.shell.nfqueue import NFQUEUE_PROC, parse_nfqueue_proc
+
+    try:
+        with open(NFQUEUE_PROC, encoding="ascii", errors="replace") as f:
+            bindings = parse_nfqueue_proc(f.read())
+    except OSError:
+        return None
+    for number in range(config.queue, config.queue + config.queue_count):
+        if number in bindings:
+            return number, bindings[number].portid
+    return None
+
+
+def run(config: GuardConfig) -> int:
+    """Run the guard in the foreground until SIGTERM/SIGINT. Returns the exit code: 0 after a
+    clean stop, 1 when it could not start (one line in the log), EXIT_CONFIG for a config it
+    cannot use. Nothing on a start or stop path prints a traceback."""
+    if os.geteuid() != 0:
+        log("run needs root (NFQUEUE, iptables, raw sockets)")
+        return 1
+    missing = missing_capabilities()
+    if missing:
+        text = f"missing capabilities: {'; '.join(missing)}"
+        if not config.fail_open:
+            log(f"refusing to start: {text} (run it as root with them; the service units grant "
+                "them)")
+            return 1
+        log(f"WARNING: {text}. fail = \"open\": going on, but what needs them will fail and "
+            "the devices may pass unguarded")
+    lock = GuardLock(lock_path(config))
+    try:
+        lock.acquire(config.socket)
+    except GuardRunning as exc:
+        pid = exc.pid if exc.pid is not None else "unknown"
+        log(f"refusing to start: a guard is already running (pid {pid}, control socket "
+            f"{exc.socket or config.socket}); stop it first. Nothing was changed")
+        return 1
+    except OSError as exc:
+        log(f"refusing to start: cannot take the lock {lock.path}: {exc.strerror or exc}")
+        return 1
+    try:
+        return _run_locked(config)
+    finally:
+        lock.release()
+
+
+def _run_locked(config: GuardConfig) -> int:
+    bound = _bound_queue(config)
+    if bound is not None:
+        log(f"refusing to start: NFQUEUE {bound[0]} is already bound by another process "
+            f"(netlink portid {bound[1]}): another guard or NFQUEUE program runs; stop it or "
+            "set another guard.queue. Nothing was changed")
+        return 1
+    try:
+        daemon = Daemon(config)
+    except RuleError as exc:
+        log(f"refusing to start: {_one_line(str(exc))}; {CONFIG_ERROR_NOTE}")
+        return EXIT_CONFIG
+    except ValueError as exc:  # the rules cannot be built from this config (doctor says so too)
+        log(f"refusing to start: {_one_line(str(exc))}; {CONFIG_ERROR_NOTE}")
+        return EXIT_CONFIG
+    except StoreError as exc:
+        log(f"refusing to start: state database: {_one_line(str(exc))}")
+        return 1
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback (design.md 8)
+        log(f"refusing to start: {type(exc).__name__}: {_one_line(str(exc))}")
+        return 1
+    reload_requested = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        daemon.stop()
+
+    def on_hup(signum: int, frame: Any) -> None:
+        reload_requested.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hup)
+    daemon.reload_requested = reload_requested
+    code = 0
+    try:
+        try:
+            daemon.start()
+        except (StartError, WebError, ControlError, FirewallError, OSError, ValueError) as exc:
+            log(f"refusing to start: {_one_line(str(exc))}")  # one line, exit 1 (design.md 8)
+            return 1
+        except Exception as exc:  # noqa: BLE001
+            log(f"refusing to start: {type(exc).__name__}: {_one_line(str(exc))}")
+            return 1
+        daemon.notifier.send(f"READY=1\nSTATUS=guarding {len(daemon.config.devices)} device(s)"
+                             f"\nMAINPID={os.getpid()}")
+        daemon.serve()
+    finally:
+        daemon.close()
+    if daemon.close_failed:
+        code = 1
+    log("stopped")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from guard.core.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(prog="hushgate-run")
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        log(f"refusing to start: {exc}; {CONFIG_ERROR_NOTE}")
+        return EXIT_CONFIG
+    return run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Local hooks (design.md sections 8 and 10): tell a script or a URL that an upload is waiting.
+
+Rules of this module: `emit()` never waits (it serialises the event and queues it; a full queue
+drops and counts), so a hook can never delay a verdict. Each hook has its own worker thread, so a
+slow URL does not hold up a command. A command gets the event as one JSON object on stdin, runs
+from its argv with no shell, and is killed (with its process group) at its timeout; host names
+are attacker-controlled and reach a hook only inside that JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from guard import __version__
+from guard.core.config import Hook
+
+__all__ = ["EVENTS", "Hooks"]
+
+log = logging.getLogger("guard.shell.hooks")
+
+# Event name -> the key its subject goes under in the JSON ({"event", SUBJECT: {...}, "time"}).
+EVENTS: dict[str, str] = {
+    "upload-held": "upload",  # an upload is waiting for a decision
+    "upload-decided": "upload",  # ... and was decided (the upload carries its outcome)
+    "flow-blocked": "flow",  # a flow of a blocked category (e.g. messaging) was refused
+}
+_RESPONSE_CAP_BYTES = 65536  # what we read of a URL hook's answer before closing it
+_STOP = object()
+
+
+class _Worker:
+    """One hook: a bounded queue of serialised events and the thread that delivers them."""
+
+    def __init__(self, owner: Hooks, hook: Hook, index: int, max_queue: int) -> None:
+        self.owner = owner
+        self.hook = hook
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.thread = threading.Thread(target=self.run, name=f"hushgate-hook-{index}",
+                                       daemon=True)
+
+    def run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is _STOP:
+                return
+            if self.owner._abandon.is_set():
+                self.owner._count("dropped")
+                continue
+            event, body = item
+            try:
+                if self.hook.command:
+                    self.owner._count(self.run_command(event, body))
+                if self.hook.url:
+                    self.owner._count(self.post(body))
+            except Exception:  # noqa: BLE001 - a hook must never take the worker down
+                log.exception("hook %s failed", self.describe())
+                self.owner._count("failed")
+
+    def describe(self) -> str:
+        return self.hook.command[0] if self.hook.command else str(self.hook.url)
+
+    def run_command(self, event: str, body: bytes) -> str:
+        env = dict(os.environ, HUSHGATE_EVENT=event)
+        try:
+            proc = subprocess.Popen(
+                list(self.hook.command),  # argv, never a shell: payloads stay inert
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,  # unread output would block it or grow our memory
+                stderr=subprocess.DEVNULL,
+                close_fds=True,
+                start_new_session=True,  # its own process group: a timeout kills its children too
+                env=env,
+            )
+        except OSError as exc:
+            log.warning("hook %s could not start: %s", self.describe(), exc.strerror or exc)
+            return "failed"
+        self.proc = proc
+        if self.owner._abandon.is_set():  # close() gave up while we were starting it
+            self.kill(proc)
+        try:
+            proc.communicate(body, timeout=self.hook.timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill(proc)
+            log.warning("hook %s killed after %g s", self.describe(), self.hook.timeout_s)
+            return "timeouts"
+        finally:
+            self.proc = None
+        if proc.returncode != 0:
+            log.warning("hook %s exited with %s", self.describe(), proc.returncode)
+            return "failed"
+        return "sent"
+
+    @staticmethod
+    def kill(proc: subprocess.Popen[bytes]) -> None:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+            proc.wait(timeout=5.0)
+
+    def post(self, body: bytes) -> str:
+        request = urllib.request.Request(
+            str(self.hook.url), data=body, method="POST",
+            headers={"Content-Type": "application/json", "User-Agent": f"hushgate/{__version__}"})
+        try:
+            with self.owner._opener.open(request, timeout=self.hook.timeout_s) as response:
+                response.read(_RESPONSE_CAP_BYTES)
+                status = response.status
+        except urllib.error.HTTPError as exc:
+            log.warning("hook %s answered HTTP %s", self.describe(), exc.code)
+            return "failed"
+        except TimeoutError:
+            return "timeouts"
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, TimeoutError):
+                return "timeouts"
+            log.warning("hook %s unreachable: %s", self.describe(), exc.reason)
+            return "failed"
+        except (OSError, ValueError) as exc:
+            log.warning("hook %s failed: %s", self.describe(), exc)
+            return "failed"
+        return "sent" if 200 <= status < 300 else "failed"
+
+
+class Hooks:
+    """Runs the configured hooks for events, in the background.
+
+    `emit(event, payload)` returns at once. `stats()` counts deliveries: `sent`, `failed`
+    (could not start, non-zero exit, HTTP error), `timeouts` (killed / no answer in time) and
+    `dropped` (queue full, or still queued at close). A url must be http(s) (ValueError).
+    """
+
+    def __init__(
+        self,
+        hooks: tuple[Hook, ...] | list[Hook],
+        max_queue: int = 100,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._stats = {"sent": 0, "failed": 0, "timeouts": 0, "dropped": 0}
+        self._closed = False
+        self._abandon = threading.Event()
+        # Hook URLs are on the LAN (Home Assistant and the like): an http_proxy in the daemon's
+        # environment must not carry upload notices elsewhere.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self._workers: list[_Worker] = []
+        for index, hook in enumerate(hooks):
+            if hook.url is not None:
+                scheme = urllib.parse.urlsplit(hook.url).scheme
+                if scheme not in ("http", "https"):
+                    raise ValueError(f"hook[{index}]: url must be http or https, not {hook.url!r}")
+            unknown = sorted(set(hook.events) - set(EVENTS))
+            if unknown:
+                log.warning("hook[%d]: unknown event(s) %s; known: %s", index,
+                            ", ".join(unknown), ", ".join(EVENTS))
+            self._workers.append(_Worker(self, hook, index, max_queue))
+        for worker in self._workers:
+            worker.thread.start()
+
+    def emit(self, event: str, payload: Mapping[str, Any]) -> None:
+        """Queue `event` for every hook that wants it; never blocks, never raises."""
+        workers = [w for w in self._workers if event in w.hook.events]
+        if not workers or self._closed:
+            return
+        try:
+            message = {"event": event, EVENTS.get(event, "data"): dict(payload),
+                       "time": self.clock()}
+            body = (json.dumps(message, ensure_ascii=True, sort_keys=True,
+                               separators=(",", ":"), default=str) + "\n").encode()
+        except (TypeError, ValueError) as exc:  # e.g. a circular payload: a bug, not an outage
+            log.warning("hook event %s not serialisable: %s", event, exc)
+            self._count("failed", len(workers))
+            return
+        for worker in workers:
+            try:
+                worker.queue.put_nowait((event, body))
+            except queue.Full:
+                self._count("dropped")
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._stats)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Deliver what is queued for up to `timeout_s`, then kill what runs and drop the rest."""
+        self._closed = True
+        deadline = time.monotonic() + timeout_s
+        for worker in self._workers:
+            try:
+                worker.queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Full:
+                pass
+        for worker in self._workers:
+            worker.thread.join(max(0.0, deadline - time.monotonic()))
+        if any(w.thread.is_alive() for w in self._workers):
+            self._abandon.set()
+            for worker in self._workers:
+                proc = worker.proc
+                if proc is not None:
+                    _Worker.kill(proc)
+                while True:  # make room for the stop marker; what was queued is dropped
+                    try:
+                        item = worker.queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not _STOP:
+                        self._count("dropped")
+                with contextlib.suppress(queue.Full):
+                    worker.queue.put_nowait(_STOP)
+            for worker in self._workers:
+                worker.thread.join(1.0)
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._stats[key] += n

@@ -1,0 +1,351 @@
+"""`hushgate watch`: an interactive terminal prompt for pending uploads.
+
+Rules of this module: it is a control-socket client and nothing more (the daemon decides; we send
+`decide` with by="watch"). Every string the daemon hands us is shown through `clean()` (host names
+come from the speaker: SNI, DNS), so nothing a speaker sends can move the cursor, retitle the
+window or clear the screen, and watch itself writes no escape sequences at all. The terminal is
+restored on every way out (return, exception, SIGINT, SIGTERM, SIGHUP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import select
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+from guard.shell.control import ControlError, request
+
+__all__ = ["KEYS", "WINDOW_S", "clean", "run_watch"]
+
+WINDOW_S = 1800.0  # `w`: allow this device+category for 30 minutes
+HOST_CHARS = 80
+KEYS = "a = allow once, d = deny, w = allow 30 min, s = skip, q = quit"
+
+# An escape sequence as terminals parse it: CSI (ESC [ params final), OSC/DCS/PM/APC/SOS strings
+# (ended by BEL or ST), or a two-byte ESC sequence. Each is replaced by one '?' as a whole, so a
+# hostile name reads "?x" rather than "?[2Jx".
+_ESCAPE = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]?"
+    r"|\x1b[\]PX^_][^\x07\x1b]*(?:\x07|\x1b\\)?"
+    r"|\x1b[ -~]?"
+)
+
+
+def clean(text: object, cap: int = HOST_CHARS) -> str:
+    """`text` as printable ASCII only, at most `cap` characters; escapes and controls -> '?'."""
+    if text is None:
+        return ""
+    value = str(text)[: cap * 8]  # bound the work on a 10 kB name before the regex runs
+    value = _ESCAPE.sub("?", value)
+    value = "".join(c if " " <= c <= "~" else "?" for c in value)
+    if len(value) > cap:
+        value = value[: max(0, cap - 3)] + "..."
+    return value
+
+
+def _number(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return number if number == number else 0.0
+
+
+def _size(n_bytes: float) -> str:
+    if n_bytes < 1024:
+        return f"{int(n_bytes)} B"
+    if n_bytes < 1024 * 1024:
+        return f"{round(n_bytes / 1024)} KB"
+    return f"{n_bytes / (1024 * 1024):.1f} MB"
+
+
+class _Interrupted(Exception):
+    """SIGTERM or SIGHUP arrived: leave like Ctrl-C does."""
+
+
+class _Keys:
+    """Key presses from stdin: single keys in cbreak mode on a TTY, first characters of lines
+    otherwise. `get(timeout_s)` -> the keys read (possibly ""), or None at end of input."""
+
+    def __init__(self, stdin: TextIO) -> None:
+        self.stdin = stdin
+        try:
+            self.fd: int | None = stdin.fileno()
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            self.fd = None
+        self.tty = self.fd is not None and os.isatty(self.fd)
+        self._saved: Any = None
+        self._line = b""
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[_Keys]:
+        if not self.tty:
+            yield self
+            return
+        import termios
+        import tty
+
+        assert self.fd is not None
+        try:
+            self._saved = termios.tcgetattr(self.fd)
+        except termios.error:  # a terminal we may not configure: read lines instead
+            self.tty = False
+            yield self
+            return
+        try:
+            tty.setcbreak(self.fd, termios.TCSANOW)  # keeps ISIG: Ctrl-C still interrupts
+            yield self
+        finally:
+            with contextlib.suppress(termios.error, OSError):
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+
+    def flush(self) -> None:
+        """Forget typeahead: a key pressed for one upload must not decide the next one."""
+        if self.tty:
+            import termios
+
+            with contextlib.suppress(termios.error, OSError):
+                termios.tcflush(self.fd, termios.TCIFLUSH)
+
+    def get(self, timeout_s: float) -> str | None:
+        if self.fd is None:  # a file-like object without a descriptor: plain blocking lines
+            line = self.stdin.readline()
+            return None if not line else line.strip()[:1]
+        ready, _, _ = select.select([self.fd], [], [], max(0.0, timeout_s))
+        if not ready:
+            return ""
+        data = os.read(self.fd, 1024)
+        if not data:
+            if self._line.strip():  # a last line without a newline still counts
+                key, self._line = self._line.decode("ascii", "replace").strip()[:1], b""
+                return key
+            return None
+        if self.tty:
+            # An escape sequence (arrow keys, function keys) ends the useful part of the read:
+            # its letters must not count as keys.
+            return data.split(b"\x1b", 1)[0].decode("ascii", "replace")
+        self._line += data
+        keys = []
+        while b"\n" in self._line:
+            line, self._line = self._line.split(b"\n", 1)
+            keys.append(line.decode("ascii", "replace").strip()[:1])
+        self._line = self._line[-1024:]
+        return "".join(keys)
+
+
+_UNSET = object()
+
+
+class _Screen:
+    """Plain text output; on a terminal the status line is rewritten in place with CR only."""
+
+    def __init__(self, stdout: TextIO) -> None:
+        self.out = stdout
+        try:
+            self.tty = stdout.isatty()
+        except (AttributeError, ValueError):
+            self.tty = False
+        self._status_len = 0
+        self._text = ""
+        self._topic: Any = _UNSET
+
+    def line(self, text: str) -> None:
+        self._end_status()
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def status(self, text: str, topic: Any) -> None:
+        """Show `text`: rewritten in place on a terminal; elsewhere once per `topic`, since a
+        countdown printed every second would bury everything else."""
+        if self.tty:
+            if topic == self._topic and text == self._text:
+                return
+            pad = " " * max(0, self._status_len - len(text))
+            self.out.write("\r" + text + pad + "\r" + text)
+            self._status_len = len(text)
+            self._text = text
+            self._topic = topic
+        elif topic != self._topic:
+            self.out.write(text + "\n")
+            self._topic = topic
+        self.out.flush()
+
+    def _end_status(self) -> None:
+        if self.tty and self._status_len:
+            self.out.write("\n")
+        self._status_len = 0
+        self._topic = _UNSET
+        self._text = ""
+
+    def close(self) -> None:
+        self._end_status()
+        self.out.flush()
+
+
+def _describe(upload: dict[str, Any]) -> list[str]:
+    target = clean(upload.get("host")) or clean(upload.get("remote"), 60)
+    lines = [
+        f"upload {clean(upload.get('id'), 20)} from {clean(upload.get('device'), 64)} "
+        f"({clean(upload.get('category'), 32) or 'unknown'})",
+        f"  to   {target}",
+    ]
+    if upload.get("host"):
+        lines.append(f"  at   {clean(upload.get('remote'), 60)}")
+    lines.append(f"  keys {KEYS}")
+    return lines
+
+
+def _status(upload: dict[str, Any], others: int, now: float) -> str:
+    waiting = max(0, int(now - _number(upload.get("started"))))
+    left = max(0, int(round(_number(upload.get("expires")) - now)))
+    held = f"{int(_number(upload.get('held_packets')))} pkt/{_size(_number(upload.get('held_bytes')))}"
+    more = f", +{others} more" if others else ""
+    return f"  waiting {waiting} s, {held} held, expires in {left} s{more} > "
+
+
+def run_watch(
+    socket_path: str,
+    *,
+    stdin: TextIO = sys.stdin,
+    stdout: TextIO = sys.stdout,
+    stderr: TextIO | None = None,
+    poll_s: float = 0.5,
+    once: bool = False,
+) -> int:
+    """Prompt for pending uploads until `q`, end of input or Ctrl-C. Returns the exit code:
+    0 on `q`/end of input (or after the first decision with `once`), 1 when the daemon cannot be
+    reached (one line on stderr), 130 on SIGINT/SIGTERM/SIGHUP."""
+    err = stderr if stderr is not None else sys.stderr
+    try:
+        pending = _pending(socket_path)
+    except ControlError as exc:
+        err.write(f"hushgate: {clean(exc, 200)}\n")
+        err.flush()
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    keys = _Keys(stdin)
+    screen = _Screen(stdout)
+    restore = _trap_signals()
+    try:
+        with keys.active():
+            return _loop(socket_path, pending, keys, screen, err, poll_s, once)
+    except (KeyboardInterrupt, _Interrupted):
+        return 130
+    finally:
+        screen.close()
+        restore()
+
+
+def _pending(socket_path: str) -> list[dict[str, Any]]:
+    result = request(socket_path, {"cmd": "pending"})
+    if not isinstance(result, list):
+        raise ControlError("bad reply to pending: not a list")
+    return sorted((u for u in result if isinstance(u, dict) and "id" in u),
+                  key=lambda u: _number(u.get("id")))
+
+
+def _loop(
+    socket_path: str,
+    pending: list[dict[str, Any]],
+    keys: _Keys,
+    screen: _Screen,
+    err: TextIO,
+    poll_s: float,
+    once: bool,
+) -> int:
+    current: Any = None  # the id on screen
+    shown: Any = object()  # what the screen shows: an id, or None for "nothing pending"
+    last_poll = time.monotonic()
+    while True:
+        ids = [u["id"] for u in pending]
+        if current not in ids:
+            if current is not None and current == shown:
+                screen.line(f"upload {clean(current, 20)} is no longer pending")
+            later = [i for i in ids if current is not None and _number(i) > _number(current)]
+            current = later[0] if later else (ids[0] if ids else None)
+        upload = next((u for u in pending if u["id"] == current), None)
+        if current != shown:
+            keys.flush()
+            if upload is not None:
+                for text in _describe(upload):
+                    screen.line(text)
+            shown = current
+        if upload is None:
+            screen.status("no uploads pending (q to quit) > ", None)
+        else:
+            screen.status(_status(upload, len(pending) - 1, time.time()), current)
+
+        wait_s = min(poll_s, 1.0) if screen.tty else poll_s
+        got = keys.get(max(0.0, last_poll + wait_s - time.monotonic()))
+        if got is None:
+            return 0  # end of input
+        for key in got:
+            if key == "q":
+                return 0
+            if upload is None or key not in "adws":
+                continue
+            if key == "s":
+                later = [u["id"] for u in pending if _number(u["id"]) > _number(current)]
+                current = later[0] if later else pending[0]["id"]
+                break
+            if _decide(socket_path, upload, key, screen) and once:
+                return 0
+            current = None  # go on with the next one after a fresh poll
+            shown = object()
+            break
+        if got or time.monotonic() - last_poll >= poll_s:
+            try:
+                pending = _pending(socket_path)
+            except ControlError as exc:
+                screen.close()
+                err.write(f"hushgate: {clean(exc, 200)}\n")
+                err.flush()
+                return 1
+            last_poll = time.monotonic()
+
+
+def _decide(socket_path: str, upload: dict[str, Any], key: str, screen: _Screen) -> bool:
+    verb = "deny" if key == "d" else "allow"
+    scope = "for" if key == "w" else "once"
+    payload = {"cmd": "decide", "id": upload["id"], "verb": verb, "scope": scope,
+               "duration_s": WINDOW_S if key == "w" else None, "by": "watch"}
+    name = f"upload {clean(upload['id'], 20)} ({clean(upload.get('device'), 64)})"
+    try:
+        request(socket_path, payload)
+    except ControlError as exc:
+        screen.line(f"could not decide {name}: {clean(exc, 200)}")
+        return False
+    done = {"a": "allowed once", "d": "denied",
+            "w": "allowed, and this device and category for 30 min"}[key]
+    screen.line(f"{name} {done}")
+    return True
+
+
+def _trap_signals() -> Any:
+    """SIGTERM/SIGHUP leave through the same `finally` as Ctrl-C (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupted(signum: int, frame: Any) -> None:
+        raise _Interrupted(signum)
+
+    saved = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError, OSError):
+            saved[sig] = signal.signal(sig, interrupted)
+
+    def restore() -> None:
+        for sig, handler in saved.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(sig, handler)
+
+    return restore
