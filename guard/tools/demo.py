@@ -215,18 +215,16 @@ class _Tour:
             raise DemoFailed("the simulated Echo did not finish in time") from None
         return parse_speaker_output(out, err)
 
-    def conn(self, local: str, host: str) -> dict[str, Any]:
-        port = local.rsplit(":", 1)[1]
-        stats = self.topo.cloud.wait_for(
-            lambda s: any(
-                c["host"] == host and c["peer"].rsplit(":", 1)[1] == port for c in s["tcp"]
-            ),
-            timeout_s=self.left(5.0),
-        )
-        return max(
-            (c for c in stats["tcp"] if c["host"] == host and c["peer"].rsplit(":", 1)[1] == port),
-            key=lambda c: c["id"],
-        )
+    def conn(self, since: float, host: str) -> dict[str, Any]:
+        """The cloud's record of the Echo's connection opened at or after `since`: through the
+        relay the cloud sees the router's own socket, so it is found by host and time, not by
+        the Echo's port."""
+        def mine(c: dict[str, Any]) -> bool:
+            return c["host"] == host and c["opened"] >= since and c["handshake_done"] is not None
+
+        stats = self.topo.cloud.wait_for(lambda s: any(mine(c) for c in s["tcp"]),
+                                         timeout_s=self.left(5.0))
+        return max((c for c in stats["tcp"] if mine(c)), key=lambda c: c["id"])
 
     def cloud_bytes(self, conn_id: int) -> int:
         return int(
@@ -239,10 +237,12 @@ class _Tour:
         """Connect the Echo, start an upload, wait until the guard holds it; (speaker, cloud
         connection, pending upload). `hold_open_s` keeps the connection open after the upload
         (to see a reset that comes later)."""
+        since = time.time()
         proc, ready, go = self.speaker(
             "--host", VOICE, "-4", "--hold-open", str(hold_open_s), "upload", wait=True
         )
-        conn = self.conn(self.wait_ready(proc, ready)["local"], VOICE)
+        self.wait_ready(proc, ready)
+        conn = self.conn(since, VOICE)
         go.touch()
         end = time.monotonic() + self.left(5.0)
         for _ in range(int(5.0 / POLL_S) + 2):
