@@ -240,7 +240,10 @@ say() { echo "hushgate-vm: $*"; }
 off() { sync; say "power off"; poweroff -f; sleep 5; echo o > /proc/sysrq-trigger; }
 for m in $(cat /modules.order); do insmod "/mod/$m" || say "insmod $m failed"; done
 for a in $(cat /proc/cmdline); do
-  case "$a" in hushgate.modules=*) MODDIR="${a#hushgate.modules=}" ;; esac
+  case "$a" in
+    hushgate.modules=*) MODDIR="${a#hushgate.modules=}" ;;
+    hushgate.repo=*) REPO="${a#hushgate.repo=}" ;;
+  esac
 done
 mkdir -p /lower /upper /newroot
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=262144 hostroot /lower \
@@ -260,6 +263,11 @@ mount -t devpts devpts /newroot/dev/pts
 mount -t tmpfs tmpfs /newroot/dev/shm
 mount -t tmpfs tmpfs /newroot/run
 mount -t tmpfs tmpfs /newroot/tmp
+# A checkout under /tmp or /run (a CI clone) would be hidden by those tmpfs: show it (read-only)
+case "$REPO" in
+  /tmp/*|/run/*) mkdir -p "/newroot$REPO" && mount --bind "/lower$REPO" "/newroot$REPO" \
+    || say "cannot show the checkout $REPO" ;;
+esac
 KVER=$(uname -r)
 mkdir -p "/newroot/lib/modules/$KVER"
 mount --bind "/newroot$MODDIR" "/newroot/lib/modules/$KVER" || say "no modules at $MODDIR"
@@ -475,7 +483,8 @@ class VmRun:
 
 def qemu_argv(kernel: Kernel, initrd: Path, out: Path, memory_mb: int = 1024,
               cpus: int = 2) -> list[str]:
-    append = f"console=ttyS0 panic=-1 quiet loglevel=4 hushgate.modules={kernel.modules}"
+    append = (f"console=ttyS0 panic=-1 quiet loglevel=4 hushgate.modules={kernel.modules} "
+              f"hushgate.repo={REPO}")
     return [
         "qemu-system-x86_64", "-nodefaults", "-machine", "pc", "-accel", "tcg",
         "-cpu", "max", "-m", str(memory_mb), "-smp", str(cpus),
