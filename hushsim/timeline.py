@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from guard.core.records import RecordFramer, StreamAssembler
+from guard.core.records import CapturedStream
 from hushsim import wire
 from hushsim.profiles import Profile, Transport, _open_reader
 
@@ -136,7 +136,7 @@ def _upstream_by_connection(
         addr, _, port = remote.rpartition(":")
         wanted[addr].add(int(port))
     out: dict[tuple[str, int], list[tuple[float, int]]] = defaultdict(list)
-    streams: dict[tuple[str, int], tuple[StreamAssembler, RecordFramer]] = {}
+    streams: dict[tuple[str, int], CapturedStream] = {}
     with path.open("rb") as fh:
         reader = _open_reader(fh)
         linktype = reader.datalink()
@@ -164,15 +164,8 @@ def _upstream_by_connection(
                 streams.pop(key, None)
             if size <= 0:
                 continue
-            if key not in streams:
-                streams[key] = (StreamAssembler(), RecordFramer())
-            assembler, framer = streams[key]
-            data, length, gap = assembler.segment(l4.seq, bytes(l4.data), size)
-            if not length:
-                continue  # a retransmission
-            if gap:
-                framer.resync()
-            for record in framer.feed(data, length):
+            stream = streams.setdefault(key, CapturedStream())
+            for record in stream.segment(l4.seq, bytes(l4.data), size)[1]:
                 if record.content_type not in HANDSHAKE_TYPES:
                     out[key].append((float(ts), record.size))
     for items in out.values():

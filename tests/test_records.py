@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guard.core.records import NOT_TLS, RecordFramer, StreamAssembler
+from guard.core.records import NOT_TLS, CapturedStream, RecordFramer, StreamAssembler
 
 
 def record(body: int, ctype: int = 23) -> bytes:
@@ -73,3 +73,15 @@ def test_an_empty_record_is_a_record() -> None:
     out = f.feed(record(10) + record(0) + record(2, 21))
     assert [(r.end, r.size, r.content_type) for r in out] == [(15, 15, 23), (20, 5, 23),
                                                               (27, 7, 21)]
+
+
+def test_a_captured_stream_frames_in_order_drops_retransmissions_and_resyncs_after_a_gap() -> None:
+    s = CapturedStream()
+    s.syn(999)
+    first = record(100) + record(20)[:10]
+    data, recs = s.segment(1000, first, len(first))
+    assert data == first and [r.size for r in recs] == [105]
+    assert s.segment(1000, first, len(first)) == (b"", [])  # a retransmission
+    later = record(30)  # bytes before it were lost: it starts a record of its own
+    _, recs = s.segment(1000 + len(first) + 500, later, len(later))
+    assert [(r.size, r.content_type) for r in recs] == [(35, 23)]

@@ -168,3 +168,26 @@ class StreamAssembler:
             gap = True  # bytes missing: go on from here (the framer resynchronises)
         self.next_seq = (seq + length) & 0xFFFFFFFF
         return payload, length, gap
+
+
+class CapturedStream:
+    """One direction of a captured TCP connection, segment by segment: put back in order by a
+    `StreamAssembler` and framed by a `RecordFramer`, which finds step again after a gap. What
+    `analyze` and the replays of captured shapes (hushsim/timeline.py) both read."""
+
+    def __init__(self) -> None:
+        self.assembler = StreamAssembler()
+        self.framer = RecordFramer()
+
+    def syn(self, seq: int) -> None:
+        self.assembler.syn(seq)
+
+    def segment(self, seq: int, payload: bytes, length: int) -> tuple[bytes, list[Record]]:
+        """The segment's new in-order bytes (b"" for a retransmission) and the records they
+        complete."""
+        data, length, gap = self.assembler.segment(seq, payload, length)
+        if not length:
+            return b"", []
+        if gap:
+            self.framer.resync()
+        return data, self.framer.feed(data, length)

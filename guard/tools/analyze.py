@@ -23,7 +23,7 @@ from guard.core.config import DeviceConfig, GuardConfig, normalize_mac
 from guard.core.engine import BurstReleased, Engine, Upload, UploadHeld, UploadSeen, Verdict
 from guard.core.packet import ACK, FIN, RST, SYN, TCP, Malformed, Packet
 from guard.core.policy import Mode
-from guard.core.records import RecordFramer, StreamAssembler
+from guard.core.records import CapturedStream
 from guard.core.ruleset import Category, RuleSet, load_rules
 from guard.core.sni import NeedMore, client_hello_sni
 from guard.tools.capture import read_capture
@@ -228,31 +228,30 @@ class _Streams:
             if conn is not None and conn.id is not None:
                 self.engine.stream_closed(conn.id, now)
             conn = self.conns[key] = _Conn()
-            conn.assembler.syn(pkt.seq)
-            conn.assembler_started_at_syn = True
+            conn.stream.syn(pkt.seq)
+            conn.started_at_syn = True
             return
         if conn is None:
             conn = self.conns[key] = _Conn()  # predates the capture: picked up mid-stream
-            conn.framer.tls = None
         if conn.refused:
             return
         if pkt.payload_len:
-            data, length, gap = conn.assembler.segment(pkt.seq, pkt.payload, pkt.payload_len)
-            if length:
+            data, records = conn.stream.segment(pkt.seq, pkt.payload, pkt.payload_len)
+            if data:
                 if conn.id is None:
                     self._open(conn, pkt, data, now)
                     if conn.refused:
                         return
-                if gap:
-                    conn.framer.resync()
-                self._feed(conn, data, length, now)
+                assert conn.id is not None
+                for r in records:
+                    self.engine.stream_data(conn.id, r.end, r.size, r.content_type, now)
         if flags & (FIN | RST) and conn.id is not None:
             self.engine.stream_closed(conn.id, now, reset=bool(flags & RST))
             del self.conns[key]
 
     def _open(self, conn: _Conn, pkt: Packet, first: bytes, now: float) -> None:
         host = None
-        if conn.assembler_started_at_syn:
+        if conn.started_at_syn:
             name = client_hello_sni(first)
             host = name if isinstance(name, str) else None
             if isinstance(name, NeedMore):
@@ -262,21 +261,15 @@ class _Streams:
                                              pkt.src_mac, host, now)
         conn.refused = verdict is Verdict.REJECT
 
-    def _feed(self, conn: _Conn, data: bytes, length: int, now: float) -> None:
-        assert conn.id is not None
-        for record in conn.framer.feed(data, length):
-            self.engine.stream_data(conn.id, record.end, record.size, record.content_type, now)
-
 
 class _Conn:
-    __slots__ = ("id", "assembler", "framer", "refused", "assembler_started_at_syn")
+    __slots__ = ("id", "stream", "refused", "started_at_syn")
 
     def __init__(self) -> None:
         self.id: int | None = None
-        self.assembler = StreamAssembler()
-        self.framer = RecordFramer()
+        self.stream = CapturedStream()
         self.refused = False
-        self.assembler_started_at_syn = False
+        self.started_at_syn = False
 
 
 def _collect(engine: Engine, uploads: dict[int, Upload], releases: list[dict[str, Any]]) -> None:
