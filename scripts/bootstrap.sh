@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 PACKAGES=(python3-venv python3-dev build-essential libnetfilter-queue-dev iptables iproute2
           conntrack ipset tcpdump dnsmasq-base nftables prometheus shellcheck
           chromium chromium-driver fonts-liberation systemd
-          qemu-system-x86 busybox-static kmod)  # the last three: the nftables VM suite, tests/vm
+          qemu-system-x86 busybox-static kmod  # these three: the nftables VM suite, tests/vm
+          mosquitto)  # the MQTT broker of tests/e2e/test_phone_live.py
 missing=()
 for pkg in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
