@@ -677,6 +677,32 @@ def test_relay_check_names_a_missing_policy_route_and_a_missing_listener() -> No
     assert not no_listener.ok and "7411" in no_listener.message
 
 
+def test_relay_check_warns_when_the_router_routes_by_mark_and_a_device_has_no_route_mark(
+) -> None:
+    from guard.tools.doctor import _check_relay
+
+    def run(argv: Sequence[str], input: str | None = None) -> Completed:  # noqa: A002
+        out = ""
+        if "rule" in argv:
+            out = ("900:\tfrom all fwmark 0x20000000/0x20000000 lookup 7411\n"
+                   "29997:\tfrom all fwmark 0x10000/0xff0000 lookup pbr_wg\n")
+        elif "route" in argv:
+            out = "local default dev lo scope host\n"
+        return Completed(tuple(argv), 0, out)
+
+    listening = "  sl  local rem st\n   0: 00000000:1CF3 00000000:0000 0A 0\n"
+
+    def check(config: GuardConfig) -> Check:
+        return _check_relay(config, spec_from_config(config), run, (4, 6), True,
+                            lambda p: listening if p == "/proc/net/tcp" else None)
+
+    bare = check(GuardConfig(devices=(ECHO,), socket=CONFIG.socket))
+    assert bare.severity == "warn" and "pbr_wg" in bare.message and ECHO.name in bare.message
+    assert "route_mark" in bare.fix
+    marked = check(GuardConfig(devices=(replace(ECHO, route_mark=0x10000),), socket=CONFIG.socket))
+    assert marked.severity == "ok", marked
+
+
 def test_a_speaker_that_never_falls_back_to_tcp_is_a_warning() -> None:
     status = {"devices": [{"name": "nest", "quic_no_tcp_fallback": True},
                           {"name": "kitchen-echo", "quic_no_tcp_fallback": False}]}

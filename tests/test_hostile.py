@@ -382,6 +382,10 @@ BAD_VALUES = [
     pytest.param("[web]\ntls = \"no\"\n", "web.tls", id="web-tls-text"),
     pytest.param("[web]\nlisten = 8787\n", "web.listen", id="web-listen-number"),
     pytest.param(DEVICE + "mac = 5\n", "mac", id="device-mac-number"),
+    pytest.param(DEVICE + "route_mark = \"vpn\"\n", "route_mark", id="route-mark-text"),
+    pytest.param(DEVICE + "route_mark = 0x100000000\n", "route_mark", id="route-mark-33-bits"),
+    pytest.param(DEVICE + "route_mark = 0x20000000\n", "route_mark",
+                 id="route-mark-uses-the-relay-bit"),
 ]
 
 

@@ -191,6 +191,7 @@ config device 'nest_mini'
 	list address6 '2001:2:0:10::12'
 	list address6 '2001:2:0:10::13'
 	option quic 'block'
+	option route_mark '0x100'
 	list category 'telemetry=block'
 	list category 'update=inspect'
 """
@@ -209,6 +210,7 @@ config device 'nest_mini'
     assert nest.mode is Mode.FOLLOWUPS  # a repeated option replaces
     assert nest.address6 == ("2001:2:0:10::12", "2001:2:0:10::13")
     assert nest.quic == "block"
+    assert nest.route_mark == 0x100  # as fw4 and pbr write marks
     assert nest.category_action("telemetry") is CategoryAction.BLOCK
     assert nest.category_action("update") is CategoryAction.INSPECT
 

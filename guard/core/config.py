@@ -11,7 +11,7 @@ import ipaddress
 import math
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,11 @@ class DeviceConfig:
     # hold | block; None: as guard.quic says. Block (the default) refuses QUIC so the speaker
     # falls back to TCP, which the relay holds exactly (design.md 5); hold keeps the packet hold.
     quic: str | None = None
+    # The routing mark (SO_MARK) of the relay's upstream leg for this device, for a router that
+    # routes it by mark (pbr, mwan3, a VPN kill switch: design.md 5a.2). Through the relay the
+    # device's TCP leaves as the router's own traffic and its packets' marks stay behind; this
+    # mark goes with it instead (the relay's own bit is added). None: the relay's bit only.
+    route_mark: int | None = None
 
     def category_action(self, category: str) -> CategoryAction:
         for name, action in self.categories:
@@ -77,9 +82,7 @@ class DeviceConfig:
         return DEFAULT_CATEGORY_ACTIONS.get(category, CategoryAction.INSPECT)
 
     def with_mode(self, mode: Mode) -> DeviceConfig:
-        return DeviceConfig(
-            self.name, self.address, self.mac, self.address6, mode, self.categories, self.quic
-        )
+        return replace(self, mode=mode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +171,7 @@ _GUARD_KEYS = {
     "audit_max_bytes", "reset_midstream", "tcp_hold", "relay_port", "tproxy_mark", "relay_mark",
     "relay_table", "relay_priority", "max_connections_per_device", "max_relay_connections",
 }
-_DEVICE_KEYS = {"name", "address", "mac", "address6", "mode", "categories", "quic"}
+_DEVICE_KEYS = {"name", "address", "mac", "address6", "mode", "categories", "quic", "route_mark"}
 
 
 def _table(value: Any, where: str) -> dict[str, Any]:
@@ -280,7 +283,12 @@ def _device(table: Any, index: int) -> DeviceConfig:
                 f"{where}.categories.{category}: expected allow, block or inspect"
             ) from None
     quic = _choice(table, "quic", where, ("hold", "block"), None)
-    return DeviceConfig(name, address, mac, address6, mode, tuple(categories), quic)
+    route_mark = None
+    if "route_mark" in table:
+        route_mark = _number(table, "route_mark", where, 1, 0, integer=True)
+        if route_mark > 0xFFFFFFFF:
+            raise ConfigError(f"{where}.route_mark: a mark is 32 bits (at most 0xffffffff)")
+    return DeviceConfig(name, address, mac, address6, mode, tuple(categories), quic, route_mark)
 
 
 def parse_config(data: dict[str, Any]) -> GuardConfig:
@@ -411,6 +419,11 @@ def parse_config(data: dict[str, Any]) -> GuardConfig:
         if bit & config.mark_mask:
             raise ConfigError(f"{key}: {bit:#010x} is inside guard.mark_mask "
                               f"{config.mark_mask:#010x}")
+    own = config.tproxy_mark | config.relay_mark
+    for d in config.devices:
+        if d.route_mark is not None and d.route_mark & own:
+            raise ConfigError(f"device {d.name!r}.route_mark: {d.route_mark:#010x} uses the "
+                              f"relay's own bits {own:#010x} (guard.tproxy_mark, guard.relay_mark)")
     return config
 
 

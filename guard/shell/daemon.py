@@ -132,10 +132,17 @@ class Daemon:
         if self.spec.relay:
             self.relay = Relay(
                 self.engine, port=config.relay_port, upstream_mark=config.relay_mark,
+                route_mark=self._route_mark,
                 max_per_device=config.max_connections_per_device,
                 max_total=config.max_relay_connections,
                 max_kept_bytes=config.max_held_bytes_per_upload + RELAY_KEPT_SLACK_BYTES,
                 families=(4, 6) if os.path.exists("/proc/sys/net/ipv6") else (4,), log=log)
+
+    def _route_mark(self, address: str, mac: str | None) -> int:
+        """The routing mark a device's relayed upstream leg carries besides the relay's bit
+        (`route_mark` in its [[device]] table; design.md 5a.2): 0 when none is set."""
+        device = self.engine.devices.find(address, mac)
+        return device.route_mark or 0 if device is not None else 0
 
     # -- start-up ---------------------------------------------------------------------------
 

@@ -251,6 +251,7 @@ class Relay:
         *,
         port: int,
         upstream_mark: int = 0,
+        route_mark: Callable[[str, str | None], int] | None = None,
         max_per_device: int = 512,
         max_total: int = 4096,
         max_kept_bytes: int = (1 << 20) + HOLD_SLACK_BYTES,
@@ -268,6 +269,8 @@ class Relay:
         self.engine = engine
         self.port = port
         self.upstream_mark = upstream_mark
+        # the device's own routing mark for its upstream leg (design.md 5a.2), by address and MAC
+        self.route_mark = route_mark
         self.max_per_device = max_per_device
         self.max_total = max_total
         self.max_kept_bytes = max_kept_bytes
@@ -709,8 +712,11 @@ class Relay:
         up = socket.socket(fam, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         conn.up = up
         _tune(up)
-        if self.upstream_mark:
-            up.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.upstream_mark)
+        mark = self.upstream_mark
+        if self.route_mark is not None:
+            mark |= self.route_mark(conn.device_addr, conn.mac)
+        if mark:
+            up.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         err = up.connect_ex((conn.remote_addr, conn.remote_port))
         if err not in (0, errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK):
             self.counters["connect_failed"] += 1

@@ -400,8 +400,32 @@ def _check_relay(config: GuardConfig, spec: FirewallSpec, run: Runner, families:
     if socket_up and not _relay_listening(config.relay_port, read_file):
         return Check.fail("relay", f"no listener on the relay port {config.relay_port}: "
                           "relayed devices' TCP goes nowhere", "restart the guard")
+    marked = _mark_routing(run, families, spec)
+    unmarked = [d.name for d in config.devices
+                if d.name in spec.relay_devices and d.route_mark is None]
+    if marked and unmarked:
+        return Check.warn(
+            "relay", f"this router routes by mark ({marked[0]}); the relay's upstream leg is the "
+            f"router's own traffic and does not carry a device's packet marks, so "
+            f"{', '.join(unmarked)} may leave by the main route (a VPN or kill switch by mark "
+            "does not apply to them)",
+            "set route_mark = <the mark your policy gives the device> in its [[device]] table "
+            "(design.md 5a.2), or leave such devices unguarded")
     return Check.good("relay", f"TCP of {len(spec.relay_devices)} device(s) relayed on port "
                       f"{config.relay_port} (policy route table {spec.relay_table})")
+
+
+def _mark_routing(run: Runner, families: tuple[int, ...], spec: FirewallSpec) -> list[str]:
+    """`ip rule` lines that route by fwmark, other than the relay's own."""
+    found = []
+    for family in families:
+        res = run(["ip", f"-{family}", "rule", "show"], None)
+        if not res.ok:
+            continue
+        for line in res.stdout.splitlines():
+            if "fwmark" in line and f"lookup {spec.relay_table}" not in line:
+                found.append(" ".join(line.split()))
+    return found
 
 
 def _check_ipv6(config: GuardConfig) -> Check:

@@ -20,7 +20,7 @@ Mapping (one UCI section per TOML table, keys as in the TOML file):
     config hook             -> [[hook]]    list event, option command (a path) or list command
                                            (an argv), option url, option timeout_s
     config device           -> [[device]]  name (else the section's name), mac, address,
-                                           list address6, mode, quic,
+                                           list address6, mode, quic, route_mark (0x100),
                                            list category 'telemetry=block'; enabled '0' skips it
 """
 
@@ -309,7 +309,7 @@ _GUARD_STR = {"fail", "quic", "socket", "socket_group", "state_db", "rules_dir",
               "mark_mask"}
 _GUARD_KEYS = _GUARD_INT | _GUARD_FLOAT | _GUARD_STR | {"queue"}
 
-# (uci name -> (toml key, kind)); kinds: str, int, float, bool, list, argv
+# (uci name -> (toml key, kind)); kinds: str, int, mark, float, bool, list, argv
 _SECTION_SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
     "metrics": {"listen": ("listen", "str")},
     "web": {
@@ -333,6 +333,7 @@ _SECTION_SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "address6": ("address6", "list"),
         "mode": ("mode", "str"),
         "quic": ("quic", "str"),
+        "route_mark": ("route_mark", "mark"),
         "category": ("categories", "categories"),
         "categories": ("categories", "categories"),
         "enabled": ("enabled", "bool"),
@@ -446,6 +447,12 @@ def _table(section: UciSection, index: int, lines: _Lines) -> dict[str, Any]:
             out[key] = _number(opt, integer=False)
         elif kind == "int":
             out[key] = _number(opt, integer=True)
+        elif kind == "mark":  # as fw4 and pbr write marks: 0x100 or 256
+            try:
+                out[key] = int(opt.value.strip(), 0)
+            except ValueError:
+                raise UciError(f"option {opt.name} {opt.value!r}: expected a mark like 0x100",
+                               opt.line) from None
         else:
             out[key] = opt.value
     return out
