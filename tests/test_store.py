@@ -16,6 +16,7 @@ import pytest
 from guard.core.config import AUDIT_MIN_BYTES, ConfigError, GuardConfig, parse_config
 from guard.shell.store import (
     Action,
+    SCHEMA_VERSION,
     Outcome,
     PendingUpload,
     Store,
@@ -87,7 +88,7 @@ def test_everything_survives_reopen(db: Path) -> None:
             started=NOW,
         )
     with Store.open(db, NOW + 10) as s:
-        assert s.schema_version == 1
+        assert s.schema_version == SCHEMA_VERSION == 2
         assert [r.id for r in s.rules()] == [rule.id, rule.id + 1]
         assert s.rules("kitchen-echo")[0].category == "messaging"
         assert s.rules()[1].action is Action.ALLOW and s.rules()[1].host == "api.amazon.com"

@@ -47,6 +47,11 @@ class Outcome(str, Enum):
     LOST = "lost"  # pending when the guard restarted: reset, nothing delivered
 
 
+# `hushgate log` also lists refused connection attempts of a blocked category (a messaging or
+# calling host): they are not uploads, so not an Outcome (metrics count them as blocked flows).
+BLOCKED = "blocked"
+LOG_OUTCOMES = (*(o.value for o in Outcome), BLOCKED)
+
 DENYING_OUTCOMES = frozenset(
     {Outcome.DENIED, Outcome.EXPIRED, Outcome.QUIET, Outcome.CAPPED, Outcome.LOST}
 )
@@ -71,6 +76,23 @@ class Decision:
     scope: Scope = Scope.ONCE
     duration_s: float | None = None  # with Scope.FOR
     by: str = "cli"  # who decided: "cli:uid", "web", "watch", "rule:3", "expiry", ...
+
+
+# Who decided, as a short channel (`via` in `log`, hooks and replies). The first word of a
+# control request's `by` when it is one of the people's channels; the engine's own decisions use
+# the rest.
+CHANNELS = ("cli", "web", "watch", "mqtt", "ntfy", "expiry", "window", "rule", "quiet",
+            "followups", "monitor", "cap", "restart", "lost", "other")
+_ENGINE_BY = {"quiet window": "quiet", "connection reset": "lost", "monitored": "monitor"}
+
+
+def channel(by: str | None) -> str:
+    """`cli:alice (uid 1000)` -> `cli`; `quiet window` -> `quiet`; anything unknown -> `other`."""
+    text = (by or "").strip().lower()
+    if text in _ENGINE_BY:
+        return _ENGINE_BY[text]
+    word = re.split(r"[:\s(]", text, maxsplit=1)[0]
+    return word if word in CHANNELS else "other"
 
 
 class WindowKind(str, Enum):
@@ -125,6 +147,49 @@ def parse_duration(text: str) -> float:
     if value <= 0:
         raise ValueError(f"duration must be positive: {text!r}")
     return value
+
+
+# Windows (allow windows, mutes, `--for` answers) last from one second to thirty days.
+MIN_DURATION_S = 1.0
+MAX_DURATION_S = 30 * 86400.0
+
+
+def check_window_duration(seconds: float, text: str | None = None) -> float:
+    """`seconds` when it is a window's duration (1 s to 30 d), else ValueError naming the bound."""
+    shown = text if text else format_duration(seconds)
+    try:
+        seconds = float(seconds)
+    except (TypeError, ValueError):
+        raise ValueError(f"not a duration: {text or seconds!r}") from None
+    if not seconds >= MIN_DURATION_S:  # NaN too
+        raise ValueError(f"duration {shown} is below the minimum of 1s (windows last 1s to 30d; "
+                         "to lift a mute, `hushgate unmute --device NAME`)")
+    if seconds > MAX_DURATION_S:
+        raise ValueError(f"duration {shown} is above the maximum of 30d (windows last 1s to 30d; "
+                         "for good, answer with --always)")
+    return seconds
+
+
+def standing_for(decision: Decision, device: str, host: str | None, category: str,
+                 now: float) -> Window | StandingRule | None:
+    """What a decision's scope leaves behind, worked out in this one place: `for` opens a window
+    on the device's uploads of this category, `always` makes a rule for this host (for the
+    category when the host is unknown), `once` nothing."""
+    if decision.scope is Scope.FOR and decision.duration_s:
+        kind = WindowKind.ALLOW if decision.verb is Verb.ALLOW else WindowKind.QUIET
+        return Window(device, kind, now + float(decision.duration_s), category)
+    if decision.scope is Scope.ALWAYS:
+        return StandingRule(device, decision.verb, host=host,
+                            category=None if host else category)
+    return None
+
+
+def supersedes(new: Window, old: Window) -> bool:
+    """A new window ends the device's windows of the other kind that it overlaps (either is
+    device-wide, or both are for the same category): allowing after a mute lifts the mute, and
+    muting after an allow window ends the allow window. Same-kind windows just overlap."""
+    return (old.device == new.device and old.kind is not new.kind
+            and (old.category is None or new.category is None or old.category == new.category))
 
 
 def format_duration(seconds: float) -> str:

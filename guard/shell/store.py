@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from typing import Any, Self
 
 from guard.core.policy import Outcome, Verb, WindowKind
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: windows.duration_text, mode overrides, blocked connection attempts
 APPLICATION_ID = 0x48534754  # "HSGT": marks the file as ours (PRAGMA application_id)
 
 __all__ = [
@@ -34,6 +35,8 @@ __all__ = [
     "Action",
     "AlwaysRule",
     "AuditRecord",
+    "BlockedAttempt",
+    "ModeOverride",
     "Outcome",
     "PendingUpload",
     "Pruned",
@@ -96,6 +99,7 @@ class Window:
     created: float
     category: str | None = None  # None: every category of the device
     source: str = ""
+    duration_text: str | None = None  # the duration as the person typed it ("400d", "90s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +141,37 @@ class AuditRecord:
     upload_bytes: int = 0
     packets: int = 0
     started: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BlockedAttempt:
+    """Connection attempts of a blocked category (messaging, calling) refused to a device.
+    Attempts to the same host within BLOCKED_COALESCE_S of the last are one row."""
+
+    id: int
+    device: str
+    host: str | None
+    remote: str | None
+    category: str | None
+    reason: str
+    first_at: float
+    last_at: float
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModeOverride:
+    """A device's mode as set at run time (`hushgate mode`), over the config file's."""
+
+    device: str
+    mode: str
+    set_at: float
+    source: str
+
+
+# Blocked attempts to one host closer together than this are counted in one row (a speaker that
+# retries a blocked host in a loop writes one row a minute, not one per attempt).
+BLOCKED_COALESCE_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +251,8 @@ _SCHEMA: dict[str, str] = {
             until REAL NOT NULL,
             created REAL NOT NULL,
             category TEXT,
-            source TEXT NOT NULL)""",
+            source TEXT NOT NULL,
+            duration_text TEXT)""",
     "audit": """
         CREATE TABLE audit (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -248,15 +284,40 @@ _SCHEMA: dict[str, str] = {
             ack_up INTEGER,
             seq_down INTEGER,
             ack_down INTEGER)""",
+    "modes": """
+        CREATE TABLE modes (
+            device TEXT PRIMARY KEY,
+            mode TEXT NOT NULL,
+            set_at REAL NOT NULL,
+            source TEXT NOT NULL)""",
+    "blocked": """
+        CREATE TABLE blocked (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            device TEXT NOT NULL,
+            host TEXT,
+            remote TEXT,
+            category TEXT,
+            reason TEXT NOT NULL,
+            first_at REAL NOT NULL,
+            last_at REAL NOT NULL,
+            attempts INTEGER NOT NULL)""",
 }
 _INDEXES = (
     "CREATE INDEX audit_decided ON audit (decided_at)",
     "CREATE INDEX audit_device ON audit (device, decided_at)",
+    "CREATE INDEX blocked_last ON blocked (last_at)",
 )
+# Schema migrations: version -> the statements that bring a database of that version to the next
+# (each run in one transaction).
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: ("ALTER TABLE windows ADD COLUMN duration_text TEXT",
+        _SCHEMA["modes"], _SCHEMA["blocked"], "CREATE INDEX blocked_last ON blocked (last_at)"),
+}
 _COLUMNS = {
     "upload_seq": ["one", "last"],
     "rules": ["id", "device", "category", "host", "action", "created", "source"],
-    "windows": ["id", "device", "kind", "until", "created", "category", "source"],
+    "windows": ["id", "device", "kind", "until", "created", "category", "source",
+                "duration_text"],
     "audit": [
         "id",
         "upload_id",
@@ -272,6 +333,9 @@ _COLUMNS = {
         "decided_by",
     ],
     "pending": list(_P_FIELDS),
+    "modes": ["device", "mode", "set_at", "source"],
+    "blocked": ["id", "device", "host", "remote", "category", "reason", "first_at", "last_at",
+                "attempts"],
 }
 
 
@@ -381,7 +445,25 @@ class Store:
             )
         if version < 1:
             raise _Unusable(f"unknown schema version {version}")
-        # Migrations from older versions go here, each in its own transaction.
+        while version < SCHEMA_VERSION:  # older versions, one step per transaction
+            steps = _MIGRATIONS.get(version)
+            if steps is None:
+                raise _Unusable(f"no migration from schema version {version}")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for sql in steps:
+                        conn.execute(sql)
+                    conn.execute(f"PRAGMA user_version = {version + 1}")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    raise StoreError(f"cannot migrate the state database: {exc}") from None
+                raise _Unusable(f"migration from schema version {version}: {exc}") from None
+            version += 1
         for table, cols in _COLUMNS.items():
             have = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
             if have != cols:
@@ -485,31 +567,149 @@ class Store:
         *,
         category: str | None = None,
         source: str = "",
+        duration_text: str | None = None,
     ) -> Window:
+        return self.open_window(device, kind, until, now, category=category, source=source,
+                                duration_text=duration_text)[0]
+
+    def open_window(
+        self,
+        device: str,
+        kind: WindowKind | str,
+        until: float,
+        now: float,
+        *,
+        category: str | None = None,
+        source: str = "",
+        duration_text: str | None = None,
+        supersede: bool = False,
+    ) -> tuple[Window, list[Window]]:
+        """A new window; with `supersede`, the device's active windows of the other kind that it
+        overlaps (policy.supersedes) end now, in the same transaction. Returns the window and
+        the ones it ended."""
         kind = WindowKind(kind)
         if until <= now:
             raise ValueError("a window must end in the future")
+        ended: list[Window] = []
         with self._tx() as c:
+            if supersede:
+                rows = c.execute(
+                    f"SELECT {_W_COLS} FROM windows WHERE device = ? AND kind <> ? AND until > ? "
+                    "AND (category IS NULL OR ? IS NULL OR category = ?) ORDER BY id",
+                    (device, kind.value, now, category, category)).fetchall()
+                ended = [_window(r) for r in rows]
+                c.executemany("DELETE FROM windows WHERE id = ?", [(w.id,) for w in ended])
             cur = c.execute(
-                "INSERT INTO windows (device, kind, until, created, category, source) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (device, kind.value, until, now, category, source),
+                "INSERT INTO windows (device, kind, until, created, category, source, "
+                "duration_text) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (device, kind.value, until, now, category, source, duration_text),
             )
             wid = cur.lastrowid
         assert wid is not None
-        return Window(wid, device, kind, until, now, category, source)
+        return Window(wid, device, kind, until, now, category, source, duration_text), ended
 
     def remove_window(self, window_id: int) -> bool:
         with self._tx() as c:
             return c.execute("DELETE FROM windows WHERE id = ?", (window_id,)).rowcount == 1
 
-    def active_windows(self, now: float) -> list[Window]:
-        rows = self._query(
-            "SELECT id, device, kind, until, created, category, source FROM windows "
-            "WHERE until > ? ORDER BY id",
-            (now,),
-        )
-        return [Window(r[0], r[1], WindowKind(r[2]), r[3], r[4], r[5], r[6]) for r in rows]
+    def active_windows(self, now: float, device: str | None = None) -> list[Window]:
+        sql = f"SELECT {_W_COLS} FROM windows WHERE until > ?"
+        args: tuple[Any, ...] = (now,)
+        if device is not None:
+            sql += " AND device = ?"
+            args = (now, device)
+        return [_window(r) for r in self._query(sql + " ORDER BY id", args)]
+
+    def window(self, window_id: int) -> Window | None:
+        rows = self._query(f"SELECT {_W_COLS} FROM windows WHERE id = ?", (window_id,))
+        return _window(rows[0]) if rows else None
+
+    def rule(self, rule_id: int) -> AlwaysRule | None:
+        rows = self._query("SELECT id, device, action, created, source, category, host FROM rules "
+                           "WHERE id = ?", (rule_id,))
+        if not rows:
+            return None
+        r = rows[0]
+        return AlwaysRule(r[0], r[1], Action(r[2]), r[3], r[4], r[5], r[6])
+
+    # -- mode overrides --------------------------------------------------------------------------
+
+    def set_mode(self, device: str, mode: str, now: float, source: str) -> None:
+        with self._tx() as c:
+            c.execute("INSERT OR REPLACE INTO modes (device, mode, set_at, source) "
+                      "VALUES (?, ?, ?, ?)", (device, mode, now, source))
+
+    def clear_mode(self, device: str) -> bool:
+        with self._tx() as c:
+            return c.execute("DELETE FROM modes WHERE device = ?", (device,)).rowcount == 1
+
+    def modes(self) -> dict[str, ModeOverride]:
+        return {r[0]: ModeOverride(*r) for r in self._query(
+            "SELECT device, mode, set_at, source FROM modes ORDER BY device")}
+
+    # -- blocked connection attempts ---------------------------------------------------------------
+
+    def record_blocked(self, device: str, host: str | None, remote: str | None,
+                       category: str | None, reason: str, now: float, attempts: int = 1
+                       ) -> BlockedAttempt:
+        """One (or `attempts`) refused connection attempt(s): counted into the device's row for
+        the same host (or remote, when there is no name) if its last attempt is less than
+        BLOCKED_COALESCE_S old, else a new row."""
+        with self._tx() as c:
+            row = c.execute(
+                f"SELECT {_B_COLS} FROM blocked WHERE device = ? AND host IS ? "
+                "AND (host IS NOT NULL OR remote IS ?) AND last_at >= ? "
+                "ORDER BY last_at DESC LIMIT 1",
+                (device, host, remote, now - BLOCKED_COALESCE_S)).fetchone()
+            if row is not None:
+                c.execute("UPDATE blocked SET last_at = MAX(last_at, ?), attempts = attempts + ?, "
+                          "remote = ? WHERE id = ?", (now, attempts, remote, row[0]))
+                return BlockedAttempt(row[0], row[1], row[2], remote, row[4], row[5], row[6],
+                                      max(row[7], now), row[8] + attempts)
+            cur = c.execute(
+                "INSERT INTO blocked (device, host, remote, category, reason, first_at, last_at,"
+                " attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (device, host, remote, category, reason, now, now, attempts))
+            bid = cur.lastrowid
+        assert bid is not None
+        return BlockedAttempt(bid, device, host, remote, category, reason, now, now, attempts)
+
+    def blocked(self, device: str | None = None, since: float | None = None,
+                until: float | None = None, text: str | None = None, limit: int = 100
+                ) -> list[BlockedAttempt]:
+        """Blocked attempts, the latest first."""
+        where, args = _filters(device, since, until, text, "last_at")
+        sql = f"SELECT {_B_COLS} FROM blocked"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY last_at DESC, id DESC LIMIT ?"
+        return [BlockedAttempt(*r) for r in self._query(sql, (*args, max(int(limit), 0)))]
+
+    # -- per-device figures ------------------------------------------------------------------------
+
+    def device_figures(self, since: float) -> dict[str, dict[str, Any]]:
+        """Per device, from the audit log and the blocked attempts: `uploads` (all kept),
+        `last_upload` (when the latest started), and `counts` {outcome: n} since `since`,
+        blocked attempts included (as "blocked")."""
+        out: dict[str, dict[str, Any]] = {}
+
+        def entry(device: str) -> dict[str, Any]:
+            return out.setdefault(device, {"uploads": 0, "last_upload": None, "counts": {}})
+
+        for device, n, last in self._query(
+                "SELECT device, COUNT(*), MAX(COALESCE(started, decided_at)) FROM audit "
+                "GROUP BY device"):
+            e = entry(device)
+            e["uploads"], e["last_upload"] = int(n), last
+        for device, outcome, n in self._query(
+                "SELECT device, outcome, COUNT(*) FROM audit WHERE decided_at >= ? "
+                "GROUP BY device, outcome", (since,)):
+            entry(device)["counts"][outcome] = int(n)
+        for device, n in self._query(
+                "SELECT device, SUM(attempts) FROM blocked WHERE last_at >= ? GROUP BY device",
+                (since,)):
+            entry(device)["counts"]["blocked"] = int(n or 0)
+        return out
 
     # -- pending uploads ---------------------------------------------------------------------------------
 
@@ -609,22 +809,26 @@ class Store:
             started,
         )
 
+    def update_size(self, upload_id: int, upload_bytes: int, packets: int) -> bool:
+        """An upload's true size, known when it ends (what passed after an allow included).
+        Sizes only grow: a smaller figure leaves the record as it is."""
+        with self._tx() as c:
+            return c.execute(
+                "UPDATE audit SET bytes = MAX(bytes, ?), packets = MAX(packets, ?) "
+                "WHERE upload_id = ?", (int(upload_bytes), int(packets), upload_id)).rowcount == 1
+
     def log(
         self,
         device: str | None = None,
         since: float | None = None,
         outcome: Outcome | str | None = None,
         limit: int = 100,
+        until: float | None = None,
+        text: str | None = None,
     ) -> list[AuditRecord]:
-        """Audit records, newest first."""
-        where: list[str] = []
-        args: list[object] = []
-        if device is not None:
-            where.append("device = ?")
-            args.append(device)
-        if since is not None:
-            where.append("decided_at >= ?")
-            args.append(since)
+        """Audit records, newest first. `text`: a case-insensitive substring of the device,
+        host or category."""
+        where, args = _filters(device, since, until, text, "decided_at")
         if outcome is not None:
             where.append("outcome = ?")
             args.append(Outcome(outcome).value)
@@ -680,6 +884,7 @@ class Store:
                 (max(int(max_rows), 0),),
             ).rowcount
             c.execute("DELETE FROM windows WHERE until <= ?", (now,))
+            n += c.execute("DELETE FROM blocked WHERE last_at < ?", (now - max_age_s,)).rowcount
             by_size = 0
             if bound is not None and _used_bytes(c) > bound:
                 rows = int(c.execute("SELECT COUNT(*) FROM audit").fetchone()[0])
@@ -796,6 +1001,38 @@ def _pending(row: tuple[Any, ...]) -> PendingUpload:
 # Only these mean the file itself is damaged or foreign; "locked", "busy", "readonly" and IO
 # errors must never get a healthy database moved aside.
 _DAMAGED = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
+
+
+_W_COLS = "id, device, kind, until, created, category, source, duration_text"
+_B_COLS = "id, device, host, remote, category, reason, first_at, last_at, attempts"
+
+
+def _window(row: tuple[Any, ...]) -> Window:
+    return Window(row[0], row[1], WindowKind(row[2]), *row[3:])
+
+
+def _filters(device: str | None, since: float | None, until: float | None, text: str | None,
+             time_col: str) -> tuple[list[str], list[object]]:
+    where: list[str] = []
+    args: list[object] = []
+    if device is not None:
+        where.append("device = ?")
+        args.append(device)
+    if since is not None:
+        where.append(f"{time_col} >= ?")
+        args.append(float(since))
+    if until is not None:
+        where.append(f"{time_col} <= ?")
+        args.append(float(until))
+    if text:
+        pattern = "%" + _LIKE_SPECIAL.sub(r"!\g<0>", str(text).lower()) + "%"
+        where.append("(LOWER(device) LIKE ? ESCAPE '!' OR LOWER(COALESCE(host, '')) LIKE ? "
+                     "ESCAPE '!' OR LOWER(COALESCE(category, '')) LIKE ? ESCAPE '!')")
+        args.extend([pattern] * 3)
+    return where, args
+
+
+_LIKE_SPECIAL = re.compile(r"[!%_]")
 
 
 def _raise_if_damaged(exc: sqlite3.DatabaseError) -> None:
