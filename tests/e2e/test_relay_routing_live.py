@@ -104,3 +104,32 @@ def test_a_devices_route_mark_keeps_its_kill_switch_through_the_relay(
     conn = cloud_conn_since(topology, SMART_HOME, since)
     assert conn["app_bytes"] == res["bytes_sent"] > 0
     assert _marked_packets(topology, tool) > before
+
+
+def test_the_relayed_upstream_leg_advertises_the_mss_of_the_wan_route(
+    topology: Topology, guards: MakeGuard
+) -> None:
+    """fw4 clamps a forwarded SYN's MSS to the WAN path (mtu_fix); the relay's upstream leg is
+    the router's own socket, whose MSS the kernel takes from the route's MTU: a PPPoE-sized WAN
+    (1492) gives 1452 without any clamp rule."""
+    guards(tcp_hold="relay")
+    import subprocess
+
+    try:
+        topology.run("gw", "ip", "link", "set", WAN_IF, "mtu", "1492")
+        dump = subprocess.Popen(
+            ["ip", "netns", "exec", topology.ns("wan"), "timeout", "15", "tcpdump", "-l", "-n",
+             "-v", "-c", "1", "-i", "eth0", "tcp[tcpflags] & tcp-syn != 0 and dst port 443"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            time.sleep(1.0)  # tcpdump attached
+            res = _connect(topology, 4)
+            assert res["error"] is None and not res["reset"], res
+            out, _ = dump.communicate(timeout=15)
+        finally:
+            if dump.poll() is None:
+                dump.kill()
+                dump.wait(timeout=5)
+        assert "mss 1452" in out, out
+    finally:
+        topology.run("gw", "ip", "link", "set", WAN_IF, "mtu", "1500", check=False)
