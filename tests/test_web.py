@@ -54,6 +54,8 @@ class FakeGuard:
         self.requests: list[tuple[dict[str, Any], Any]] = []
         self.fail_with: str | None = None
         self.crash = False
+        self.manage_replies: dict[str, Any] = {}
+        self.setup_manage()
 
     def add(self, upload_id: int, device: str = "kitchen-echo", host: str | None = BOB, *,
             held_packets: int = 11, held_bytes: int = 14_336, waiting_s: float = 3.0,
@@ -93,7 +95,10 @@ class FakeGuard:
             if cmd == "pending":
                 return {"ok": True, "result": [dict(u) for u in self.pending.values()]}
             if cmd == "log":
-                return {"ok": True, "result": [dict(r) for r in self.log[: request["limit"]]]}
+                rows = [dict(r) for r in self.log
+                        if request.get("outcome") in (None, r.get("outcome"))
+                        and request.get("device") in (None, r.get("device"))]
+                return {"ok": True, "result": rows[: request["limit"]]}
             if cmd == "decide":
                 upload = self.pending.pop(request["id"], None)
                 if upload is None:
@@ -103,7 +108,41 @@ class FakeGuard:
                                     "packets": upload["held_packets"], "outcome": outcome,
                                     "decided_at": time.time(), "decided_by": request["by"]})
                 return {"ok": True, "result": upload}
+            if cmd in self.manage_replies:
+                return {"ok": True, "result": self.manage_replies[cmd](request)}
             return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    # -- the management commands (guard/shell/daemon.py's contract, in miniature) ------------
+
+    def setup_manage(self) -> None:
+        now = time.time()
+        self.devices = [{
+            "name": "kitchen-echo", "address": "198.18.10.10", "mac": "68:db:f5:90:19:64",
+            "mode": "strict", "configured_mode": "strict", "mode_overridden": False,
+            "online": True, "last_seen": now - 2, "last_upload": now - 60, "pending": 1,
+            "flows": 3, "uploads": 10, "mute_until": None, "windows": 0, "rules": 1,
+            "counts_24h": {"approved": 4, "denied": 2, "blocked": 3},
+            "secret": "RAW-PACKET-BYTES"}]
+        self.rules = [{"id": "r3", "kind": "always-allow", "device": "kitchen-echo",
+                       "host": BOB, "category": None, "created": now - 300, "until": None,
+                       "duration_text": None, "source": "web", "internal": "RAW-PACKET-BYTES"}]
+        self.manage_replies = {
+            "devices": lambda r: [dict(d) for d in self.devices],
+            "rules": lambda r: [dict(x) for x in self.rules],
+            "mode": lambda r: {"device": r["device"], "mode": r["mode"],
+                               "configured": "strict", "overridden": r["mode"] != "config"},
+            "window": lambda r: {"id": "w9", "device": r["device"], "kind": r["kind"],
+                                 "until": time.time() + r["duration_s"],
+                                 "duration_text": r.get("duration_text") or "?",
+                                 "superseded": []},
+            "unmute": lambda r: {"device": r["device"], "revoked": ["w9"]},
+            "revoke": lambda r: {**self.rules[0], "id": r["id"]},
+        }
+
+    def manage(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [r for r, _ in self.requests
+                    if r.get("cmd") in ("mode", "window", "unmute", "revoke", "decide")]
 
 
 class Reply:
@@ -374,23 +413,64 @@ def test_login_from_a_foreign_origin_is_refused(prompt: WebPrompt, token: str) -
 
 
 def test_get_never_changes_state(client: Client, fake: FakeGuard) -> None:
-    for path in ("/api/decide", "/api/login", "/api/logout", "/api/decide?id=7&verb=allow"):
+    for path in ("/api/decide", "/api/login", "/api/logout", "/api/decide?id=7&verb=allow",
+                 "/api/mode?device=kitchen-echo&mode=off", "/api/mute", "/api/unmute",
+                 "/api/revoke?id=r3"):
         assert client.request("GET", path).status == 405
-    assert client.request("GET", "/api/pending").status == 200
-    assert fake.decisions() == []
+    for path in ("/api/pending", "/api/devices", "/api/rules", "/api/log?outcome=blocked"):
+        assert client.request("GET", path).status == 200, path
+    assert fake.manage() == []
     assert client.request("GET", "/api/session").status == 200  # still signed in
+    for path in ("/api/devices", "/api/rules", "/api/log"):
+        assert client.request("POST", path, {}).status == 405, path
 
 
-def test_decide_refuses_bad_arguments_and_permanent_rules(client: Client,
-                                                          fake: FakeGuard) -> None:
+def test_decide_refuses_bad_arguments(client: Client, fake: FakeGuard) -> None:
     for body in ({"id": "7", "verb": "allow"}, {"id": True, "verb": "allow"},
-                 {"id": 7, "verb": "maybe"}, {"id": 7, "verb": "allow", "scope": "for"},
+                 {"id": -1, "verb": "allow"}, {"id": 7, "verb": "maybe"},
+                 {"id": 7, "verb": "allow", "scope": "for"},
                  {"id": 7, "verb": "allow", "scope": "for", "duration_s": 10 ** 9},
-                 {"id": 7, "verb": "allow", "scope": "always"}, [7]):
-        assert client.request("POST", "/api/decide", body).status == 400, body
-    assert client.request("POST", "/api/decide", b"{not json").status == 400
+                 {"id": 7, "verb": "allow", "scope": "for", "duration_s": 0},
+                 {"id": 7, "verb": "allow", "scope": "for", "duration_s": 0.5},
+                 {"id": 7, "verb": "allow", "scope": "for", "duration_s": "1h"},
+                 {"id": 7, "verb": "allow", "scope": "for", "duration_s": True},
+                 {"id": 7, "verb": "allow", "scope": "forever"},
+                 {"id": 7, "verb": "allow", "scope": ["always"]}, [7], "7", b"null"):
+        reply = client.request("POST", "/api/decide", body)
+        assert reply.status == 400, body
+        assert reply.json()["error"], body
+    # Python's json reads NaN and Infinity: a duration must still be a real number.
+    for raw in (b'{"id": 7, "verb": "allow", "scope": "for", "duration_s": NaN}',
+                b'{"id": 7, "verb": "allow", "scope": "for", "duration_s": Infinity}',
+                b"{not json", b"\xff\xfe", b"", b"[" * 8000 + b"]" * 8000):
+        assert client.request("POST", "/api/decide", raw).status == 400, raw[:20]
+    assert client.request("POST", "/api/login", b"[" * 8000 + b"]" * 8000).status == 400
     assert client.request("POST", "/api/decide", b"x" * 20000).status == 413
     assert fake.decisions() == []
+
+
+def test_decide_always_and_deny_always_make_rules_from_the_web(client: Client,
+                                                               fake: FakeGuard) -> None:
+    assert client.decide(7, "allow", "always").status == 200
+    fake.add(8)
+    assert client.decide(8, "deny", "always").status == 200
+    fake.add(9)
+    reply = client.request("POST", "/api/decide", {"id": 9, "verb": "allow", "scope": "for",
+                                                   "duration_s": 600, "duration_text": "10m"})
+    assert reply.status == 200
+    assert fake.decisions() == [
+        {"cmd": "decide", "id": 7, "verb": "allow", "scope": "always", "duration_s": None,
+         "by": "web"},
+        {"cmd": "decide", "id": 8, "verb": "deny", "scope": "always", "duration_s": None,
+         "by": "web"},
+        {"cmd": "decide", "id": 9, "verb": "allow", "scope": "for", "duration_s": 600.0,
+         "duration_text": "10m", "by": "web"},
+    ]
+    # a duration text that is not one is dropped, never passed on
+    fake.add(10)
+    client.request("POST", "/api/decide", {"id": 10, "verb": "allow", "scope": "for",
+                                           "duration_s": 60, "duration_text": "<b>1m</b>"})
+    assert "duration_text" not in fake.decisions()[-1]
 
 
 def test_handler_errors_are_answered_not_raised(client: Client, fake: FakeGuard) -> None:
@@ -400,6 +480,188 @@ def test_handler_errors_are_answered_not_raised(client: Client, fake: FakeGuard)
     assert client.request("GET", "/api/pending").status == 500
     fake.crash = False
     assert client.request("GET", "/api/pending").status == 200
+
+
+# -- managing: devices, modes, mutes, windows and rules, the filtered log --------------------------
+
+MANAGE = (  # (path, a good body, the control request it must become)
+    ("/api/mode", {"device": "kitchen-echo", "mode": "monitor"},
+     {"cmd": "mode", "device": "kitchen-echo", "mode": "monitor", "by": "web"}),
+    ("/api/mute", {"device": "kitchen-echo", "duration_s": 3600, "duration_text": "1h"},
+     {"cmd": "window", "device": "kitchen-echo", "kind": "quiet", "duration_s": 3600.0,
+      "duration_text": "1h", "by": "web"}),
+    ("/api/unmute", {"device": "kitchen-echo"},
+     {"cmd": "unmute", "device": "kitchen-echo", "by": "web"}),
+    ("/api/revoke", {"id": "r3"}, {"cmd": "revoke", "id": "r3", "by": "web"}),
+)
+
+
+def test_devices_listing_has_state_counts_and_only_listed_fields(client: Client) -> None:
+    reply = client.request("GET", "/api/devices")
+    assert reply.status == 200 and b"RAW-PACKET-BYTES" not in reply.body
+    (device,) = reply.json()["devices"]
+    assert device["name"] == "kitchen-echo" and device["mode"] == "strict"
+    assert device["online"] is True and device["pending"] == 1 and device["mute_until"] is None
+    assert device["counts_24h"] == {"approved": 4, "denied": 2, "blocked": 3}
+    assert "secret" not in device
+
+
+def test_devices_listing_cleans_what_the_guard_sends(client: Client, fake: FakeGuard) -> None:
+    fake.devices[0].update(online="yes", pending=True, mute_until=float("inf"),
+                           counts_24h={"approved": -1, "denied": 2.5, HOSTILE: 1, "quiet": True,
+                                       **{f"k{i}": i for i in range(40)}})
+    reply = client.request("GET", "/api/devices")
+    assert reply.status == 200
+    assert b"<" not in reply.body and b"\x1b" not in reply.body
+    (device,) = reply.json()["devices"]
+    assert device["online"] is None and device["pending"] is None
+    assert device["mute_until"] is None
+    counts = device["counts_24h"]
+    assert "approved" not in counts and "denied" not in counts and "quiet" not in counts
+    assert len(counts) <= 32 and all(len(k) <= 32 for k in counts)
+
+
+def test_rules_listing_shows_windows_mutes_and_always_rules(client: Client,
+                                                            fake: FakeGuard) -> None:
+    now = time.time()
+    fake.rules.append({"id": "w12", "kind": "mute", "device": "kitchen-echo", "host": None,
+                       "category": None, "created": now, "until": now + 3600,
+                       "duration_text": "1h", "source": "cli:root (uid 0)"})
+    reply = client.request("GET", "/api/rules")
+    assert reply.status == 200 and b"RAW-PACKET-BYTES" not in reply.body
+    rules = reply.json()["rules"]
+    assert [r["id"] for r in rules] == ["r3", "w12"]
+    assert set(rules[0]) == {"id", "kind", "device", "host", "category", "created", "until",
+                             "duration_text", "source"}
+    assert rules[1]["kind"] == "mute" and rules[1]["duration_text"] == "1h"
+
+
+@pytest.mark.parametrize(("path", "body", "request_"), MANAGE)
+def test_each_change_reaches_the_guard_as_web(client: Client, fake: FakeGuard, path: str,
+                                              body: dict[str, Any],
+                                              request_: dict[str, Any]) -> None:
+    reply = client.request("POST", path, body)
+    assert reply.status == 200, reply.body
+    assert reply.json()["ok"] is True and isinstance(reply.json()["result"], dict)
+    assert fake.manage() == [request_]
+    assert fake.requests[-1][1].address == "127.0.0.1"
+
+
+@pytest.mark.parametrize(("path", "body", "request_"), MANAGE)
+def test_each_change_needs_session_csrf_same_origin_and_a_known_host(
+        client: Client, fake: FakeGuard, path: str, body: dict[str, Any],
+        request_: dict[str, Any]) -> None:
+    assert client.request("POST", path, body, cookie=False).status == 401
+    assert client.request("POST", path, body, csrf=False).status == 403
+    assert client.request("POST", path, body, headers={"X-CSRF-Token": "guess"}).status == 403
+    assert client.request("POST", path, body, origin="http://evil.example").status == 403
+    assert client.request("POST", path, body, origin=False).status == 403
+    assert client.request("POST", path, body,
+                          headers={"Sec-Fetch-Site": "cross-site"}).status == 403
+    assert client.request("POST", path, body, headers={"Host": "evil.example"}).status == 421
+    assert client.request("POST", path, body,
+                          headers={"Content-Type": "text/plain"}).status == 415
+    assert client.request("GET", path).status == 405
+    assert fake.manage() == []
+
+
+HOSTILE_BODIES = (b"null", [], "x", 7, {}, {"device": None}, {"device": 7}, {"device": ""},
+                  {"device": "-echo"}, {"device": "kitchen echo"}, {"device": "a" * 64},
+                  {"device": "kitchen-echo\n"}, {"device": HOSTILE}, {"device": ["kitchen-echo"]},
+                  {"device": "../../etc"}, {"device": "kitchen-echo", "mode": "STRICT"},
+                  {"device": "kitchen-echo", "mode": None}, {"device": "kitchen-echo", "mode": 1},
+                  {"device": "kitchen-echo", "duration_s": 0},
+                  {"device": "kitchen-echo", "duration_s": -60},
+                  {"device": "kitchen-echo", "duration_s": 8 * 86400},
+                  {"device": "kitchen-echo", "duration_s": "1h"},
+                  {"device": "kitchen-echo", "duration_s": None},
+                  {"device": "kitchen-echo", "duration_s": False},
+                  {"id": None}, {"id": 3}, {"id": "3"}, {"id": "r"}, {"id": "x3"},
+                  {"id": "r3 "}, {"id": "r3\n"}, {"id": "w" + "9" * 13}, {"id": "R3"},
+                  {"id": "r-3"}, {"id": ["r3"]}, {"id": HOSTILE})
+
+
+@pytest.mark.parametrize("path", [m[0] for m in MANAGE])
+def test_hostile_input_to_each_change_is_400_and_never_reaches_the_guard(
+        client: Client, fake: FakeGuard, path: str) -> None:
+    good = {m[0]: m[1] for m in MANAGE}[path]
+    for body in HOSTILE_BODIES:
+        merged = {**good, **body} if isinstance(body, dict) and body else body
+        if merged == good:
+            continue
+        reply = client.request("POST", path, merged)
+        if reply.status == 200:  # a field the endpoint does not read: the good body went on
+            assert set(body) - set(good), (path, body)
+            continue
+        assert reply.status == 400, (path, body, reply.status)
+        error = reply.json()["error"]
+        assert error and "Traceback" not in error and b"<" not in reply.body, (path, body)
+    raws = [b"{", b"\x00\xff", b"[" * 5000 + b"]" * 5000, b'{"duration_s": NaN}']
+    if path == "/api/mute":
+        raws += [b'{"device": "kitchen-echo", "duration_s": Infinity}',
+                 b'{"device": "kitchen-echo", "duration_s": NaN}',
+                 b'{"device": "kitchen-echo", "duration_s": 1e400}']
+    for raw in raws:
+        assert client.request("POST", path, raw).status == 400, (path, raw[:20])
+    assert [r for r in fake.manage() if r != {m[0]: m[2] for m in MANAGE}[path]] == []
+
+
+def test_guard_refusals_are_409_with_inert_text(client: Client, fake: FakeGuard) -> None:
+    fake.fail_with = f"no device named {HOSTILE!r}"
+    for path, body, _ in MANAGE:
+        reply = client.request("POST", path, body)
+        assert reply.status == 409, path
+        assert b"<" not in reply.body and b"\x1b" not in reply.body
+        assert reply.json()["error"].startswith("no device named")
+    fake.fail_with = None
+    fake.crash = True
+    for path, body, _ in MANAGE:
+        assert client.request("POST", path, body).status == 500, path
+    assert client.request("GET", "/api/devices").status == 500
+    fake.crash = False
+    fake.manage_replies["revoke"] = lambda r: ["not", "an", "object"]
+    reply = client.request("POST", "/api/revoke", {"id": "r3"})
+    assert reply.status == 200 and reply.json()["result"] is None
+    fake.manage_replies["revoke"] = lambda r: {HOSTILE: 1, "id": HOSTILE, "n": float("nan"),
+                                               "revoked": [HOSTILE, 3], "nested": {"a": 1}}
+    reply = client.request("POST", "/api/revoke", {"id": "r3"})
+    assert reply.status == 200 and b"<" not in reply.body
+    result = reply.json()["result"]
+    assert set(result) == {"id", "n", "revoked"} and result["n"] is None
+    assert result["revoked"] == [display_text(HOSTILE, 64)]
+
+
+def _log_request(fake: FakeGuard) -> dict[str, Any]:
+    return [r for r, _ in fake.requests if r.get("cmd") == "log"][-1]
+
+
+def test_log_filters_reach_the_guard(client: Client, fake: FakeGuard) -> None:
+    fake.logged(20, "blocked", "kitchen-echo", "msg.example", 10, "rule")
+    reply = client.request("GET", "/api/log?outcome=blocked&device=kitchen-echo&since=1000"
+                                  "&until=2000000000&text=Bob%20dispatch&limit=100")
+    assert reply.status == 200
+    assert _log_request(fake) == {"cmd": "log", "limit": 100, "outcome": "blocked",
+                                  "device": "kitchen-echo", "since": 1000.0,
+                                  "until": 2000000000.0, "text": "Bob dispatch"}
+    assert [r["outcome"] for r in reply.json()["log"]] == ["blocked"]
+    # no filter: the configured number of recent records; empty values are no filter
+    assert client.request("GET", "/api/log?device=&text=").status == 200
+    assert _log_request(fake) == {"cmd": "log", "limit": 20}
+
+
+@pytest.mark.parametrize("query", [
+    "outcome=maybe", "outcome=BLOCKED", "device=" + "a" * 70, "device=%3Cscript%3E",
+    "device=kitchen-echo%0A", "since=yesterday", "since=nan", "since=inf", "since=-5",
+    "until=1e400", "since=2000&until=1000", "limit=0", "limit=501", "limit=-1", "limit=1.5",
+    "limit=%EF%BC%91", "text=" + "x" * 101, "text=%00", "text=a%1Bb", "colour=red",
+    "device=a&device=b", "&".join(f"f{i}=1" for i in range(20)), "text=" + "%ff" * 2000,
+])
+def test_hostile_log_filters_are_400(client: Client, fake: FakeGuard, query: str) -> None:
+    before = len(fake.requests)
+    reply = client.request("GET", "/api/log?" + query)
+    assert reply.status == 400, (query, reply.status, reply.body[:100])
+    assert reply.json()["error"] and b"<" not in reply.body
+    assert len(fake.requests) == before
 
 
 # -- Host allowlist ------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import socket
 import ssl
@@ -29,6 +30,7 @@ import tempfile
 import threading
 import time
 import unicodedata
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -75,6 +77,13 @@ MAX_BODY_BYTES = 16 * 1024  # the largest legitimate body is a decide of ~100 by
 MAX_CONNECTIONS = 32  # each is a thread; a phone polling uses one or two
 IO_TIMEOUT_S = 15.0  # an idle keep-alive or a stalled TLS handshake gives its thread back
 MAX_WEB_WINDOW_S = 86400.0  # "allow for" from the web is capped at a day; longer is the CLI's
+MAX_WEB_MUTE_S = 7 * 86400.0  # a mute from the web: at most a week (the guard's own cap is 30 d)
+MIN_WEB_DURATION_S = 1.0  # the guard refuses shorter windows too
+MODES = ("strict", "followups", "monitor", "off", "config")  # config: the config file's mode
+LOG_OUTCOMES = ("approved", "denied", "expired", "window", "quiet", "rule", "monitored", "capped",
+                "lost", "blocked")
+LOG_LIMIT_MAX = 500
+LOG_TEXT_MAX_CHARS = 100
 HOST_MAX_CHARS = 255  # the longest DNS name (RFC 1035 2.3.4); SNI can claim more
 TEXT_MAX_CHARS = 255
 TOKEN_FILE_MODE = 0o600
@@ -82,6 +91,13 @@ TOKEN_FILE_MODE = 0o600
 # are rate-limited anyway (RFC 7914 section 2 suggests these values for interactive logins).
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
 PBKDF2_ITERATIONS = 600_000  # OWASP's 2023 figure for PBKDF2-HMAC-SHA256
+
+# What the browser may name: device names as the config allows them, window/rule ids as the guard
+# makes them (w12, r3), durations as typed (10m, 1h, today), reply keys of the guard's shape.
+_DEVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+_ENTRY_ID = re.compile(r"[wr][0-9]{1,12}\Z")
+_DURATION_TEXT = re.compile(r"[0-9A-Za-z. ]{1,16}\Z")
+_RESULT_KEY = re.compile(r"[a-z_]{1,32}\Z")
 
 CERT_FILE = "web-cert.pem"
 KEY_FILE = "web-key.pem"
@@ -368,11 +384,23 @@ PENDING_FIELDS = {
     "id": _INT, "device": _TEXT, "remote": _TEXT, "host": _TEXT, "category": _TEXT,
     "held_packets": _INT, "held_bytes": _INT, "started": _NUM, "expires": _NUM,
 }
+_BOOL, _COUNTS = "bool", "counts"
 LOG_FIELDS = {
     "id": _INT, "device": _TEXT, "host": _TEXT, "remote": _TEXT, "category": _TEXT,
     "bytes": _INT, "packets": _INT, "started": _NUM, "decided_at": _NUM, "outcome": _TEXT,
-    "decided_by": _TEXT,
+    "decided_by": _TEXT, "kind": _TEXT, "via": _TEXT, "reason": _TEXT, "attempts": _INT,
 }
+DEVICE_FIELDS = {
+    "name": _TEXT, "address": _TEXT, "mac": _TEXT, "mode": _TEXT, "configured_mode": _TEXT,
+    "mode_overridden": _BOOL, "online": _BOOL, "last_seen": _NUM, "last_upload": _NUM,
+    "pending": _INT, "flows": _INT, "uploads": _INT, "mute_until": _NUM, "windows": _INT,
+    "rules": _INT, "counts_24h": _COUNTS,
+}
+RULE_FIELDS = {
+    "id": _TEXT, "kind": _TEXT, "device": _TEXT, "host": _TEXT, "category": _TEXT,
+    "created": _NUM, "until": _NUM, "duration_text": _TEXT, "source": _TEXT,
+}
+COUNT_KEYS_MAX = 32  # outcomes per device: a dozen today; a longer map is cut, not trusted
 
 
 def clean_record(record: Any, fields: dict[str, str]) -> dict[str, Any] | None:
@@ -383,13 +411,31 @@ def clean_record(record: Any, fields: dict[str, str]) -> dict[str, Any] | None:
     for name, kind in fields.items():
         value = record.get(name)
         if kind == _TEXT:
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)  # ids may be numbers or "kind:number" strings
             out[name] = display_text(value, HOST_MAX_CHARS) if isinstance(value, str) else None
+        elif kind == _BOOL:
+            out[name] = value if isinstance(value, bool) else None
+        elif kind == _COUNTS:
+            out[name] = _clean_counts(value)
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             out[name] = None
         elif kind == _INT:
             out[name] = int(value) if math.isfinite(value) else None
         else:
             out[name] = float(value) if math.isfinite(value) else None
+    return out
+
+
+def _clean_counts(value: Any) -> dict[str, int] | None:
+    """A {name: count} map (outcomes per device): short names, whole non-negative counts."""
+    if not isinstance(value, dict):
+        return None
+    out: dict[str, int] = {}
+    for key, count in list(value.items())[:COUNT_KEYS_MAX]:
+        if isinstance(key, str) and isinstance(count, int) and not isinstance(count, bool) \
+                and count >= 0:
+            out[display_text(key, 32)] = count
     return out
 
 
@@ -529,6 +575,7 @@ class Request:
     body: bytes
     client: str  # the peer's address
     port: int = 0
+    query: str = ""  # what followed "?" in the request target (GET filters)
 
 
 @dataclass(slots=True)
@@ -555,7 +602,10 @@ _ASSETS = {
 _ROUTES = {
     "/": "GET", "/app.js": "GET", "/app.css": "GET",
     "/api/session": "GET", "/api/pending": "GET", "/api/log": "GET",
+    "/api/devices": "GET", "/api/rules": "GET",
     "/api/login": "POST", "/api/logout": "POST", "/api/decide": "POST",
+    "/api/act": "POST",  # an ntfy button: the token is the credential (no session)
+    "/api/mode": "POST", "/api/mute": "POST", "/api/unmute": "POST", "/api/revoke": "POST",
 }
 
 
@@ -676,6 +726,8 @@ class WebPrompt:
             return _error(405, "method not allowed", ("Allow", allowed))
         if req.path in _ASSETS:
             return Response(200, self._assets[req.path], _ASSETS[req.path][1])
+        if req.path == "/api/act":
+            return self._act(req)
         cookie = _cookie(req.headers.get("cookie", ""), self.cookie_name)
         if req.method == "POST":
             refused = self._cross_site(req)
@@ -701,9 +753,14 @@ class WebPrompt:
         if req.path == "/api/pending":
             return self._listing({"cmd": "pending"}, peer, "pending", PENDING_FIELDS, now)
         if req.path == "/api/log":
-            return self._listing({"cmd": "log", "limit": self.log_limit}, peer, "log",
-                                 LOG_FIELDS, now)
-        return self._decide(req, peer)
+            return self._log(req, peer, now)
+        if req.path == "/api/devices":
+            return self._listing({"cmd": "devices"}, peer, "devices", DEVICE_FIELDS, now)
+        if req.path == "/api/rules":
+            return self._listing({"cmd": "rules"}, peer, "rules", RULE_FIELDS, now)
+        if req.path == "/api/decide":
+            return self._decide(req, peer)
+        return self._manage(req, peer)
 
     def _cross_site(self, req: Request) -> str | None:
         """Why a POST looks cross-site, or None: its Origin (or, without one, its Referer) must
@@ -780,6 +837,40 @@ class WebPrompt:
                                (items if isinstance(items, list) else [])) if c is not None]
         return _json(200, {"now": now, key: cleaned})
 
+    def _log(self, req: Request, peer: WebPeer, now: float) -> Response:
+        """The audit log, filtered: ?device=&outcome=&since=&until=&text=&limit= (all optional)."""
+        request, problem = log_filters(req.query, self.log_limit)
+        if problem is not None:
+            return _error(400, problem)
+        return self._listing(request, peer, "log", LOG_FIELDS, now)
+
+    def _act(self, req: Request) -> Response:
+        """POST /api/act {"token": T}: an ntfy notification's Allow or Deny button. No session,
+        CSRF token or Origin (the phone's ntfy app sends it): the token is the credential, good
+        once, for one upload and one verb, until the hold ends (guard/shell/actions.py). A
+        forged, spent or expired token is refused with 403 and decides nothing."""
+        from guard.shell.actions import TokenRefused
+
+        tokens = getattr(self, "action_tokens", None)  # the daemon's ActionTokens, when set
+        body = _json_body(req.body)
+        token = body.get("token") if isinstance(body, dict) else None
+        if tokens is None:
+            return _error(403, "no notification buttons are configured")
+        try:
+            upload_id, verb = tokens.redeem(token)
+        except TokenRefused as exc:
+            log.warning("web prompt: notification button refused from %s: %s", req.client,
+                        exc.reason)
+            return _error(403, str(exc))
+        reply = self._call({"cmd": "decide", "id": upload_id, "verb": verb, "scope": "once",
+                            "by": "ntfy"}, WebPeer(req.client, req.port))
+        if reply is None:
+            return _error(500, "internal error")
+        if not reply["ok"]:
+            return _error(409, display_text(str(reply.get("error"))))
+        log.info("web prompt: %s %s upload %d from a notification", req.client, verb, upload_id)
+        return _json(200, {"ok": True, "id": upload_id, "verb": verb})
+
     def _decide(self, req: Request, peer: WebPeer) -> Response:
         body = _json_body(req.body)
         if not isinstance(body, dict):
@@ -790,19 +881,19 @@ class WebPrompt:
             return _error(400, "id: expected an upload id")
         if verb not in ("allow", "deny"):
             return _error(400, "verb: expected allow or deny")
-        if scope == "always":
-            return _error(400, "permanent rules are made with the CLI, not the web prompt")
-        if scope == "once":
-            duration = None
-        elif scope == "for":
-            if isinstance(duration, bool) or not isinstance(duration, (int, float)) \
-                    or not 0 < duration <= MAX_WEB_WINDOW_S:
-                return _error(400, f"duration_s: expected 0 < seconds <= {MAX_WEB_WINDOW_S:g}")
-            duration = float(duration)
-        else:
-            return _error(400, "scope: expected once or for")
-        reply = self._call({"cmd": "decide", "id": upload_id, "verb": verb, "scope": scope,
-                            "duration_s": duration, "by": "web"}, peer)
+        request: dict[str, Any] = {"cmd": "decide", "id": upload_id, "verb": verb,
+                                   "scope": scope, "duration_s": None, "by": "web"}
+        if scope == "for":
+            duration, problem = _duration(body, MAX_WEB_WINDOW_S)
+            if problem is not None:
+                return _error(400, problem)
+            request["duration_s"] = duration
+            text = _duration_text(body.get("duration_text"))
+            if text:
+                request["duration_text"] = text
+        elif scope not in ("once", "always"):
+            return _error(400, "scope: expected once, for or always")
+        reply = self._call(request, peer)
         if reply is None:
             return _error(500, "internal error")
         if not reply["ok"]:
@@ -810,11 +901,141 @@ class WebPrompt:
         log.info("web prompt: %s %s upload %d (%s)", req.client, verb, upload_id, scope)
         return _json(200, {"ok": True, "upload": clean_record(reply.get("result"), PENDING_FIELDS)})
 
+    def _manage(self, req: Request, peer: WebPeer) -> Response:
+        """/api/mode, /api/mute, /api/unmute, /api/revoke: checked here, done by the guard."""
+        body = _json_body(req.body)
+        if not isinstance(body, dict):
+            return _error(400, "send a JSON object")
+        request: dict[str, Any]
+        if req.path == "/api/revoke":
+            entry = body.get("id")
+            if not isinstance(entry, str) or not _ENTRY_ID.match(entry):
+                return _error(400, "id: expected a window or rule id such as w12 or r3")
+            request = {"cmd": "revoke", "id": entry}
+        else:
+            device = body.get("device")
+            if not isinstance(device, str) or not _DEVICE_NAME.match(device):
+                return _error(400, "device: expected a device name")
+            if req.path == "/api/mode":
+                mode = body.get("mode")
+                if mode not in MODES:
+                    return _error(400, f"mode: expected one of {', '.join(MODES)}")
+                request = {"cmd": "mode", "device": device, "mode": mode}
+            elif req.path == "/api/mute":
+                duration, problem = _duration(body, MAX_WEB_MUTE_S)
+                if problem is not None:
+                    return _error(400, problem)
+                request = {"cmd": "window", "device": device, "kind": "quiet",
+                           "duration_s": duration}
+                text = _duration_text(body.get("duration_text"))
+                if text:
+                    request["duration_text"] = text
+            else:
+                request = {"cmd": "unmute", "device": device}
+        request["by"] = "web"
+        reply = self._call(request, peer)
+        if reply is None:
+            return _error(500, "internal error")
+        if not reply["ok"]:
+            return _error(409, display_text(str(reply.get("error"))))
+        log.info("web prompt: %s %s %s", req.client, request["cmd"],
+                 request.get("device") or request.get("id"))
+        return _json(200, {"ok": True, "result": _clean_result(reply.get("result"))})
+
+
+def log_filters(query: str, default_limit: int) -> tuple[dict[str, Any], str | None]:
+    """The control request for a filtered log, from a query string; (request, problem)."""
+    request: dict[str, Any] = {"cmd": "log", "limit": default_limit}
+    if len(query) > 2048:
+        return request, "query too long"
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=False,
+                                       max_num_fields=16)
+    except ValueError:
+        return request, "too many query fields"
+    seen: set[str] = set()
+    for name, value in pairs:
+        if name in seen:
+            return request, f"{display_text(name, 32)}: given twice"
+        seen.add(name)
+        if value == "":
+            continue
+        if name == "device":
+            if not _DEVICE_NAME.match(value):
+                return request, "device: expected a device name"
+            request["device"] = value
+        elif name == "outcome":
+            if value not in LOG_OUTCOMES:
+                return request, f"outcome: expected one of {', '.join(LOG_OUTCOMES)}"
+            request["outcome"] = value
+        elif name in ("since", "until"):
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if not math.isfinite(number) or not 0 <= number < 1e11:
+                return request, f"{name}: expected a Unix time in seconds"
+            request[name] = number
+        elif name == "text":
+            if len(value) > LOG_TEXT_MAX_CHARS:
+                return request, f"text: at most {LOG_TEXT_MAX_CHARS} characters"
+            if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+                return request, "text: control characters are not allowed"
+            request["text"] = value
+        elif name == "limit":
+            if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= LOG_LIMIT_MAX:
+                return request, f"limit: expected 1 to {LOG_LIMIT_MAX}"
+            request["limit"] = int(value)
+        else:
+            return request, f"unknown filter {display_text(name, 32)!r}"
+    if "since" in request and "until" in request and request["since"] > request["until"]:
+        return request, "since is after until"
+    return request, None
+
+
+def _duration(body: dict[str, Any], limit: float) -> tuple[float, str | None]:
+    duration = body.get("duration_s")
+    if isinstance(duration, bool) or not isinstance(duration, (int, float)) \
+            or not math.isfinite(duration) or not MIN_WEB_DURATION_S <= duration <= limit:
+        return 0.0, (f"duration_s: expected {MIN_WEB_DURATION_S:g} <= seconds <= {limit:g} "
+                     f"({_plain_duration(limit)})")
+    return float(duration), None
+
+
+def _plain_duration(seconds: float) -> str:
+    return f"{seconds / 86400:g} days" if seconds >= 2 * 86400 else f"{seconds / 3600:g} h"
+
+
+def _duration_text(value: Any) -> str | None:
+    """What the person chose ("10m", "today"), echoed back by the guard; None when unusable."""
+    if isinstance(value, str) and _DURATION_TEXT.match(value):
+        return value
+    return None
+
+
+def _clean_result(result: Any) -> Any:
+    """A management reply for the browser: one level of listed shapes, text made inert."""
+    if not isinstance(result, dict):
+        return None
+    out: dict[str, Any] = {}
+    for key, value in list(result.items())[:32]:
+        if not isinstance(key, str) or not _RESULT_KEY.match(key):
+            continue
+        if isinstance(value, str):
+            out[key] = display_text(value, HOST_MAX_CHARS)
+        elif isinstance(value, bool) or value is None:
+            out[key] = value
+        elif isinstance(value, (int, float)):
+            out[key] = value if math.isfinite(value) else None
+        elif isinstance(value, list):
+            out[key] = [display_text(v, 64) for v in value[:64] if isinstance(v, str)]
+    return out
+
 
 def _json_body(body: bytes) -> Any:
     try:
         return json.loads(body.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # 16 KB of "[" nests too deep
         return None
 
 
@@ -934,8 +1155,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
             headers.setdefault(name.lower(), value)
         if len(self.headers.get_all("Host") or []) > 1:
             headers["host"] = ""  # two Host headers: which one a proxy saw is anybody's guess
-        req = Request(self.command, self.path.split("?", 1)[0], headers, body,
-                      str(self.client_address[0]), int(self.client_address[1]))
+        path, _, query = self.path.partition("?")
+        req = Request(self.command, path, headers, body, str(self.client_address[0]),
+                      int(self.client_address[1]), query)
         try:
             response = self.server.prompt.respond(req, time.time())
         except Exception:  # noqa: BLE001 - a bug answers 500, never a traceback to the browser
