@@ -37,12 +37,28 @@ class FakeDaemon:
                        "held_bytes": 14336, "started": now - 3, "expires": now + 17}
         self.decided: list[dict[str, Any]] = []
         self.refuse = False
+        self.hidden = False  # not held yet: `pending` answers []
+        self.elsewhere: dict[str, Any] | None = None  # decided by someone else: its log record
+        self.log_calls = 0
+        self.server: ControlServer | None = None
         self.lock = threading.Lock()
+
+    def decide_elsewhere(self, outcome: str, by: str) -> None:
+        with self.lock:
+            self.elsewhere = {"id": 7, "device": "kitchen-echo", "host": "x", "remote": "y",
+                              "category": "voice", "bytes": 1, "packets": 1, "started": 0.0,
+                              "decided_at": 1.0, "outcome": outcome, "decided_by": by}
 
     def handle(self, request: dict[str, Any], peer: Any) -> dict[str, Any]:
         with self.lock:
             if request["cmd"] == "pending":
-                return reply_ok([] if self.decided else [self.upload])
+                gone = self.decided or self.hidden or self.elsewhere
+                return reply_ok([] if gone else [self.upload])
+            if request["cmd"] == "log":
+                self.log_calls += 1
+                other = {"id": 6, "device": "kitchen-echo", "outcome": "denied",
+                         "decided_by": "web"}
+                return reply_ok([self.elsewhere, other] if self.elsewhere else [other])
             if request["cmd"] == "decide":
                 if self.refuse or self.decided or request.get("id") != 7:
                     return reply_error(f"no pending upload {request.get('id')}")
@@ -59,6 +75,7 @@ def daemon() -> Iterator[tuple[str, FakeDaemon]]:
     fake = FakeDaemon()
     server = ControlServer(path, fake.handle)
     server.start()
+    fake.server = server
     try:
         yield path, fake
     finally:
@@ -237,3 +254,159 @@ def test_clean_caps_long_names() -> None:
     assert clean("A" * 255) == "A" * 77 + "..."
     assert clean("bob-dispatch-prod-na.amazon.com") == "bob-dispatch-prod-na.amazon.com"
     assert json.dumps(clean(None)) == '""'
+
+
+# --- the guard restarts; uploads decided elsewhere; stale status lines (issue 15, point 4) ------
+
+
+def visible(screen: bytes, width: int = 200) -> list[str]:
+    """What a terminal shows after `screen`: CR returns to the line's start, LF moves down,
+    characters overwrite (watch writes nothing else: no escape sequences)."""
+    lines: list[list[str]] = [[]]
+    col = 0
+    for ch in screen.decode("ascii", "replace"):
+        if ch == "\r":
+            col = 0
+        elif ch == "\n":
+            lines.append([])
+            col = 0
+        else:
+            line = lines[-1]
+            if col >= width:
+                continue
+            line.extend(" " * (col + 1 - len(line)))
+            line[col] = ch
+            col += 1
+    return ["".join(line).rstrip() for line in lines]
+
+
+def test_watch_reconnects_when_the_guard_comes_back(daemon, terminal: Terminal) -> None:
+    path, fake = daemon
+    terminal.read_until(shows_the_upload)
+    server = ControlServer(path, fake.handle)
+    # The fixture's server goes away (a restart), then a new one answers on the same path.
+    assert fake.server is not None
+    fake.server.stop()
+    terminal.read_until(lambda s: b"guard unreachable" in s and b"retrying in" in s)
+    assert terminal.proc.poll() is None, "watch exited when the guard went away"
+    mark = len(terminal.screen)
+    server.start()
+    try:
+        terminal.read_until(lambda s: b"reconnected to the guard" in s[mark:])
+        terminal.read_until(lambda s: b"expires in" in s[s.index(b"reconnected", mark):])
+        shown = [line for line in visible(terminal.screen) if line]
+        assert not any("retrying" in line for line in shown), shown  # the state line is gone
+        terminal.press(b"a")  # and the upload shown again can be answered
+        assert wait_decided(fake)["verb"] == "allow"
+        terminal.press(b"q")
+        assert terminal.wait() == 0
+        assert termios.tcgetattr(terminal.slave) == terminal.before
+        assert b"\x1b" not in terminal.screen
+    finally:
+        server.stop()
+
+
+def test_watch_gives_up_after_retry_for_s(tmp_path: Path) -> None:
+    directory = tempfile.mkdtemp(prefix="hg-watch-", dir="/tmp")
+    path = os.path.join(directory, "control.sock")
+    fake = FakeDaemon()
+    server = ControlServer(path, fake.handle)
+    server.start()
+    read_fd, write_fd = os.pipe()  # input that never ends and never says anything
+    out, err = io.StringIO(), io.StringIO()
+    result: list[int] = []
+    with os.fdopen(read_fd, "r") as stdin:
+        thread = threading.Thread(target=lambda: result.append(run_watch(
+            path, stdin=stdin, stdout=out, stderr=err, poll_s=0.05, retry_for_s=1.5)))
+        thread.start()
+        try:
+            deadline = time.monotonic() + 10
+            while "expires in" not in out.getvalue():
+                assert time.monotonic() < deadline, out.getvalue()
+                time.sleep(0.02)
+            server.stop()
+            started = time.monotonic()
+            thread.join(timeout=15)
+            took = time.monotonic() - started
+        finally:
+            os.close(write_fd)
+            thread.join(timeout=5)
+            os.rmdir(directory)
+    assert result == [1], out.getvalue()
+    assert 1.0 <= took <= 6.0, took  # bounded: gave up after about retry_for_s
+    assert "guard unreachable: cannot reach hushgate" in out.getvalue()
+    assert "retrying in" in out.getvalue()
+    assert err.getvalue().startswith("hushgate: gave up: the guard was unreachable for ")
+    assert err.getvalue().count("\n") == 1
+
+
+@pytest.mark.parametrize(("outcome", "by", "says"), [
+    ("approved", "web", "upload 7 (kitchen-echo) was allowed, decided by web"),
+    ("denied", "mqtt", "upload 7 (kitchen-echo) was denied, decided by mqtt"),
+    ("expired", "expiry", "upload 7 (kitchen-echo) expired (nobody answered in time): denied, "
+                          "decided by expiry"),
+    ("window", "window", "upload 7 (kitchen-echo) passed: an allow window was open, "
+                         "decided by window"),
+    ("approved", "ntfy\x1b[2J<i>", "upload 7 (kitchen-echo) was allowed, decided by ntfy?<i>"),
+])
+def test_an_upload_decided_elsewhere_says_who_decided_it(daemon, terminal: Terminal,
+                                                         outcome: str, by: str,
+                                                         says: str) -> None:
+    fake = daemon[1]
+    terminal.read_until(shows_the_upload)
+    fake.decide_elsewhere(outcome, by)
+    screen = terminal.read_until(lambda s: says.encode() in s)
+    assert b"no longer pending" not in screen
+    terminal.read_until(lambda s: b"no uploads pending" in s)
+    terminal.press(b"q")
+    assert terminal.wait() == 0
+    assert b"\x1b" not in terminal.screen and fake.decided == []
+
+
+def test_an_upload_missing_from_the_log_is_still_reported(daemon) -> None:
+    path, fake = daemon
+    read_fd, write_fd = os.pipe()
+    out = io.StringIO()
+    result: list[int] = []
+    with os.fdopen(read_fd, "r") as stdin:
+        thread = threading.Thread(target=lambda: result.append(run_watch(
+            path, stdin=stdin, stdout=out, poll_s=0.05)))
+        thread.start()
+        try:
+            deadline = time.monotonic() + 10
+            while "expires in" not in out.getvalue():
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            fake.hidden = True  # gone, and the log knows nothing about it
+            while "no longer pending" not in out.getvalue():
+                assert time.monotonic() < deadline, out.getvalue()
+                time.sleep(0.02)
+        finally:
+            os.write(write_fd, b"q\n")
+            os.close(write_fd)
+            thread.join(timeout=5)
+    assert result == [0]
+    assert ("upload 7 (kitchen-echo) is no longer pending (decided elsewhere; not in the audit "
+            "log yet)") in out.getvalue()
+    assert fake.log_calls >= 2  # it waited a poll or two for the log to catch up
+
+
+def test_no_stale_status_line_stays_on_screen(daemon, terminal: Terminal) -> None:
+    fake = daemon[1]
+    with fake.lock:
+        fake.hidden = True
+    terminal.read_until(lambda s: b"no uploads pending" in s)
+    with fake.lock:
+        fake.hidden = False  # an upload arrives
+    terminal.read_until(shows_the_upload)
+    shown = visible(terminal.screen)
+    assert not any("no uploads pending" in line for line in shown), shown
+    assert any(line.startswith("upload 7 from kitchen-echo") for line in shown), shown
+    fake.decide_elsewhere("denied", "web")  # and goes
+    terminal.read_until(lambda s: b"decided by web" in s
+                        and b"no uploads pending" in s[s.index(b"decided by web"):])
+    shown = visible(terminal.screen)
+    assert not any("expires in" in line for line in shown), shown  # its countdown is gone
+    assert sum("no uploads pending" in line for line in shown) == 1, shown
+    terminal.press(b"q")
+    assert terminal.wait() == 0

@@ -3,8 +3,15 @@
 Rules of this module: it is a control-socket client and nothing more (the daemon decides; we send
 `decide` with by="watch"). Every string the daemon hands us is shown through `clean()` (host names
 come from the speaker: SNI, DNS), so nothing a speaker sends can move the cursor, retitle the
-window or clear the screen, and watch itself writes no escape sequences at all. The terminal is
-restored on every way out (return, exception, SIGINT, SIGTERM, SIGHUP).
+window or clear the screen, and watch itself writes no escape sequences at all (a status line is
+rewritten and wiped with CR and spaces only). The terminal is restored on every way out (return,
+exception, SIGINT, SIGTERM, SIGHUP).
+
+When the guard goes away (a restart, an upgrade), watch says so on its status line and tries
+again with backoff (RETRY_S, doubling up to RETRY_MAX_S) for at most `retry_for_s` seconds, then
+gives up with one line and exit 1; keys are read meanwhile, so `q` still quits. An upload that
+leaves the pending list without a key pressed here was decided elsewhere: watch reads who did
+from the daemon's audit log (`log`: outcome and `decided_by`) and says so.
 """
 
 from __future__ import annotations
@@ -23,9 +30,13 @@ from typing import Any, TextIO
 
 from guard.shell.control import ControlError, request
 
-__all__ = ["KEYS", "WINDOW_S", "clean", "run_watch"]
+__all__ = ["KEYS", "RETRY_FOR_S", "WINDOW_S", "clean", "run_watch"]
 
 WINDOW_S = 1800.0  # `w`: allow this device+category for 30 minutes
+RETRY_S = 0.5  # first wait before reconnecting to a guard that went away
+RETRY_MAX_S = 5.0  # the longest wait between two attempts
+RETRY_FOR_S = 600.0  # give up when the guard stays unreachable this long
+LOG_TRIES = 3  # polls to wait for a decision to reach the audit log before saying "unknown"
 HOST_CHARS = 80
 KEYS = "a = allow once, d = deny, w = allow 30 min, s = skip, q = quit"
 
@@ -179,8 +190,10 @@ class _Screen:
         self.out.flush()
 
     def _end_status(self) -> None:
+        # A status line is transient ("no uploads pending", a countdown, "guard unreachable"):
+        # it is wiped, not left above what comes next, so it never reads as current.
         if self.tty and self._status_len:
-            self.out.write("\n")
+            self.out.write("\r" + " " * self._status_len + "\r")
         self._status_len = 0
         self._topic = _UNSET
         self._text = ""
@@ -219,10 +232,12 @@ def run_watch(
     stderr: TextIO | None = None,
     poll_s: float = 0.5,
     once: bool = False,
+    retry_for_s: float = RETRY_FOR_S,
 ) -> int:
     """Prompt for pending uploads until `q`, end of input or Ctrl-C. Returns the exit code:
     0 on `q`/end of input (or after the first decision with `once`), 1 when the daemon cannot be
-    reached (one line on stderr), 130 on SIGINT/SIGTERM/SIGHUP."""
+    reached at start, or stays unreachable for `retry_for_s` seconds later on (one line on
+    stderr), 130 on SIGINT/SIGTERM/SIGHUP."""
     err = stderr if stderr is not None else sys.stderr
     try:
         pending = _pending(socket_path)
@@ -237,7 +252,7 @@ def run_watch(
     restore = _trap_signals()
     try:
         with keys.active():
-            return _loop(socket_path, pending, keys, screen, err, poll_s, once)
+            return _Watch(socket_path, keys, screen, err, poll_s, once, retry_for_s).run(pending)
     except (KeyboardInterrupt, _Interrupted):
         return 130
     finally:
@@ -253,64 +268,165 @@ def _pending(socket_path: str) -> list[dict[str, Any]]:
                   key=lambda u: _number(u.get("id")))
 
 
-def _loop(
-    socket_path: str,
-    pending: list[dict[str, Any]],
-    keys: _Keys,
-    screen: _Screen,
-    err: TextIO,
-    poll_s: float,
-    once: bool,
-) -> int:
-    current: Any = None  # the id on screen
-    shown: Any = object()  # what the screen shows: an id, or None for "nothing pending"
-    last_poll = time.monotonic()
-    while True:
-        ids = [u["id"] for u in pending]
-        if current not in ids:
-            if current is not None and current == shown:
-                screen.line(f"upload {clean(current, 20)} is no longer pending")
-            later = [i for i in ids if current is not None and _number(i) > _number(current)]
-            current = later[0] if later else (ids[0] if ids else None)
-        upload = next((u for u in pending if u["id"] == current), None)
-        if current != shown:
-            keys.flush()
-            if upload is not None:
-                for text in _describe(upload):
-                    screen.line(text)
-            shown = current
-        if upload is None:
-            screen.status("no uploads pending (q to quit) > ", None)
-        else:
-            screen.status(_status(upload, len(pending) - 1, time.time()), current)
+# What an audit record's outcome says about an upload decided elsewhere (policy.Outcome values).
+_OUTCOME_TEXT = {
+    "approved": "was allowed",
+    "denied": "was denied",
+    "expired": "expired (nobody answered in time): denied",
+    "window": "passed: an allow window was open",
+    "quiet": "was denied: a quiet window (mute) was on",
+    "rule": "was decided by an always-rule",
+    "monitored": "passed: monitor mode",
+    "capped": "was denied: held memory was full",
+    "lost": "was lost: the guard restarted",
+}
 
-        wait_s = min(poll_s, 1.0) if screen.tty else poll_s
-        got = keys.get(max(0.0, last_poll + wait_s - time.monotonic()))
-        if got is None:
-            return 0  # end of input
-        for key in got:
-            if key == "q":
-                return 0
-            if upload is None or key not in "adws":
-                continue
-            if key == "s":
-                later = [u["id"] for u in pending if _number(u["id"]) > _number(current)]
-                current = later[0] if later else pending[0]["id"]
+
+def decided_elsewhere(upload_id: Any, device: Any, record: dict[str, Any] | None) -> str:
+    """The line for an upload that left the pending list without a key pressed here."""
+    name = f"upload {clean(upload_id, 20)} ({clean(device, 64)})"
+    if record is None:
+        return f"{name} is no longer pending (decided elsewhere; not in the audit log yet)"
+    outcome = clean(record.get("outcome"), 32)
+    what = _OUTCOME_TEXT.get(outcome, f"was decided: {outcome or 'unknown outcome'}")
+    by = clean(record.get("decided_by"), 64) or "unknown"
+    return f"{name} {what}, decided by {by}"
+
+
+class _Watch:
+    """The prompt loop and its connection state."""
+
+    def __init__(self, socket_path: str, keys: _Keys, screen: _Screen, err: TextIO,
+                 poll_s: float, once: bool, retry_for_s: float) -> None:
+        self.socket_path = socket_path
+        self.keys = keys
+        self.screen = screen
+        self.err = err
+        self.poll_s = poll_s
+        self.once = once
+        self.retry_for_s = retry_for_s
+        self.down_since: float | None = None  # monotonic time the guard went away
+        self.attempts = 0
+        self.next_try = 0.0
+        # uploads shown here that left the pending list: id -> (device, polls left to find it)
+        self.vanished: dict[Any, tuple[Any, int]] = {}
+
+    def run(self, pending: list[dict[str, Any]]) -> int:
+        keys, screen = self.keys, self.screen
+        current: Any = None  # the id on screen
+        shown: Any = object()  # what the screen shows: an id, or None for "nothing pending"
+        redraw = False  # show the current upload again (after a reconnection)
+        devices: dict[Any, Any] = {}
+        last_poll = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if self.down_since is None:
+                ids = [u["id"] for u in pending]
+                devices.update((u["id"], u.get("device")) for u in pending)
+                if current not in ids:
+                    if current is not None and current == shown:
+                        self.vanished[current] = (devices.get(current), LOG_TRIES)
+                    later = [i for i in ids if current is not None and _number(i) > _number(current)]
+                    current = later[0] if later else (ids[0] if ids else None)
+                self._report_vanished()
+                upload = next((u for u in pending if u["id"] == current), None)
+                if current != shown or redraw:
+                    redraw = False
+                    keys.flush()
+                    if upload is not None:
+                        for text in _describe(upload):
+                            screen.line(text)
+                    shown = current
+                if upload is None:
+                    screen.status("no uploads pending (q to quit) > ", None)
+                else:
+                    screen.status(_status(upload, len(pending) - 1, time.time()), current)
+                wake = last_poll + (min(self.poll_s, 1.0) if screen.tty else self.poll_s)
+            else:
+                upload = None
+                left = max(0.0, self.next_try - now)
+                screen.status(f"guard unreachable, retrying in {left:.0f} s "
+                              f"(attempt {self.attempts}; q to quit) > ",
+                              ("down", self.attempts))
+                wake = min(self.next_try, now + 1.0)
+
+            got = keys.get(max(0.0, wake - time.monotonic()))
+            if got is None:
+                return 0  # end of input
+            for key in got:
+                if key == "q":
+                    return 0
+                if upload is None or key not in "adws":
+                    continue
+                if key == "s":
+                    later = [u["id"] for u in pending if _number(u["id"]) > _number(current)]
+                    current = later[0] if later else pending[0]["id"]
+                    break
+                if not _decide(self.socket_path, upload, key, screen):
+                    break  # refused (decided elsewhere meanwhile?): the next poll tells
+                if self.once:
+                    return 0
+                current = None  # go on with the next one after a fresh poll
+                shown = object()
                 break
-            if _decide(socket_path, upload, key, screen) and once:
-                return 0
-            current = None  # go on with the next one after a fresh poll
-            shown = object()
-            break
-        if got or time.monotonic() - last_poll >= poll_s:
+            now = time.monotonic()
+            if self.down_since is not None:
+                if now < self.next_try:
+                    continue
+            elif not got and now - last_poll < self.poll_s:
+                continue
             try:
-                pending = _pending(socket_path)
+                pending = _pending(self.socket_path)
             except ControlError as exc:
-                screen.close()
-                err.write(f"hushgate: {clean(exc, 200)}\n")
-                err.flush()
-                return 1
-            last_poll = time.monotonic()
+                if self._went_away(exc):
+                    return 1
+                pending = []
+                continue
+            finally:
+                last_poll = time.monotonic()
+            if self.down_since is not None:
+                self.down_since = None
+                self.attempts = 0
+                screen.line("reconnected to the guard")
+                redraw = True
+
+    def _went_away(self, exc: ControlError) -> bool:
+        """The guard did not answer: note it and plan the next try; True to give up."""
+        now = time.monotonic()
+        if self.down_since is None:
+            self.down_since = now
+            self.screen.line(f"guard unreachable: {clean(exc, 200)}")
+        elif now - self.down_since >= self.retry_for_s:
+            self.screen.close()
+            self.err.write(f"hushgate: gave up: the guard was unreachable for "
+                           f"{now - self.down_since:.0f} s ({clean(exc, 200)})\n")
+            self.err.flush()
+            return True
+        self.attempts += 1
+        wait = min(RETRY_MAX_S, RETRY_S * 2 ** (self.attempts - 1))
+        self.next_try = now + min(wait, max(0.0, self.down_since + self.retry_for_s - now))
+        return False
+
+    def _report_vanished(self) -> None:
+        """Say who decided the uploads that left the list; the audit log may lag a poll."""
+        if not self.vanished:
+            return
+        try:
+            records = request(self.socket_path, {"cmd": "log", "limit": 200})
+        except ControlError:
+            records = []
+        by_id = {}
+        if isinstance(records, list):
+            for r in records:
+                if isinstance(r, dict) and r.get("id") is not None:
+                    by_id.setdefault(r["id"], r)  # newest first: the final decision
+        for upload_id, (device, tries) in list(self.vanished.items()):
+            record = by_id.get(upload_id)
+            if record is None and tries > 1:
+                self.vanished[upload_id] = (device, tries - 1)
+                continue
+            del self.vanished[upload_id]
+            self.screen.line(decided_elsewhere(upload_id, device, record))
 
 
 def _decide(socket_path: str, upload: dict[str, Any], key: str, screen: _Screen) -> bool:
