@@ -89,8 +89,34 @@ class DeviceConfig:
 class Hook:
     events: tuple[str, ...]
     command: tuple[str, ...] = ()
-    url: str | None = None
+    url: str | None = None  # kind "json": where the event is POSTed; "ntfy": the server's root
     timeout_s: float = 5.0
+    kind: str = "json"  # json (the event as JSON) | ntfy (a phone notification with buttons)
+    topic: str | None = None  # ntfy: the topic (a password of sorts: pick a long random one)
+    token: str | None = field(default=None, repr=False)  # ntfy: an access token (Bearer)
+    username: str | None = None  # ntfy: basic auth, with password
+    password: str | None = field(default=None, repr=False)
+    priority: int = 4  # ntfy: 1 (min) .. 5 (max); 4 is "high", it makes the phone sound
+    # ntfy: the web prompt's address as the phone reaches it ("http://192.168.1.1:8787"); the
+    # Allow/Deny buttons POST to ACTION_URL/api/act. Default: [web] listen.
+    action_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MqttConfig:
+    """`[mqtt]`: Home Assistant over an MQTT broker (guard/shell/mqtt.py)."""
+
+    host: str
+    port: int = 1883
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+    ca_file: str | None = None  # the broker's CA (a self-signed broker); None: the system's CAs
+    client_id: str = "hushgate"
+    discovery_prefix: str = "homeassistant"
+    base_topic: str = "hushgate"
+    keepalive_s: int = 60
+    mute_for_s: float = 3600.0  # what the mute switch of a device turns on for
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +172,7 @@ class GuardConfig:
     web_tls: bool = False
     web_hosts: tuple[str, ...] = ()
     hooks: tuple[Hook, ...] = ()
+    mqtt: MqttConfig | None = None
     devices: tuple[DeviceConfig, ...] = field(default_factory=tuple)
 
     @property
@@ -293,7 +320,7 @@ def _device(table: Any, index: int) -> DeviceConfig:
 
 def parse_config(data: dict[str, Any]) -> GuardConfig:
     """Validate a parsed TOML document into a GuardConfig."""
-    _check_keys(data, {"guard", "metrics", "web", "hook", "device"}, "config")
+    _check_keys(data, {"guard", "metrics", "web", "hook", "mqtt", "device"}, "config")
     guard = _table(data.get("guard", {}), "guard")
     _check_keys(guard, _GUARD_KEYS, "guard")
     kw: dict[str, Any] = {}
@@ -388,23 +415,11 @@ def parse_config(data: dict[str, Any]) -> GuardConfig:
     if "hosts" in web:
         kw["web_hosts"] = _strings(web, "hosts", "web")
     _web_settings(kw)
-    hooks = []
-    for index, hook in enumerate(_tables(data.get("hook", []), "hook")):
-        where = f"hook[{index}]"
-        _check_keys(hook, {"events", "command", "url", "timeout_s"}, where)
-        events = (_strings(hook, "events", where) if "events" in hook
-                  else ("upload-held", "upload-decided"))
-        if "command" not in hook:
-            command: tuple[str, ...] = ()
-        elif isinstance(hook["command"], str):
-            command = (_string(hook, "command", where),)  # a path, never a shell line
-        else:
-            command = _strings(hook, "command", where)
-        url = _string(hook, "url", where) if "url" in hook else None
-        if not command and not url:
-            raise ConfigError(f"{where}: needs a command or a url")
-        hooks.append(Hook(events, command, url, float(_number(hook, "timeout_s", where, 0.1, 5.0))))
+    hooks = [_hook(hook, index, kw) for index, hook in
+             enumerate(_tables(data.get("hook", []), "hook"))]
     kw["hooks"] = tuple(hooks)
+    if "mqtt" in data:
+        kw["mqtt"] = _mqtt(_table(data["mqtt"], "mqtt"))
     devices = tuple(_device(d, i) for i, d in enumerate(_tables(data.get("device", []), "device")))
     names = [d.name for d in devices]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -425,6 +440,138 @@ def parse_config(data: dict[str, Any]) -> GuardConfig:
             raise ConfigError(f"device {d.name!r}.route_mark: {d.route_mark:#010x} uses the "
                               f"relay's own bits {own:#010x} (guard.tproxy_mark, guard.relay_mark)")
     return config
+
+
+_HOOK_KEYS = {"events", "command", "url", "timeout_s", "kind"}
+_NTFY_KEYS = {"topic", "token", "username", "password", "priority", "action_url"}
+_NTFY_TOPIC = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # ntfy's own rule for topic names
+
+
+def _hook(hook: dict[str, Any], index: int, kw: dict[str, Any]) -> Hook:
+    """One `[[hook]]`: kind "json" (a command and/or a URL get the event as JSON) or "ntfy" (a
+    phone notification whose Allow/Deny buttons call the web prompt back)."""
+    where = f"hook[{index}]"
+    _check_keys(hook, _HOOK_KEYS | _NTFY_KEYS, where)
+    kind = _choice(hook, "kind", where, ("json", "ntfy"), "json")
+    events = (_strings(hook, "events", where) if "events" in hook
+              else ("upload-held", "upload-decided"))
+    timeout_s = float(_number(hook, "timeout_s", where, 0.1, 5.0))
+    if kind == "json":
+        extra = sorted(set(hook) & _NTFY_KEYS)
+        if extra:
+            raise ConfigError(f"{where}: {', '.join(extra)}: only with kind = \"ntfy\"")
+        if "command" not in hook:
+            command: tuple[str, ...] = ()
+        elif isinstance(hook["command"], str):
+            command = (_string(hook, "command", where),)  # a path, never a shell line
+        else:
+            command = _strings(hook, "command", where)
+        url = _string(hook, "url", where) if "url" in hook else None
+        if not command and not url:
+            raise ConfigError(f"{where}: needs a command or a url")
+        return Hook(events, command, url, timeout_s)
+    if "command" in hook:
+        raise ConfigError(f"{where}.command: an ntfy hook publishes to url; a command goes in "
+                          "a hook of its own")
+    if "url" not in hook or "topic" not in hook:
+        raise ConfigError(f"{where}: kind = \"ntfy\" needs url (the ntfy server, e.g. "
+                          "\"https://ntfy.sh\") and topic")
+    url = _http_url(_string(hook, "url", where), f"{where}.url").rstrip("/")
+    topic = _string(hook, "topic", where)
+    if not _NTFY_TOPIC.match(topic):
+        raise ConfigError(f"{where}.topic: letters, digits, _ and - only, up to 64, "
+                          f"got {topic!r}")
+    token = _string(hook, "token", where) if "token" in hook else None
+    username = _string(hook, "username", where) if "username" in hook else None
+    password = _string(hook, "password", where) if "password" in hook else None
+    if token is not None and (username is not None or password is not None):
+        raise ConfigError(f"{where}: token or username/password, not both")
+    if (username is None) != (password is None):
+        raise ConfigError(f"{where}: username and password go together")
+    priority = _number(hook, "priority", where, 1, 4, integer=True)
+    if priority > 5:
+        raise ConfigError(f"{where}.priority: 1 (min) to 5 (max), got {priority}")
+    if not kw.get("web_listen"):
+        raise ConfigError(f"{where}: the Allow/Deny buttons of an ntfy hook call the web "
+                          "prompt back: set [web] listen")
+    action_url = None
+    if "action_url" in hook:
+        action_url = _http_url(_string(hook, "action_url", where),
+                               f"{where}.action_url").rstrip("/")
+    return Hook(events, (), url, timeout_s, "ntfy", topic, token, username, password, priority,
+                action_url)
+
+
+def _http_url(value: str, where: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"{where}: not a URL: {value!r} ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: expected an http:// or https:// URL, got {value!r}")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{where}: no ?query or #fragment, got {value!r}")
+    return value
+
+
+_MQTT_KEYS = {"host", "port", "username", "password", "tls", "ca_file", "client_id",
+              "discovery_prefix", "base_topic", "keepalive_s", "mute_for_s"}
+_MQTT_TOPIC = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+
+
+def _mqtt(table: dict[str, Any]) -> MqttConfig:
+    where = "mqtt"
+    _check_keys(table, _MQTT_KEYS, where)
+    if "host" not in table:
+        raise ConfigError("mqtt.host: the broker's address is needed (e.g. \"192.168.1.2\")")
+    host = _string(table, "host", where)
+    if any(c in host for c in "/ :") and not _is_ip(host):
+        raise ConfigError(f"mqtt.host: a host name or an IP address, got {host!r}")
+    kw: dict[str, Any] = {"host": host}
+    if "tls" in table:
+        kw["tls"] = _boolean(table, "tls", where)
+    if "ca_file" in table:
+        kw["ca_file"] = _string(table, "ca_file", where)
+        if not kw.get("tls", True):
+            raise ConfigError("mqtt.ca_file: only with tls = true")
+        kw["tls"] = True
+    kw["port"] = _number(table, "port", where, 1, 8883 if kw.get("tls") else 1883,
+                         integer=True)
+    if kw["port"] > 65535:
+        raise ConfigError("mqtt.port: a TCP port goes up to 65535")
+    for key in ("username", "password"):
+        if key in table:
+            kw[key] = _string(table, key, where)
+    if "password" in kw and "username" not in kw:
+        raise ConfigError("mqtt.password: needs a username")
+    if "client_id" in table:
+        kw["client_id"] = _string(table, "client_id", where)
+        if len(kw["client_id"]) > 23 or not re.fullmatch(r"[A-Za-z0-9_-]+", kw["client_id"]):
+            raise ConfigError("mqtt.client_id: up to 23 letters, digits, _ or -")
+    for key in ("discovery_prefix", "base_topic"):
+        if key in table:
+            kw[key] = _string(table, key, where)
+            if not _MQTT_TOPIC.match(kw[key]):
+                raise ConfigError(f"mqtt.{key}: a topic like \"homeassistant\" or \"home/hushgate\" "
+                                  f"(no wildcards, no leading or trailing /), got {kw[key]!r}")
+    if "keepalive_s" in table:
+        kw["keepalive_s"] = _number(table, "keepalive_s", where, 5, 60, integer=True)
+    if "mute_for_s" in table:
+        kw["mute_for_s"] = float(_number(table, "mute_for_s", where, 1, 3600.0))
+        if kw["mute_for_s"] > 30 * 86400:
+            raise ConfigError("mqtt.mute_for_s: at most 30 days (2592000)")
+    return MqttConfig(**kw)
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _metrics_listen(listen: str) -> None:
