@@ -8,6 +8,7 @@ from guard.core.engine import (
     BurstReleased,
     Discard,
     FlowBlocked,
+    FlowEvent,
     FlowState,
     IllegalTransition,
     MarkFlow,
@@ -692,8 +693,10 @@ def test_illegal_transition_raises() -> None:
     conn = Conn(eng)
     conn.up(233, T0)
     flow = next(iter(eng.flows.values()))
-    with pytest.raises(IllegalTransition):
-        flow.move(FlowState.ALLOWED)
+    assert flow.state is FlowState.PROVISIONAL
+    with pytest.raises(IllegalTransition, match="category allowed is illegal when provisional"):
+        flow.move(FlowEvent.CATEGORY_ALLOWED)
+    assert flow.state is FlowState.PROVISIONAL  # an illegal move changes nothing
 
 
 def _answer(name: str, address: str):

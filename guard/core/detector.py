@@ -250,6 +250,97 @@ def next_deadline(run: Sequence[tuple[float, int]], config: DetectorConfig,
 
 
 # ---------------------------------------------------------------------------------------------
+# One burst's evidence, and the judge's answers about it
+
+
+class Burst:
+    """What was seen of one held burst, and the judge's answers about it: the engine keeps one
+    per burst and tells it what it saw (`record`, `retransmitted`, `tail_probe`, `ended`,
+    `nudged`); `judge(now)` and `deadline(now)` answer from that alone.
+
+    `stream` bursts are whole TLS records of a relayed TCP connection (`judge_stream`); the
+    others are the packets a held sender could emit (`judge`: TCP when `tcp`, else QUIC/UDP).
+    Only sizes and arrival times are kept, never payload bytes."""
+
+    __slots__ = ("config", "stream_config", "tcp", "records", "stalled", "finished",
+                 "nudged_at")
+
+    def __init__(self, *, tcp: bool = True, config: DetectorConfig | None = None,
+                 stream_config: StreamConfig | None = None) -> None:
+        if (config is None) == (stream_config is None):
+            raise ValueError("a burst is judged either as packets (config) or as a stream "
+                             "(stream_config)")
+        self.config = config
+        self.stream_config = stream_config
+        self.tcp = tcp or stream_config is not None
+        self.records: list[tuple[float, int]] = []  # (arrival time, bytes), oldest first
+        # the sender retransmitted held data (TCP): our hold, not its end, stops it
+        self.stalled = False
+        # since the last new record, the sender showed it sent everything: a tail-loss probe,
+        # the remote's ACK of the last byte, a FIN, the relayed stream's end
+        self.finished = False
+        # when the burst's first segment was released to see whether the sender has more
+        self.nudged_at: float | None = None
+
+    @property
+    def stream(self) -> bool:
+        return self.stream_config is not None
+
+    def record(self, time: float, size: int) -> None:
+        """A new record (stream) or payload packet (packet hold) of the burst."""
+        self.records.append((time, size))
+        self.finished = False
+
+    def retransmitted(self) -> None:
+        """The sender sent held bytes again: it is stalled by the hold."""
+        self.stalled = True
+
+    def tail_probe(self) -> None:
+        """The sender retransmitted the burst's last segment alone: it had nothing new."""
+        self.stalled = True
+        self.finished = True
+
+    def ended(self) -> None:
+        """Nothing more comes after what was seen: a FIN, the stream's end, the remote's ACK of
+        the last byte with nothing new after it (a capture)."""
+        self.finished = True
+
+    def nudged(self, now: float) -> None:
+        """The burst's first segment was released at `now` to see whether the sender has more."""
+        self.nudged_at = now
+
+    def judge(self, now: float) -> Verdict:
+        if self.stream_config is not None:
+            return judge_stream(self.records, now, self.stream_config, self.finished)
+        assert self.config is not None
+        return judge(self.records, self.tcp, now, self.config, self.stalled, self.finished,
+                     self.nudged_at)
+
+    def deadline(self, now: float | None = None) -> float | None:
+        """When `judge` may change its mind with nothing new seen."""
+        if self.stream_config is not None:
+            return stream_deadline(self.records, self.stream_config)
+        assert self.config is not None
+        return next_deadline(self.records, self.config, now, self.nudged_at)
+
+    @property
+    def count(self) -> int:
+        return len(self.records)
+
+    @property
+    def start(self) -> float | None:
+        return self.records[0][0] if self.records else None
+
+    @property
+    def last(self) -> float | None:
+        return self.records[-1][0] if self.records else None
+
+    @property
+    def size(self) -> int:
+        return sum(size for _, size in self.records)
+
+
+# ---------------------------------------------------------------------------------------------
 # The stream judge: whole bursts of a relayed TCP stream (records, in order, with arrival times)
 
 

@@ -20,13 +20,11 @@ from typing import Any
 from guard.core.config import DeviceConfig, GuardConfig, normalize_mac
 from guard.core.detector import (
     CONTROL_DATAGRAMS,
+    UNDECIDED,
+    Burst,
     DetectorConfig,
     Judgement,
     StreamConfig,
-    judge,
-    judge_stream,
-    next_deadline,
-    stream_deadline,
 )
 from guard.core.detector import Verdict as Judged
 from guard.core.names import NameCache
@@ -78,20 +76,59 @@ class FlowState(str, Enum):
     DENIED = "denied"  # an upload was denied: its leftovers are dropped until it goes quiet
     ALLOWED = "allowed"  # decided for its lifetime: allowed category
     BLOCKED = "blocked"  # decided for its lifetime: blocked category
+    # An upload of this connection was pending when the guard last stopped: its first upstream
+    # packet resets it (LOST), and every packet of it is dropped until it goes quiet (LOST_RESET)
+    LOST = "lost"
+    LOST_RESET = "lost-reset"
 
 
-_FLOW_MOVES: dict[FlowState, frozenset[FlowState]] = {
-    FlowState.IDLE: frozenset({FlowState.PROVISIONAL, FlowState.ALLOWED, FlowState.BLOCKED,
-                               FlowState.DENIED}),
-    FlowState.PROVISIONAL: frozenset({FlowState.IDLE, FlowState.PENDING, FlowState.PASSING,
-                                      FlowState.DENIED, FlowState.BLOCKED}),
-    FlowState.PENDING: frozenset({FlowState.PASSING, FlowState.DENIED}),
-    FlowState.PASSING: frozenset({FlowState.IDLE, FlowState.PENDING, FlowState.DENIED,
-                                  FlowState.BLOCKED}),
-    FlowState.DENIED: frozenset({FlowState.IDLE}),
-    FlowState.ALLOWED: frozenset({FlowState.BLOCKED, FlowState.IDLE}),
-    FlowState.BLOCKED: frozenset(),
+class FlowEvent(str, Enum):
+    """What happens to a flow: each moves it as `FLOW_TABLE` says, or raises."""
+
+    CATEGORY_ALLOWED = "category allowed"  # its category passes: decided for its lifetime
+    INSPECT = "inspect"  # its name (SNI) turned out to be an inspected category after all
+    BURST_STARTED = "burst started"  # a new burst is held for the detector
+    BURST_RELEASED = "burst released"  # judged a message: released in order
+    BURST_DISCARDED = "burst discarded"  # its connection died while it was held
+    UPLOAD_HELD = "upload held"  # an upload (or a first turn that ran too long) waits for a person
+    UPLOAD_PASSED = "upload passed"  # an upload may pass (allowed, window, monitor, first turn)
+    UPLOAD_DENIED = "upload denied"  # denied, expired, capped, lost: leftovers are dropped
+    ACTIVITY_ENDED = "activity ended"  # an upload's traffic went quiet (UPLOAD_END_GAP_S)
+    MIDSTREAM_RESET = "midstream reset"  # a connection older than the guard, reset when quiet
+    LOST_RESET = "lost reset"  # the first packet of a connection lost across a restart
+    BLOCKED = "blocked"  # a blocked category (or QUIC, or real-time media): for its lifetime
+
+
+_F, _E = FlowState, FlowEvent
+# (state, event) -> state. Any pair not in the table is illegal and raises IllegalTransition.
+FLOW_TABLE: dict[tuple[FlowState, FlowEvent], FlowState] = {
+    (_F.IDLE, _E.CATEGORY_ALLOWED): _F.ALLOWED,
+    (_F.IDLE, _E.BURST_STARTED): _F.PROVISIONAL,
+    (_F.IDLE, _E.MIDSTREAM_RESET): _F.DENIED,
+    (_F.IDLE, _E.BLOCKED): _F.BLOCKED,
+    (_F.PROVISIONAL, _E.BURST_RELEASED): _F.IDLE,
+    (_F.PROVISIONAL, _E.BURST_DISCARDED): _F.IDLE,
+    (_F.PROVISIONAL, _E.UPLOAD_HELD): _F.PENDING,
+    (_F.PROVISIONAL, _E.UPLOAD_PASSED): _F.PASSING,
+    (_F.PROVISIONAL, _E.UPLOAD_DENIED): _F.DENIED,
+    (_F.PROVISIONAL, _E.BLOCKED): _F.BLOCKED,
+    (_F.PENDING, _E.UPLOAD_PASSED): _F.PASSING,
+    (_F.PENDING, _E.UPLOAD_DENIED): _F.DENIED,
+    (_F.PASSING, _E.UPLOAD_HELD): _F.PENDING,  # followups: a first turn that runs too long
+    (_F.PASSING, _E.UPLOAD_DENIED): _F.DENIED,
+    (_F.PASSING, _E.ACTIVITY_ENDED): _F.IDLE,
+    (_F.PASSING, _E.BLOCKED): _F.BLOCKED,
+    (_F.DENIED, _E.ACTIVITY_ENDED): _F.IDLE,
+    (_F.DENIED, _E.BLOCKED): _F.BLOCKED,  # a blocked category overrides an upload's leftovers
+    (_F.ALLOWED, _E.INSPECT): _F.IDLE,
+    (_F.ALLOWED, _E.BLOCKED): _F.BLOCKED,
+    (_F.LOST, _E.LOST_RESET): _F.LOST_RESET,
+    (_F.LOST, _E.BLOCKED): _F.BLOCKED,
+    (_F.LOST_RESET, _E.ACTIVITY_ENDED): _F.IDLE,
+    (_F.LOST_RESET, _E.BLOCKED): _F.BLOCKED,
+    # BLOCKED is final
 }
+del _F, _E
 
 
 class UploadState(str, Enum):
@@ -102,17 +139,38 @@ class UploadState(str, Enum):
     ENDED = "ended"
 
 
-_UPLOAD_MOVES: dict[UploadState, frozenset[UploadState]] = {
-    UploadState.PENDING: frozenset({UploadState.PASSING, UploadState.DENIED}),
-    UploadState.PASSING: frozenset({UploadState.PENDING, UploadState.DENIED, UploadState.ENDED}),
-    UploadState.MONITORED: frozenset({UploadState.ENDED}),
-    UploadState.DENIED: frozenset({UploadState.ENDED}),
-    UploadState.ENDED: frozenset(),
+class UploadEvent(str, Enum):
+    """What happens to an upload: each moves it as `UPLOAD_TABLE` says, or raises. An upload
+    starts PENDING (held), PASSING (passed by policy) or MONITORED (monitor mode)."""
+
+    ALLOWED = "allowed"  # a person, a hook or a window let it through
+    DENIED = "denied"  # denied, expired, capped, lost, or a rule or quiet window
+    LONG_TURN = "long turn"  # followups: a first turn longer than max_turn_s is held from then
+    ENDED = "ended"  # its traffic went quiet
+
+
+_U, _V = UploadState, UploadEvent
+UPLOAD_TABLE: dict[tuple[UploadState, UploadEvent], UploadState] = {
+    (_U.PENDING, _V.ALLOWED): _U.PASSING,
+    (_U.PENDING, _V.DENIED): _U.DENIED,
+    (_U.PASSING, _V.LONG_TURN): _U.PENDING,
+    (_U.PASSING, _V.DENIED): _U.DENIED,
+    (_U.PASSING, _V.ENDED): _U.ENDED,
+    (_U.MONITORED, _V.ENDED): _U.ENDED,
+    (_U.DENIED, _V.ENDED): _U.ENDED,
+    # ENDED is final
 }
+UPLOAD_START_STATES = frozenset({_U.PENDING, _U.PASSING, _U.MONITORED})
+del _U, _V
+
+# States whose upstream traffic is an activity that ends after UPLOAD_END_GAP_S of quiet
+_DROPPING_OR_PASSING = frozenset({FlowState.PASSING, FlowState.DENIED, FlowState.LOST_RESET})
+# States that hold nothing and wait for nothing: an idle flow may be forgotten
+_FORGETTABLE = frozenset({FlowState.IDLE, FlowState.ALLOWED, FlowState.BLOCKED, FlowState.LOST})
 
 
 class IllegalTransition(RuntimeError):
-    pass
+    """A (state, event) pair the table does not list: a bug in the engine, never input's fault."""
 
 
 class UnknownUpload(KeyError):
@@ -197,10 +255,18 @@ class Upload:
     # a speaker that the router ACKs keeps sending: 20 s of 60 records/s)
     stream: bool = False
 
-    def move(self, state: UploadState) -> None:
-        if state is not self.state and state not in _UPLOAD_MOVES[self.state]:
-            raise IllegalTransition(f"upload {self.id}: {self.state.value} -> {state.value}")
+    def __post_init__(self) -> None:
+        if self.state not in UPLOAD_START_STATES:
+            raise IllegalTransition(f"upload {self.id}: cannot start {self.state.value}")
+
+    def move(self, event: UploadEvent) -> UploadState:
+        """The one way an upload changes state: as `UPLOAD_TABLE` says, or IllegalTransition."""
+        state = UPLOAD_TABLE.get((self.state, event))
+        if state is None:
+            raise IllegalTransition(
+                f"upload {self.id}: {event.value} is illegal when {self.state.value}")
         self.state = state
+        return state
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -251,9 +317,10 @@ class Flow:
     device_ack: int | None = None  # what the device acknowledged: the seq a RST to it needs
     remote_ack: int | None = None  # what the remote acknowledged: the seq a RST to it needs
     device_next: int | None = None
-    # the held burst the detector is watching
+    # the held burst the detector is watching: its tokens, and its evidence (None when no
+    # burst is being judged: the state is not PROVISIONAL)
     burst: list[Held] = field(default_factory=list)
-    run: list[tuple[float, int]] = field(default_factory=list)
+    evidence: Burst | None = None
     # the current activity: upstream payload with gaps under UPLOAD_END_GAP_S
     activity_start: float = 0.0
     activity_bytes: int = 0
@@ -261,29 +328,25 @@ class Flow:
     activity_passed: int = 0
     upload: Upload | None = None
     deadline: float | None = None
-    lost: bool = False  # pending when the guard last stopped: reset at its first packet
-    # A UDP flow whose first window was judged control datagrams: from then on its datagrams too
-    # small to carry a codec frame pass without a hold (live: in the kernel, by connmark).
+    # A UDP flow whose first window was judged control datagrams: what it learnt about the
+    # flow, as its category is, in every state: from then on its datagrams too small to carry a
+    # codec frame pass without a hold (live: in the kernel, by connmark).
     control_run: bool = False
     control_marked: bool = False  # the kernel was told (MarkFlow "control")
-    # The sender retransmitted data of the held burst: our hold, not its own end, stops it
-    stalled: bool = False
-    # Since the run's last new segment its sender showed it had sent everything (a tail-loss
-    # probe of the last held segment, the remote's ACK of the last held byte, a FIN): see
-    # guard/core/detector.py
-    finished: bool = False
-    # The run's first segment, released to see whether its sender has more, and when
+    # The held burst's first segment, released to see whether its sender has more (the token
+    # that went out: a copy of it again is a duplicate); when it went is the evidence's
     nudged: Held | None = None
-    nudged_at: float | None = None
     # A relayed TCP connection (design.md 5): the relay's id for it; its bursts are judged whole
     stream: int | None = None
 
-    def move(self, state: FlowState) -> None:
-        if state is self.state:
-            return
-        if state not in _FLOW_MOVES[self.state]:
-            raise IllegalTransition(f"flow {self.key}: {self.state.value} -> {state.value}")
+    def move(self, event: FlowEvent) -> FlowState:
+        """The one way a flow changes state: as `FLOW_TABLE` says, or IllegalTransition."""
+        state = FLOW_TABLE.get((self.state, event))
+        if state is None:
+            raise IllegalTransition(
+                f"flow {self.key}: {event.value} is illegal when {self.state.value}")
         self.state = state
+        return state
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -620,16 +683,14 @@ class Engine:
     def _reschedule(self, flow: Flow) -> None:
         when: float | None = None
         if flow.state is FlowState.PROVISIONAL:
-            if flow.stream is not None:
-                when = stream_deadline(flow.run, self.stream_detector)
-            else:
-                when = next_deadline(flow.run, self.detector, self.now, flow.nudged_at)
+            if flow.evidence is not None:
+                when = flow.evidence.deadline(self.now)
         elif flow.state is FlowState.PENDING and flow.upload is not None:
             when = flow.upload.expires
             if self.expire_on_idle:
                 idle = flow.last_up + UPLOAD_END_GAP_S
                 when = idle if when is None else min(when, idle)
-        elif flow.state in (FlowState.PASSING, FlowState.DENIED):
+        elif flow.state in _DROPPING_OR_PASSING:
             when = flow.last_up + UPLOAD_END_GAP_S
             upload = flow.upload
             if (upload is not None and upload.action is UploadAction.PASS
@@ -671,12 +732,17 @@ class Engine:
             self._reschedule(flow)
 
     def _judge(self, flow: Flow, now: float) -> Judged:
-        """The detector's verdict on the flow's current burst: whole bursts for a relayed
-        stream, what a held sender can emit for the packet hold."""
+        """The detector's verdict on the flow's current burst (its evidence judges itself)."""
+        if flow.evidence is None:
+            return UNDECIDED
+        return flow.evidence.judge(now)
+
+    def _new_evidence(self, flow: Flow) -> Burst:
+        """A new burst's evidence: whole records for a relayed stream, what a held sender can
+        emit for the packet hold."""
         if flow.stream is not None:
-            return judge_stream(flow.run, now, self.stream_detector, flow.finished)
-        return judge(flow.run, flow.key.proto == TCP, now, self.detector, flow.stalled,
-                     flow.finished, flow.nudged_at)
+            return Burst(stream_config=self.stream_detector)
+        return Burst(tcp=flow.key.proto == TCP, config=self.detector)
 
     def _nudge(self, flow: Flow, now: float) -> None:
         """Release the held run's first segment only: the cloud's ACK of it gives the sender
@@ -686,7 +752,9 @@ class Engine:
         self.actions.append(Release((first.token,)))
         self._unhold([first])
         flow.activity_passed += first.payload
-        flow.nudged, flow.nudged_at = first, now
+        flow.nudged = first
+        if flow.evidence is not None:
+            flow.evidence.nudged(now)
         self.counters["nudges"] += 1
         self._reschedule(flow)
 
@@ -703,7 +771,7 @@ class Engine:
                 # is a new activity, as after a person's answer live, not a denied
                 # connection's leftovers
                 self._end_activity(flow)
-        elif flow.state in (FlowState.PASSING, FlowState.DENIED):
+        elif flow.state in _DROPPING_OR_PASSING:
             upload = flow.upload
             if now >= flow.last_up + UPLOAD_END_GAP_S:
                 self._end_activity(flow)
@@ -785,21 +853,23 @@ class Engine:
         self.counters[_COUNTER_OF[verdict]] += 1
         return verdict
 
-    def _flow(self, key: FlowKey, device: DeviceConfig, now: float) -> Flow:
+    def _flow(self, key: FlowKey, device: DeviceConfig, now: float, stream: bool = False
+              ) -> Flow:
         flow = self.flows.get(key)
         if flow is not None:
             return flow
         if len(self.flows) >= MAX_FLOWS:
             self._evict(now)
-        flow = Flow(key, device, now, now)
-        name = self.names.lookup(key.remote_addr, now)
-        if name:
-            self._name_flow(flow, name)
         lost = self._lost.pop(
             (key.proto, key.device_addr, key.device_port, key.remote_addr, key.remote_port), None
         )
+        # a relayed connection is a new one: nothing of the lost one's bytes is in it
+        flow = Flow(key, device, now, now,
+                    state=FlowState.LOST if lost is not None and not stream else FlowState.IDLE)
+        name = self.names.lookup(key.remote_addr, now)
+        if name:
+            self._name_flow(flow, name)
         if lost is not None:
-            flow.lost = True
             flow.activity_start = now
             self.actions.append(UploadDecided(
                 {"id": lost, "device": device.name, "device_addr": key.device_addr,
@@ -855,9 +925,9 @@ class Engine:
             if device_next is None or (
                     ((end - device_next) & 0xFFFFFFFF) < 0x80000000 and end != device_next):
                 flow.device_next = end
-        if flow.lost:
-            return self._lost_packet(flow, pkt, now)
         state = flow.state
+        if state is FlowState.LOST or state is FlowState.LOST_RESET:
+            return self._lost_packet(flow, pkt, now)
         if state is FlowState.BLOCKED:
             return Verdict.REJECT
         if state is FlowState.ALLOWED:
@@ -873,7 +943,7 @@ class Engine:
                 flow.marked = True
                 self.actions.append(MarkFlow(flow.key, "allow"))
                 return Verdict.ACCEPT
-            flow.move(FlowState.IDLE)  # an inspected category after all: watch it
+            flow.move(FlowEvent.INSPECT)  # an inspected category after all: watch it
             if _is_handshake(pkt):
                 return Verdict.ACCEPT
             return self._payload(flow, pkt, now, token)
@@ -894,14 +964,15 @@ class Engine:
         if action is CategoryAction.BLOCK:
             return self._block(flow, now, f"{flow.category} is blocked")
         if action is CategoryAction.ALLOW and flow.state is FlowState.IDLE:
-            flow.move(FlowState.ALLOWED)
+            flow.move(FlowEvent.CATEGORY_ALLOWED)
             if payload_len and not flow.marked:
                 flow.marked = True
                 self.actions.append(MarkFlow(flow.key, "allow"))
             return Verdict.ACCEPT
         if not payload_len:
-            if proto == TCP and pkt.flags & FIN and flow.state is FlowState.PROVISIONAL:
-                flow.finished = True  # the sender closed: the held run is all it had
+            if (proto == TCP and pkt.flags & FIN and flow.state is FlowState.PROVISIONAL
+                    and flow.evidence is not None):
+                flow.evidence.ended()  # the sender closed: the held run is all it had
                 self._rejudge(flow, now)
             if (self.reset_midstream and flow.midstream and proto == TCP
                     and flow.host is None and flow.state is FlowState.IDLE
@@ -942,7 +1013,7 @@ class Engine:
         old = self.flows.pop(key, None)  # a reused port: the old connection is gone
         if old is not None and old.stream is not None:
             self.streams.pop(old.stream, None)
-        flow = self._flow(key, device, now)
+        flow = self._flow(key, device, now, stream=True)
         flow.midstream = False
         flow.stream = conn
         self.last_stream[device.name] = now
@@ -956,7 +1027,7 @@ class Engine:
         if action is CategoryAction.BLOCK:
             return self._block(flow, now, f"{flow.category} is blocked"), key
         if action is CategoryAction.ALLOW:
-            flow.move(FlowState.ALLOWED)
+            flow.move(FlowEvent.CATEGORY_ALLOWED)
             return Verdict.ACCEPT, key
         return Verdict.HOLD, key
 
@@ -1010,7 +1081,8 @@ class Engine:
         flow = self.streams.pop(conn, None)
         if flow is None:
             return
-        flow.finished = True
+        if flow.evidence is not None:
+            flow.evidence.ended()
         if flow.state is FlowState.PROVISIONAL:
             if reset:
                 self._discard_burst(flow)
@@ -1028,8 +1100,8 @@ class Engine:
         if flow.burst:
             self.actions.append(Discard(tuple(h.token for h in flow.burst)))
             self._unhold(flow.burst)
-        flow.burst, flow.run = [], []
-        flow.move(FlowState.IDLE)
+        flow.burst, flow.evidence = [], None
+        flow.move(FlowEvent.BURST_DISCARDED)
         self._schedule(flow, None)
 
     def learn_mac(self, name: str, mac: str) -> None:
@@ -1083,13 +1155,14 @@ class Engine:
         flow.bytes_down += pkt.payload_len
         if proto == TCP and pkt.flags & ACK:
             flow.remote_ack = pkt.ack
-            if flow.state is FlowState.PROVISIONAL and flow.burst:
+            evidence = flow.evidence
+            if flow.state is FlowState.PROVISIONAL and flow.burst and evidence is not None:
                 # Only in a capture (held bytes never reach the remote live): the remote has
                 # the whole run and the sender sent nothing after it, as a tail probe says.
                 last = flow.burst[-1]
-                if (not flow.finished
+                if (not evidence.finished
                         and not _seq_after((last.seq + last.payload) & 0xFFFFFFFF, pkt.ack)):
-                    flow.finished = True
+                    evidence.ended()
                     self._rejudge(flow, now)
         if flow.state is FlowState.BLOCKED:
             return Verdict.REJECT
@@ -1106,12 +1179,10 @@ class Engine:
             self.actions.append(Discard(tuple(h.token for h in flow.burst)))
             self._unhold(flow.burst)
             flow.burst = []
-            flow.run = []
+        flow.evidence = None
         if flow.state is FlowState.PENDING and flow.upload is not None:
             self._deny(flow.upload, now, Outcome.DENIED, "policy")
-        if flow.state is FlowState.DENIED:
-            flow.state = FlowState.IDLE  # a blocked category overrides an upload's leftovers
-        flow.move(FlowState.BLOCKED)
+        flow.move(FlowEvent.BLOCKED)
         self.counters["flows_blocked"] += 1
         if flow.stream is None:  # a relayed connection is refused by the relay itself
             self.actions.append(MarkFlow(flow.key, "block"))
@@ -1124,7 +1195,7 @@ class Engine:
         """A connection that predates the guard, quiet now: reset it with the exact numbers of
         this packet, so the speaker reconnects through the guard and names the host (SNI)."""
         flow.midstream = False
-        flow.move(FlowState.DENIED)
+        flow.move(FlowEvent.MIDSTREAM_RESET)
         flow.last_up = now
         # The remote expects SND.NXT. A pure ACK carries it, a keepalive probe (what a quiet
         # connection sends) carries SND.NXT - 1 and the two look alike: the probe's number + 1
@@ -1139,8 +1210,8 @@ class Engine:
     def _lost_packet(self, flow: Flow, pkt: Packet, now: float) -> Verdict:
         """The first packet of an upload that was pending across a restart: reset, deliver
         nothing of it; later packets of the flow (until it goes quiet) are dropped too."""
-        if flow.state is not FlowState.DENIED:
-            flow.move(FlowState.DENIED)
+        if flow.state is FlowState.LOST:
+            flow.move(FlowEvent.LOST_RESET)
             self._reset(flow, "lost-on-restart")
         if pkt.payload_len:
             flow.last_up = now
@@ -1196,11 +1267,12 @@ class Engine:
             return verdict
         # IDLE or PROVISIONAL: the detector watches a held burst
         if state is FlowState.IDLE:
-            flow.move(FlowState.PROVISIONAL)
+            flow.move(FlowEvent.BURST_STARTED)
             flow.burst = []
-            flow.run = []
-            flow.stalled = False
-            flow.nudged = flow.nudged_at = None
+            flow.evidence = self._new_evidence(flow)
+            flow.nudged = None
+        evidence = flow.evidence
+        assert evidence is not None
         held = Held(token, pkt.wire_len, pkt.payload_len, pkt.seq, now)
         nudged = flow.nudged
         if (nudged is not None and pkt.proto == TCP
@@ -1217,13 +1289,12 @@ class Engine:
             # sender is stalled by the hold: whatever quiet follows is ours, not its end. A
             # retransmission of the last held segment alone is a tail-loss probe: the sender
             # had nothing new to send instead, so it finished.
-            flow.stalled = True
             last = flow.burst[-1]
             burst = flow.burst
             if (pkt.seq != burst[0].seq
                     and (pkt.seq + pkt.payload_len) & 0xFFFFFFFF
                     == (last.seq + last.payload) & 0xFFFFFFFF):
-                flow.finished = True
+                evidence.tail_probe()
                 if (not (len(burst) > 1 and burst[-2].seq == last.seq)
                         and self._total_cap(held.size) is None):
                     # Kept (one copy) and released after the original: the remote acknowledges
@@ -1232,19 +1303,20 @@ class Engine:
                     # next burst (Linux allows one outstanding probe).
                     burst.append(held)
                     self._hold(held)
-                    verdict = judge(flow.run, True, now, self.detector, True, True)
+                    verdict = evidence.judge(now)
                     if verdict.judgement is Judgement.MESSAGE:
                         self._release_burst(flow, now, verdict.reason, current=held)
                         return Verdict.ACCEPT
                     self._reschedule(flow)
                     return Verdict.HOLD
+            else:
+                evidence.retransmitted()
             self.counters["duplicates"] += 1
             self._rejudge(flow, now)
             return Verdict.DROP
         full = self._total_cap(held.size, _packets(held)) is not None
-        flow.finished = False
         flow.burst.append(held)
-        flow.run.append((now, pkt.payload_len))
+        evidence.record(now, pkt.payload_len)
         self._hold(held)
         monitor = flow.device.mode is Mode.MONITOR
         if full and not monitor:
@@ -1300,11 +1372,14 @@ class Engine:
         if tokens:
             self.actions.append(Release(tokens))
         self._unhold(burst)
-        start = flow.run[0][0] if flow.run else now
+        evidence = flow.evidence
+        first = evidence.start if evidence is not None else None
+        start = first if first is not None else now
         # What the burst suffered: a relayed stream's message waits from its last byte (the
         # sender is ACKed and never waits; design.md 5: released <= 0.3 s after its last
         # byte); a held packet burst's sender waits from its first packet.
-        since = flow.run[-1][0] if flow.run and flow.stream is not None else start
+        last = evidence.last if evidence is not None else None
+        since = last if last is not None and flow.stream is not None else start
         # a kept tail probe follows its original: its bytes are not counted twice; a nudged
         # first segment went out earlier
         size = sum(h.payload for i, h in enumerate(burst) if not i or burst[i - 1].seq != h.seq)
@@ -1313,24 +1388,26 @@ class Engine:
             size += flow.nudged.payload
             packets += 1
             flow.activity_passed -= flow.nudged.payload  # counted again below, with the rest
-            flow.nudged = flow.nudged_at = None
-        flow.activity_passed += sum(size for _, size in flow.run) if flow.device.mode is Mode.MONITOR else size
+            flow.nudged = None
+        monitored = evidence.size if evidence is not None else 0
+        flow.activity_passed += monitored if flow.device.mode is Mode.MONITOR else size
         if packets:
             self.counters["bursts_released"] += 1
             self.actions.append(BurstReleased(
                 flow.key, flow.device.name, flow.host, start, now, now - since, size,
                 packets, reason))
         flow.burst = []
-        flow.run = []
+        flow.evidence = None
         if reason == CONTROL_DATAGRAMS and flow.key.proto != TCP:
             # The mark goes with the flow's next small datagram, not with this one: the held
             # datagrams released just now may still be confirming the connection in conntrack,
             # and a mark saved on this packet's own unconfirmed entry would be lost in the clash.
             flow.control_run = True
-        flow.move(FlowState.IDLE)
+        flow.move(FlowEvent.BURST_RELEASED)
         self._schedule(flow, None)
 
-    def _new_upload(self, flow: Flow, now: float, action: UploadAction, reason: str) -> Upload:
+    def _new_upload(self, flow: Flow, now: float, action: UploadAction, reason: str,
+                    state: UploadState = UploadState.PENDING) -> Upload:
         device = flow.device
         previous = self.last_upload.get(device.name)
         turn = 1
@@ -1344,6 +1421,7 @@ class Engine:
             end=now, decided=now, decided_after_packets=self._decided_after, action=action,
             turn=turn, bytes=flow.activity_bytes, packets=flow.activity_packets,
             leaked_bytes=flow.activity_passed, reason=reason, stream=flow.stream is not None,
+            state=state,
         )
         self.uploads[upload.id] = upload
         self.last_upload[device.name] = (now, turn)
@@ -1353,15 +1431,15 @@ class Engine:
                          ) -> None:
         device = flow.device
         burst, flow.burst = flow.burst, []
-        flow.nudged = flow.nudged_at = None  # a nudged segment is out: counted as passed
-        self._decided_after = len(flow.run) or 1
+        flow.nudged = None  # a nudged segment is out: counted as passed
+        self._decided_after = (flow.evidence.count if flow.evidence is not None else 0) or 1
         # the packet being judged gets its verdict from the caller, never also from an action
         self._current = current
-        flow.run = []
+        flow.evidence = None
         if device.mode is Mode.MONITOR:
-            upload = self._new_upload(flow, now, UploadAction.MONITOR, reason)
+            upload = self._new_upload(flow, now, UploadAction.MONITOR, reason,
+                                      UploadState.MONITORED)
             upload.leaked_bytes = 0
-            upload.state = UploadState.MONITORED
             upload.outcome = Outcome.MONITORED
             self._pass_burst(flow, burst, current, upload)
             self.actions.append(UploadSeen(upload.summary()))
@@ -1377,13 +1455,12 @@ class Engine:
             upload = self._new_upload(flow, now, UploadAction.BLOCK, reason)
             self._hold_list(upload, burst)
             flow.upload = upload
-            flow.move(FlowState.PENDING)
+            flow.move(FlowEvent.UPLOAD_HELD)
             self._deny(upload, now, standing[0], "quiet window" if standing[0] is Outcome.QUIET
                        else "rule")
             return
         if standing is not None or followup_free:
-            upload = self._new_upload(flow, now, UploadAction.PASS, reason)
-            upload.state = UploadState.PASSING
+            upload = self._new_upload(flow, now, UploadAction.PASS, reason, UploadState.PASSING)
             if standing is not None:
                 upload.outcome, upload.decided_by = standing[0], standing[0].value
             else:
@@ -1398,7 +1475,7 @@ class Engine:
         upload.expires = now + self.config.hold_timeout_s
         self._hold_list(upload, burst)
         flow.upload = upload
-        flow.move(FlowState.PENDING)
+        flow.move(FlowEvent.UPLOAD_HELD)
         self._check_caps(upload, now)
         if upload.state is UploadState.PENDING:
             self.actions.append(UploadHeld(upload.summary()))
@@ -1416,7 +1493,7 @@ class Engine:
             self.actions.append(Release(tokens, upload.id))
         self._unhold(burst)
         flow.upload = upload
-        flow.move(FlowState.PASSING)
+        flow.move(FlowEvent.UPLOAD_PASSED)
         self._reschedule(flow)
 
     def _count_into(self, upload: Upload, pkt: Packet, now: float) -> None:
@@ -1460,7 +1537,7 @@ class Engine:
 
     def _hold_long_turn(self, flow: Flow, upload: Upload, now: float) -> None:
         """followups: a single upload longer than max_turn_s is held from that point on."""
-        upload.move(UploadState.PENDING)
+        upload.move(UploadEvent.LONG_TURN)
         upload.action = UploadAction.HOLD
         upload.outcome = None
         upload.decided_by = None
@@ -1471,7 +1548,7 @@ class Engine:
         upload.held_bytes = 0
         upload.seqs = set()
         upload.decided = now
-        flow.move(FlowState.PENDING)
+        flow.move(FlowEvent.UPLOAD_HELD)
         self.actions.append(UploadHeld(upload.summary()))
         self._reschedule(flow)
 
@@ -1500,7 +1577,7 @@ class Engine:
         return upload
 
     def _allow(self, upload: Upload, now: float, outcome: Outcome, by: str) -> None:
-        upload.move(UploadState.PASSING)
+        upload.move(UploadEvent.ALLOWED)
         upload.outcome, upload.decided_by, upload.decision_time = outcome, by, now
         tokens = tuple(h.token for h in upload.held)
         if tokens:
@@ -1510,13 +1587,13 @@ class Engine:
         upload.held_bytes = 0
         flow = self.flows.get(upload.key)
         if flow is not None and flow.upload is upload:
-            flow.move(FlowState.PASSING)
+            flow.move(FlowEvent.UPLOAD_PASSED)
             flow.last_up = max(flow.last_up, now)  # the sender resumes now: the upload goes on
             self._reschedule(flow)
         self.actions.append(UploadDecided(upload.summary(), outcome, by))
 
     def _deny(self, upload: Upload, now: float, outcome: Outcome, by: str) -> None:
-        upload.move(UploadState.DENIED)
+        upload.move(UploadEvent.DENIED)
         upload.outcome, upload.decided_by, upload.decision_time = outcome, by, now
         # The remote has everything before the first held byte and nothing after it: that is
         # exactly the sequence number its side of the connection will accept a reset at.
@@ -1529,7 +1606,7 @@ class Engine:
         upload.held_bytes = 0
         flow = self.flows.get(upload.key)
         if flow is not None and flow.upload is upload:
-            flow.move(FlowState.DENIED)
+            flow.move(FlowEvent.UPLOAD_DENIED)
             flow.last_up = max(flow.last_up, now)  # drop the dead connection's leftovers
             self._reset(flow, outcome.value, first_held)
             self._reschedule(flow)
@@ -1553,13 +1630,12 @@ class Engine:
         upload = flow.upload
         if upload is not None:
             if upload.state in (UploadState.PASSING, UploadState.MONITORED, UploadState.DENIED):
-                upload.move(UploadState.ENDED)
+                upload.move(UploadEvent.ENDED)
                 self.uploads.pop(upload.id, None)
                 self.actions.append(UploadEnded(upload.summary()))
             flow.upload = None
-        flow.lost = False
-        if flow.state in (FlowState.PASSING, FlowState.DENIED):
-            flow.move(FlowState.IDLE)
+        if flow.state in _DROPPING_OR_PASSING:
+            flow.move(FlowEvent.ACTIVITY_ENDED)
         self._schedule(flow, None)
 
     # -- housekeeping ---------------------------------------------------------------------------
@@ -1571,7 +1647,7 @@ class Engine:
         self.windows = [w for w in self.windows if w.active(now)]
         stale = [
             key for key, flow in self.flows.items()
-            if flow.state in (FlowState.IDLE, FlowState.ALLOWED, FlowState.BLOCKED)
+            if flow.state in _FORGETTABLE
             and now - flow.last >= (TCP_IDLE_S if key.proto == TCP else UDP_IDLE_S)
         ]
         for key in stale:
@@ -1583,7 +1659,7 @@ class Engine:
         if len(self.flows) < MAX_FLOWS:
             return
         idle = sorted((f.last, k) for k, f in self.flows.items()
-                      if f.state in (FlowState.IDLE, FlowState.ALLOWED, FlowState.BLOCKED))
+                      if f.state in _FORGETTABLE)
         for _, key in idle[: max(1, len(idle) // 8)]:
             del self.flows[key]
 
