@@ -125,7 +125,8 @@ class Daemon:
         self.metrics.set_gauges_source(self._gauges)
         self.metrics_server: Any = None
         self.web: Any = None
-        self.hooks = Hooks(config.hooks)
+        self.hooks = Hooks.from_config(config)  # an ntfy hook's buttons call the web prompt
+        self.mqtt: Any = None  # Home Assistant (guard/shell/mqtt.py), started in start()
         self.selector: selectors.BaseSelector = selectors.DefaultSelector()
         # The stream hold (design.md 5): relayed devices' TCP, when the rules intercept any.
         self.relay: Relay | None = None
@@ -224,8 +225,13 @@ class Daemon:
                                  password_hash=self.config.web_password_hash,
                                  allowed_hosts=self.config.web_hosts, tls=self.config.web_tls,
                                  state_dir=state_dir)
+            self.web.action_tokens = self.hooks.tokens  # ntfy buttons: POST /api/act
             self.web.start()
             log(f"web prompt on {self.web.url}")
+        if self.config.mqtt is not None:  # never blocks: connects in the background
+            from guard.shell.mqtt import start_bridge
+            self.mqtt = start_bridge(self.config, self.handle_request, self.hooks,
+                                     self.registry, log)
         # the control socket last: once `status` answers, everything is up
         self.control = ControlServer(self.config.socket, self.handle_request,
                                      group=self.config.socket_group)
@@ -524,6 +530,7 @@ class Daemon:
             ("control socket", self.control.stop if self.control is not None else None),
             ("web prompt", self.web.stop if self.web is not None else None),
             ("metrics", self.metrics_server.shutdown if self.metrics_server is not None else None),
+            ("mqtt", self.mqtt.stop if self.mqtt is not None else None),
             ("hooks", lambda: self.hooks.close(2.0)),
             ("relay", self._close_relay if self.relay is not None else None),
         ]
@@ -789,6 +796,8 @@ class Daemon:
             "errors": {**self.errors, "packet": stats.errors if stats else 0},
             "counters": dict(self.engine.counters),
             "hooks": self.hooks.stats(),
+            "actions": self.hooks.action_stats(),  # the ntfy buttons' tokens
+            "mqtt": self.mqtt.stats() if self.mqtt is not None else None,
             "metrics": self.metrics_server.url if self.metrics_server is not None else None,
             "tcp_hold": self.config.tcp_hold,
             "relay": self.relay.stats() if self.relay is not None else None,
