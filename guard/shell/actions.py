@@ -111,10 +111,12 @@ class ActionTokens:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
+            self._prune(self.clock())
             return {**self._stats, "live": len(self._live)}
 
     def __len__(self) -> int:
         with self._lock:
+            self._prune(self.clock())
             return len(self._live)
 
     # -- under the lock -------------------------------------------------------------------------

@@ -169,7 +169,7 @@ class Hooks:
         action_base: str | None = None,
     ) -> None:
         self.clock = clock
-        self.tokens = tokens if tokens is not None else ActionTokens()
+        self.tokens = tokens if tokens is not None else ActionTokens(clock=clock)
         self.action_base = action_base  # the web prompt as a phone reaches it, for ntfy buttons
         self._listeners: list[Callable[[str, Mapping[str, Any]], None]] = []
         self._lock = threading.Lock()
