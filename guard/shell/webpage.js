@@ -1,16 +1,33 @@
-// hushgate web prompt. Rules of this file: every piece of text from the server goes into the page
-// with textContent (host names come from the speaker: they are hostile text, never markup); every
-// POST carries the CSRF token and a same-origin Origin; the list updates itself once a second.
+// hushgate web page. Rules of this file: every piece of text from the server goes into the page
+// with textContent (host and device names can come from a speaker: hostile text, never markup);
+// every POST carries the CSRF token and a same-origin Origin; held uploads update once a second,
+// devices, rules and the log every few seconds and at once after a change.
 "use strict";
 
 const POLL_MS = 1000; // a held upload expires in ~20 s: a person must see it at once
-const LOG_EVERY = 5; // the decisions list is refreshed every 5th poll, and after each decision
+const SLOW_EVERY = 5; // devices, rules and the log: every 5th poll, and after each change
 const FETCH_TIMEOUT_MS = 8000;
+const LOG_LIMIT = 100;
 const KIND = { voice: "audio upload", unknown: "unknown upload" };
-const DENYING = new Set(["denied", "expired", "quiet", "capped", "lost"]);
+const DENYING = new Set(["denied", "expired", "quiet", "capped", "lost", "blocked"]);
+const ALLOW_FOR = [ // [label, data-action, seconds (null: until midnight), duration text]
+  ["10 min", "allow-10min", 600, "10m"],
+  ["30 min", "allow-30min", 1800, "30m"],
+  ["1 h", "allow-1h", 3600, "1h"],
+  ["Today", "allow-today", null, "today"],
+];
+const MUTE_FOR = [["1 h", 3600, "1h"], ["8 h", 28800, "8h"], ["24 h", 86400, "24h"],
+                  ["7 days", 604800, "7d"]];
+const MODES = [["strict", "strict: ask for every upload"],
+               ["followups", "follow-ups: first turn passes"],
+               ["monitor", "monitor: log only"], ["off", "off: not inspected"]];
+const RULE_KIND = { "allow-window": "Allow window", "mute": "Muted",
+                    "always-allow": "Always allow", "always-deny": "Always deny" };
+const OUTCOME_LABEL = { blocked: "blocked", quiet: "muted", window: "window", rule: "rule" };
 
 const state = { csrf: null, offset: 0, cards: new Map(), decided: new Set(), polls: 0,
-                timer: null, running: false, generation: 0 };
+                timer: null, running: false, generation: 0, panel: "panel-held",
+                devices: [], logSeq: 0, textTimer: null };
 
 function $(id) { return document.getElementById(id); }
 
@@ -19,6 +36,13 @@ function el(tag, cls, text) {
   if (cls) node.className = cls;
   if (text !== undefined && text !== null) node.textContent = String(text);
   return node;
+}
+
+function button(cls, text, action) {
+  const b = el("button", "btn " + cls, text);
+  b.type = "button";
+  if (action) b.dataset.action = action;
+  return b;
 }
 
 async function api(method, path, body) {
@@ -58,7 +82,25 @@ function fmtSeconds(s) {
   s = Math.max(0, Math.round(s));
   if (s < 90) return s + " s";
   if (s < 5400) return Math.round(s / 60) + " min";
-  return Math.round(s / 3600) + " h";
+  if (s < 172800) return Math.round(s / 3600) + " h";
+  return Math.round(s / 86400) + " days";
+}
+
+function fmtAgo(t) {
+  return typeof t === "number" ? fmtSeconds(serverNow() - t) + " ago" : "never";
+}
+
+function fmtClock(t) { // a server time as the phone's local clock ("14:05", or "Tue 14:05")
+  const d = new Date((t - state.offset) * 1000);
+  const hm = d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  const sameDay = d.toDateString() === new Date().toDateString();
+  return sameDay ? hm : d.toLocaleDateString([], { weekday: "short" }) + " " + hm;
+}
+
+function untilMidnight() { // "today": until the phone's local midnight, at least a minute
+  const now = new Date();
+  const midnight = new Date(now.getFullYear(), now.getMonth(), now.getDate() + 1);
+  return Math.max(60, Math.min(86400, Math.round((midnight - now) / 1000)));
 }
 
 function setConn(text, kind) { // kind: "live", "bad" or "" (neutral)
@@ -95,7 +137,31 @@ async function login(secret) {
   }
 }
 
-// -- the live list ----------------------------------------------------------------------------
+// -- sections (tabs on a phone, side by side on a wide screen) --------------------------------
+
+function showPanel(id) {
+  state.panel = id;
+  for (const tab of $("tabs").querySelectorAll("button")) {
+    const on = tab.dataset.panel === id;
+    tab.classList.toggle("active", on);
+    tab.setAttribute("aria-current", on ? "page" : "false");
+  }
+  for (const panel of document.querySelectorAll(".panel")) {
+    panel.classList.toggle("active", panel.id === id);
+  }
+  updateBanner();
+  refreshSlow();
+  window.scrollTo(0, 0);
+}
+
+function updateBanner() {
+  const n = state.cards.size;
+  const banner = $("held-banner");
+  banner.hidden = !(n > 0 && state.panel !== "panel-held");
+  banner.textContent = n === 1 ? "1 upload is held: answer it" : n + " uploads are held: answer";
+}
+
+// -- the live lists ---------------------------------------------------------------------------
 
 function showApp(csrf) {
   state.csrf = csrf;
@@ -122,8 +188,12 @@ async function tick(generation) {
   const current = () => state.running && generation === state.generation;
   if (!current()) return;
   await refreshPending();
-  if (current() && state.polls++ % LOG_EVERY === 0) await refreshLog();
+  if (current() && state.polls++ % SLOW_EVERY === 0) await refreshSlow();
   if (current()) state.timer = setTimeout(() => tick(generation), POLL_MS);
+}
+
+async function refreshSlow() {
+  await Promise.all([refreshDevices(), refreshRules(), refreshLog()]);
 }
 
 async function refreshPending() {
@@ -156,7 +226,9 @@ function renderPending(items) {
   const n = state.cards.size;
   $("empty").hidden = n > 0;
   $("count").textContent = n ? String(n) : "";
+  $("tab-count").textContent = n ? String(n) : "";
   document.title = n ? "(" + n + ") hushgate" : "hushgate";
+  updateBanner();
   if (added) {
     refreshLog();
     if (navigator.vibrate && navigator.userActivation && navigator.userActivation.hasBeenActive) {
@@ -179,23 +251,36 @@ function makeCard(item) {
   const fill = el("div", "bar-fill");
   bar.appendChild(fill);
   const left = el("div", "left");
-  const buttons = el("div", "buttons");
-  const once = el("button", "btn allow", "Allow once");
-  const window30 = el("button", "btn window", "Allow 30 min");
-  const deny = el("button", "btn deny", "Deny");
-  for (const b of [once, window30, deny]) b.type = "button";
-  once.dataset.action = "allow-once";
-  window30.dataset.action = "allow-30min";
-  deny.dataset.action = "deny";
-  buttons.append(once, window30, deny);
+  const once = button("allow", "Allow once", "allow-once");
+  const deny = button("deny", "Deny", "deny");
+  const main = el("div", "buttons two");
+  main.append(once, deny);
+  const forLabel = el("div", "row-label", "Allow this device for");
+  const forRow = el("div", "buttons four");
+  const all = [once, deny];
+  const card = { root, device, kind, host, remote, facts, fill, left, buttons: all, item };
+  for (const [label, action, seconds, text] of ALLOW_FOR) {
+    const b = button("window", label, action);
+    b.addEventListener("click", () => decide(card, "allow", "for", seconds ?? untilMidnight(),
+                                             text));
+    forRow.append(b);
+    all.push(b);
+  }
+  const alwaysLabel = el("div", "row-label", "Always, for this device and host");
+  const always = el("div", "buttons two");
+  const allowAlways = button("allow ghost", "Always allow", "allow-always");
+  const denyAlways = button("deny ghost", "Always deny", "deny-always");
+  always.append(allowAlways, denyAlways);
+  all.push(allowAlways, denyAlways);
   const error = el("p", "error");
   error.setAttribute("role", "alert");
-  root.append(head, host, remote, facts, bar, left, buttons, error);
-  const card = { root, device, kind, host, remote, facts, fill, left, error,
-                 buttons: [once, window30, deny], item };
+  root.append(head, host, remote, facts, bar, left, main, forLabel, forRow, alwaysLabel, always,
+              error);
+  card.error = error;
   once.addEventListener("click", () => decide(card, "allow", "once", null));
-  window30.addEventListener("click", () => decide(card, "allow", "for", 1800));
   deny.addEventListener("click", () => decide(card, "deny", "once", null));
+  allowAlways.addEventListener("click", () => decide(card, "allow", "always", null));
+  denyAlways.addEventListener("click", () => decide(card, "deny", "always", null));
   return card;
 }
 
@@ -221,17 +306,19 @@ function updateCard(card, item) {
   }
 }
 
-async function decide(card, verb, scope, duration) {
+async function decide(card, verb, scope, duration, durationText) {
   for (const b of card.buttons) b.disabled = true;
   card.error.textContent = "";
   const id = card.item.id;
-  const r = await api("POST", "/api/decide", { id, verb, scope, duration_s: duration });
+  const body = { id, verb, scope, duration_s: duration };
+  if (durationText) body.duration_text = durationText;
+  const r = await api("POST", "/api/decide", body);
   if (r.ok) {
     state.decided.add(id);
     card.root.remove();
     state.cards.delete(id);
     renderPending([...state.cards.values()].map((c) => c.item));
-    refreshLog();
+    refreshSlow();
     return;
   }
   if (r.status === 401) { showLogin("Signed out. Sign in again."); return; }
@@ -239,24 +326,221 @@ async function decide(card, verb, scope, duration) {
   for (const b of card.buttons) b.disabled = false;
 }
 
+// -- devices ----------------------------------------------------------------------------------
+
+async function refreshDevices() {
+  const r = await api("GET", "/api/devices");
+  if (!r.ok || !Array.isArray(r.data.devices)) return;
+  state.devices = r.data.devices.filter((d) => typeof d.name === "string");
+  const list = $("devices");
+  const open = document.activeElement && list.contains(document.activeElement);
+  if (open) return; // a select is open on this list: the next refresh redraws it
+  list.replaceChildren(...state.devices.map(deviceCard));
+  $("devices-empty").hidden = state.devices.length > 0;
+  fillDeviceFilter();
+}
+
+function deviceCard(d) {
+  const root = el("li", "card device-card");
+  root.dataset.device = d.name;
+  const head = el("div", "head");
+  head.append(el("span", "device", d.name));
+  const badge = el("span", d.online ? "badge online" : "badge", d.online ? "online" : "offline");
+  head.append(badge);
+  root.append(head);
+  const facts = [];
+  facts.push("last upload " + fmtAgo(d.last_upload));
+  if (typeof d.pending === "number") facts.push(d.pending + " held now");
+  if (typeof d.uploads === "number") facts.push(d.uploads + " uploads logged");
+  root.append(el("div", "facts", facts.join(" \u00b7 ")));
+
+  const counts = el("div", "counts");
+  const c = d.counts_24h && typeof d.counts_24h === "object" ? d.counts_24h : {};
+  const names = Object.keys(c).filter((k) => c[k] > 0).sort();
+  if (!names.length) counts.append(el("span", "chip", "nothing in 24 h"));
+  for (const k of names) {
+    const chip = el("span", DENYING.has(k) ? "chip denied" : "chip allowed",
+                    (OUTCOME_LABEL[k] || k) + " " + c[k]);
+    chip.dataset.outcome = k;
+    counts.append(chip);
+  }
+  root.append(el("div", "row-label", "Last 24 h"), counts);
+
+  const modeRow = el("label", "mode-row");
+  modeRow.append(el("span", "row-label", "Mode"));
+  const select = el("select", "mode");
+  for (const [value, label] of MODES) {
+    const o = el("option", null, label);
+    o.value = value;
+    select.append(o);
+  }
+  if (d.mode_overridden && d.configured_mode) {
+    const o = el("option", null, "back to the config file (" + d.configured_mode + ")");
+    o.value = "config";
+    select.append(o);
+  }
+  select.value = d.mode || "strict";
+  select.addEventListener("change", () => manage(root, "/api/mode",
+                                                 { device: d.name, mode: select.value }));
+  modeRow.append(select);
+  root.append(modeRow);
+
+  const mute = el("div", "mute-row");
+  const now = serverNow();
+  if (typeof d.mute_until === "number" && d.mute_until > now) {
+    const until = el("span", "muted-until",
+                     "Muted until " + fmtClock(d.mute_until) + " (" +
+                     fmtSeconds(d.mute_until - now) + " left)");
+    const un = button("allow", "Unmute", "unmute");
+    un.addEventListener("click", () => manage(root, "/api/unmute", { device: d.name }));
+    mute.append(until, un);
+    root.classList.add("muted");
+  } else {
+    const pick = el("select", "mute-for");
+    for (const [label, seconds, text] of MUTE_FOR) {
+      const o = el("option", null, label);
+      o.value = String(seconds);
+      o.dataset.text = text;
+      pick.append(o);
+    }
+    const go = button("deny", "Mute", "mute");
+    go.addEventListener("click", () => {
+      const o = pick.options[pick.selectedIndex];
+      manage(root, "/api/mute", { device: d.name, duration_s: Number(o.value),
+                                  duration_text: o.dataset.text });
+    });
+    mute.append(el("span", "row-label", "Mute for"), pick, go);
+  }
+  root.append(mute);
+  const error = el("p", "error");
+  error.setAttribute("role", "alert");
+  root.append(error);
+  return root;
+}
+
+async function manage(root, path, body) {
+  const controls = root.querySelectorAll("button, select");
+  for (const c of controls) c.disabled = true;
+  const error = root.querySelector(".error");
+  if (error) error.textContent = "";
+  const r = await api("POST", path, body);
+  if (r.status === 401) { showLogin("Signed out. Sign in again."); return; }
+  if (!r.ok) {
+    if (error) error.textContent = r.data.error || "Could not change it.";
+    for (const c of controls) c.disabled = false;
+  }
+  if (document.activeElement && root.contains(document.activeElement)) {
+    document.activeElement.blur(); // let the refresh redraw this card
+  }
+  await refreshSlow();
+  if (!r.ok && error && error.isConnected) error.textContent = r.data.error || "";
+}
+
+// -- windows, mutes and always-rules ----------------------------------------------------------
+
+async function refreshRules() {
+  const r = await api("GET", "/api/rules");
+  if (!r.ok || !Array.isArray(r.data.rules)) return;
+  const now = serverNow();
+  const items = [];
+  for (const rule of r.data.rules) {
+    if (typeof rule.id !== "string") continue;
+    const li = el("li", "rule " + (rule.kind || ""));
+    li.dataset.id = rule.id;
+    li.dataset.kind = rule.kind || "";
+    const text = el("div", "what");
+    text.append(el("span", "badge kind-" + (rule.kind || "other"),
+                   RULE_KIND[rule.kind] || rule.kind || "?"));
+    text.append(el("span", "device", rule.device || "?"));
+    const scope = rule.host || (rule.category ? rule.category + " uploads" : "every upload");
+    text.append(el("span", "host", scope));
+    let when;
+    if (typeof rule.until === "number") {
+      when = "until " + fmtClock(rule.until) + " \u00b7 " + fmtSeconds(rule.until - now) +
+        " left" + (rule.duration_text ? " of " + rule.duration_text : "");
+    } else {
+      when = "until revoked";
+    }
+    text.append(el("span", "when", [when, rule.source ? "by " + rule.source : ""]
+      .filter(Boolean).join(" \u00b7 ")));
+    const revoke = button("deny small", "Revoke", "revoke");
+    revoke.addEventListener("click", () => manage(li, "/api/revoke", { id: rule.id }));
+    const error = el("p", "error");
+    error.setAttribute("role", "alert");
+    li.append(text, revoke, error);
+    items.push(li);
+  }
+  $("rules").replaceChildren(...items);
+  $("rules-empty").hidden = items.length > 0;
+  $("rules-count").textContent = items.length ? String(items.length) : "";
+}
+
+// -- the log ----------------------------------------------------------------------------------
+
+function fillDeviceFilter() {
+  const select = $("f-device");
+  const have = [...select.options].map((o) => o.value).slice(1).join("\n");
+  const want = state.devices.map((d) => d.name);
+  if (have === want.join("\n")) return;
+  const chosen = select.value;
+  const options = [el("option", null, "all")];
+  options[0].value = "";
+  for (const name of want) {
+    const o = el("option", null, name);
+    o.value = name;
+    options.push(o);
+  }
+  select.replaceChildren(...options);
+  select.value = want.includes(chosen) ? chosen : "";
+}
+
+function logQuery() {
+  const q = new URLSearchParams();
+  q.set("limit", String(LOG_LIMIT));
+  if ($("f-device").value) q.set("device", $("f-device").value);
+  if ($("f-outcome").value) q.set("outcome", $("f-outcome").value);
+  const range = Number($("f-range").value);
+  if (range > 0) q.set("since", String(Math.floor(serverNow() - range)));
+  const text = $("f-text").value.trim();
+  if (text) q.set("text", text);
+  return q.toString();
+}
+
 async function refreshLog() {
-  const r = await api("GET", "/api/log");
+  const seq = ++state.logSeq; // an older answer that returns late is dropped
+  const r = await api("GET", "/api/log?" + logQuery());
+  if (seq !== state.logSeq) return;
+  if (r.status === 400) { $("log-error").textContent = r.data.error || "bad filter"; return; }
   if (!r.ok || !Array.isArray(r.data.log)) return;
-  const list = $("log");
+  $("log-error").textContent = "";
   const items = [];
   const now = serverNow();
   for (const rec of r.data.log) {
     const li = el("li", DENYING.has(rec.outcome) ? "entry denied" : "entry allowed");
-    li.append(el("span", "outcome", rec.outcome || "?"));
+    li.dataset.outcome = rec.outcome || "";
+    li.append(el("span", "outcome", OUTCOME_LABEL[rec.outcome] || rec.outcome || "?"));
     li.append(el("span", "device", rec.device || "?"));
     li.append(el("span", "host", rec.host || rec.remote || "?"));
+    let size;
+    if (rec.outcome === "blocked" || rec.kind === "blocked") {
+      const n = typeof rec.attempts === "number" ? rec.attempts : 1;
+      size = (rec.category || "messaging") + " connection refused" +
+        (n > 1 ? " \u00d7" + n : "") + (rec.reason ? " \u00b7 " + rec.reason : "");
+    } else {
+      size = fmtBytes(rec.bytes) + (typeof rec.packets === "number" ? " \u00b7 " +
+        rec.packets + " packets" : "") + (rec.category ? " \u00b7 " + rec.category : "");
+    }
+    li.append(el("span", "size", size));
     const when = typeof rec.decided_at === "number" ? fmtSeconds(now - rec.decided_at) + " ago"
                                                     : "";
     li.append(el("span", "when", [when, rec.decided_by ? "by " + rec.decided_by : ""]
       .filter(Boolean).join(" \u00b7 ")));
     items.push(li);
   }
-  list.replaceChildren(...items);
+  $("log").replaceChildren(...items);
+  const filtered = Boolean($("f-device").value || $("f-outcome").value ||
+                           $("f-text").value.trim());
+  $("log-empty").textContent = filtered ? "Nothing matches these filters." : "No decisions yet.";
   $("log-empty").hidden = items.length > 0;
 }
 
@@ -270,6 +554,18 @@ async function start() {
   $("logout").addEventListener("click", async () => {
     await api("POST", "/api/logout", {});
     showLogin("");
+  });
+  for (const tab of $("tabs").querySelectorAll("button")) {
+    tab.addEventListener("click", () => showPanel(tab.dataset.panel));
+  }
+  $("held-banner").addEventListener("click", () => showPanel("panel-held"));
+  $("filters").addEventListener("submit", (ev) => { ev.preventDefault(); refreshLog(); });
+  for (const id of ["f-device", "f-outcome", "f-range"]) {
+    $(id).addEventListener("change", () => refreshLog());
+  }
+  $("f-text").addEventListener("input", () => {
+    clearTimeout(state.textTimer);
+    state.textTimer = setTimeout(refreshLog, 300);
   });
   // A link like https://router:8787/#token=... signs in at once; the token leaves the address
   // bar (and this history entry) immediately, and never reaches the server in a URL.
