@@ -442,7 +442,8 @@ def test_devices_discover_prints_a_config_snippet(tmp_path: Path) -> None:
                  "--no-neigh")
     assert result.exit_code == 0, result.output
     assert_inert(result.stdout)
-    assert "5 speaker(s)" in result.stdout
+    assert "5 host(s) of speaker vendors" in result.stdout  # all proposed: none is a non-speaker
+    assert "3 speaker(s), 2 possible speaker(s), 0 other device(s)" in result.stdout
     assert "laptop" not in result.stdout and "02:00:5e:10:00:10" not in result.stdout
     snippet = result.stdout[result.stdout.index("[[device]]"):]
     devices = tomllib.loads(snippet)["device"]

@@ -7,17 +7,20 @@ import pytest
 from guard.core.engine import (
     BurstReleased,
     Discard,
+    Engine,
     FlowBlocked,
     FlowEvent,
     FlowState,
     IllegalTransition,
     MarkFlow,
     Release,
+    ReserveUploadIds,
     Reset,
     UnknownUpload,
     Unreachable,
     UploadDecided,
     UploadHeld,
+    UploadIds,
     UploadSeen,
     Verdict,
 )
@@ -777,3 +780,70 @@ def test_address_only_device_is_known_by_its_mac_once_seen_ipv6_included() -> No
     # and a host claiming the speaker's IPv4 address from another MAC is somebody else
     spoof = Conn(eng, sport=41001, mac="02:00:00:00:00:02")
     assert spoof.up(233, T0 + 2)[0] is Verdict.ACCEPT
+
+
+# -- upload ids: allocated in the core, durable in blocks the shell reserves ------------------
+
+
+def _engine(**kwargs: object) -> Engine:
+    base = engine()
+    return Engine(base.config, base.rules, **kwargs)  # type: ignore[arg-type]
+
+
+def _uploads(eng, count: int, first_port: int = 41000) -> list[object]:
+    """`count` uploads on new connections, one after another; the actions in order."""
+    actions: list[object] = []
+    for k in range(count):
+        start_burst(Conn(eng, sport=first_port + k), T0 + k * 10.0)
+        actions += eng.take_actions()
+    return actions
+
+
+def test_upload_ids_start_at_the_floor_and_nothing_is_reserved_without_a_block() -> None:
+    eng = _engine(next_upload_id=41)
+    actions = _uploads(eng, 3)
+    assert [a.upload["id"] for a in of(actions, UploadHeld)] == [41, 42, 43]
+    assert not of(actions, ReserveUploadIds)
+    assert eng.next_upload_id == 44
+
+
+def test_each_id_is_reserved_ahead_of_the_fact_that_announces_it() -> None:
+    eng = _engine(next_upload_id=7, id_block=4)
+    first = eng.take_actions()
+    assert first == [ReserveUploadIds(10)]  # 7..10, asked for at start
+    reserved = 10
+    actions = _uploads(eng, 9)
+    ids = []
+    for action in actions:
+        if isinstance(action, ReserveUploadIds):
+            assert action.through > reserved
+            reserved = action.through
+        elif isinstance(action, UploadHeld):
+            assert action.upload["id"] <= reserved  # durable before it is announced
+            ids.append(action.upload["id"])
+    assert ids == list(range(7, 16))
+    # the next block while half of the current one is left: one durable write per block
+    assert [a.through for a in of(actions, ReserveUploadIds)] == [14, 18]
+
+
+def test_ids_stay_unique_across_a_restart_from_the_reserved_mark() -> None:
+    eng = _engine(next_upload_id=1, id_block=8)
+    actions = eng.take_actions() + _uploads(eng, 5)
+    mark = max(a.through for a in of(actions, ReserveUploadIds))  # what the store kept
+    before = {a.upload["id"] for a in of(actions, UploadHeld)}
+    again = _engine(next_upload_id=mark + 1, id_block=8)
+    after = {a.upload["id"] for a in of(again.take_actions() + _uploads(again, 5), UploadHeld)}
+    assert before and after and not before & after and min(after) > max(before)
+
+
+def test_an_id_source_still_works_and_the_core_counts_past_it() -> None:
+    handed = iter((100, 200))
+    eng = _engine(id_source=lambda: next(handed))
+    assert [a.upload["id"] for a in of(_uploads(eng, 2), UploadHeld)] == [100, 200]
+    assert eng.next_upload_id == 201
+
+
+@pytest.mark.parametrize("floor,block", [(0, None), (1, 1), (-5, 8)])
+def test_upload_ids_refuse_a_bad_floor_or_block(floor: int, block: int | None) -> None:
+    with pytest.raises(ValueError):
+        UploadIds(floor, block)

@@ -38,6 +38,7 @@ from guard.core.engine import (
     MacLearned,
     MarkFlow,
     Release,
+    ReserveUploadIds,
     Reset,
     StreamBytes,
     UnknownUpload,
@@ -158,8 +159,9 @@ class Daemon:
 
     def _engine(self) -> Engine:
         now = time.time()
-        engine = Engine(self.config, self.rules, id_source=self.store.next_upload_id,
-                        forget_closed=True,
+        # upload ids come from the engine, made durable 16 at a time (ReserveUploadIds)
+        engine = Engine(self.config, self.rules, next_upload_id=self.store.last_upload_id() + 1,
+                        id_block=16, forget_closed=True,
                         reset_midstream=self.config.reset_midstream)
         self._load_standing(engine, now)
         lost = self.store.lost_pending()
@@ -691,6 +693,8 @@ class Daemon:
                                              "reason": action.reason})
         elif isinstance(action, MacLearned):
             self._learn_mac(action.device, action.mac)
+        elif isinstance(action, ReserveUploadIds):
+            self.store.reserve_upload_ids(action.through)
         elif isinstance(action, (UploadEnded, HeldCapHit)):
             pass
 

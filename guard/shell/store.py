@@ -515,6 +515,13 @@ class Store:
     def last_upload_id(self) -> int:
         return int(self._query("SELECT last FROM upload_seq WHERE one = 1")[0][0])
 
+    def reserve_upload_ids(self, through: int) -> None:
+        """Upload ids up to `through` are taken (the engine hands them out, guard/core/engine.py
+        `UploadIds`): durable before this returns; the sequence never goes back, and the next
+        start (and `next_upload_id`) begins after them."""
+        with self._tx() as c:
+            c.execute("UPDATE upload_seq SET last = MAX(last, ?) WHERE one = 1", (int(through),))
+
     # -- always-rules ------------------------------------------------------------------------------
 
     def add_rule(

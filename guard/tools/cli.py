@@ -505,7 +505,7 @@ def devices_discover(as_json: bool, leases: tuple[str, ...], neigh: bool,
     """Find speakers on the LAN (vendor MAC OUIs in DHCP leases and the neighbour table) and
     print [[device]] tables to paste into the config. Needs no running guard."""
     from guard.core.ruleset import RuleError, load_rules
-    from guard.tools.discover import find_speakers, read_sources, toml_snippet
+    from guard.tools.discover import find_speakers, read_sources, report
 
     try:
         rules = load_rules([rules_dir] if rules_dir else [])
@@ -514,23 +514,11 @@ def devices_discover(as_json: bool, leases: tuple[str, ...], neigh: bool,
         fail(str(exc))
     except OSError as exc:
         fail(f"{printable(exc.filename)}: {exc.strerror or exc}")
-    found = find_speakers(sightings, rules.vendor_for_mac)
+    found = find_speakers(sightings, rules.vendor_for_mac, rules.kind_for_hostname)
     if as_json:
         emit_json([f.as_dict() for f in found])
         return
-    where = ", ".join(printable(r, 60) for r in read) or "nothing (no lease file, no neighbours)"
-    if not found:
-        hosts = len({s.mac for s in sightings})
-        click.echo(f"no speakers among {hosts} hosts in {where}")
-        return
-    click.echo(f"{len(found)} speaker(s) in {where}:\n")
-    click.echo(table(
-        ["MAC", "VENDOR", "ADDRESS", "HOSTNAME"],
-        [[f.mac, f.vendor, printable(", ".join(f.addresses), 40), printable(f.hostname, 32)]
-         for f in found],
-    ))
-    click.echo("\n# Paste into the config (mode: strict | followups | monitor | off):\n")
-    click.echo(toml_snippet(found), nl=False)
+    click.echo(report(found, read, len({s.mac for s in sightings})), nl=False)
 
 
 @main.command(short_help="Connections of the configured devices.")
