@@ -991,3 +991,163 @@ def test_browser_shows_a_hostile_host_name_as_inert_text(
         _click(driver, 11, "deny")
         wait_for(lambda: fake.decisions(), "the deny to reach the handler")
         assert fake.decisions()[0]["id"] == 11 and fake.decisions()[0]["verb"] == "deny"
+
+
+def _stateful(fake: FakeGuard) -> None:
+    """The fake's management commands change what its listings show, as the daemon's do."""
+    dev = fake.devices[0]
+
+    def mute(r: dict[str, Any]) -> dict[str, Any]:
+        dev["mute_until"] = time.time() + r["duration_s"]
+        fake.rules.append({"id": "w9", "kind": "mute", "device": r["device"], "host": None,
+                           "category": None, "created": time.time(),
+                           "until": dev["mute_until"], "duration_text": r.get("duration_text"),
+                           "source": r["by"]})
+        return {"id": "w9", "device": r["device"], "kind": "quiet", "until": dev["mute_until"]}
+
+    def unmute(r: dict[str, Any]) -> dict[str, Any]:
+        dev["mute_until"] = None
+        fake.rules[:] = [x for x in fake.rules if x["kind"] != "mute"]
+        return {"device": r["device"], "revoked": ["w9"]}
+
+    def revoke(r: dict[str, Any]) -> dict[str, Any]:
+        gone = next(x for x in fake.rules if x["id"] == r["id"])
+        fake.rules.remove(gone)
+        return gone
+
+    def mode(r: dict[str, Any]) -> dict[str, Any]:
+        dev["mode"] = r["mode"]
+        return {"device": r["device"], "mode": r["mode"], "configured": "strict",
+                "overridden": True}
+
+    fake.manage_replies.update(window=mute, unmute=unmute, revoke=revoke, mode=mode)
+
+
+def _tab(driver: Any, name: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.ID, f"tab-{name}").click()
+    wait_for(lambda: _visible(driver, f"panel-{name}"), f"the {name} section")
+
+
+def _device_card(driver: Any, name: str) -> Any:
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    try:
+        cards = driver.find_elements(By.CSS_SELECTOR, f'li.device-card[data-device="{name}"]')
+        return cards[0] if cards and cards[0].is_displayed() else None
+    except StaleElementReferenceException:
+        return None
+
+
+def _device_text(driver: Any, name: str) -> str:
+    return driver.execute_script(
+        "const e = document.querySelector(`li.device-card[data-device=\"${arguments[0]}\"]`);"
+        "return e ? e.textContent : ''", name)
+
+
+def _press(driver: Any, root_css: str, action: str) -> None:
+    """Click the `action` button inside the element `root_css` (found afresh: lists redraw)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    def go() -> bool:
+        try:
+            driver.find_element(By.CSS_SELECTOR,
+                                f'{root_css} button[data-action="{action}"]').click()
+            return True
+        except (StaleElementReferenceException, Exception):  # noqa: BLE001 - redrawn: retry
+            return False
+
+    wait_for(go, f"the {action} button in {root_css}")
+
+
+def test_browser_manages_devices_rules_and_the_log_on_a_phone(
+        tmp_path: Path, fake: FakeGuard, prompt: WebPrompt, token: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    _stateful(fake)
+    fake.pending.clear()
+    fake.logged(20, "blocked", "kitchen-echo", "dp-gw-na.amazon.com", 30, "rule")
+    with chromium(tmp_path, width=390, height=844) as driver:
+        _sign_in(driver, prompt.url, token)
+        # a phone shows one section at a time, the tabs at the bottom within thumb reach
+        assert _visible(driver, "panel-devices") is None and _visible(driver, "tabs")
+        tabs = driver.find_element(By.ID, "tabs").rect
+        assert tabs["y"] + tabs["height"] >= 844 - 2 and tabs["height"] >= 52, tabs
+        assert driver.execute_script("return document.documentElement.scrollWidth") <= 390
+        # an upload held while another tab shows: a banner says so
+        _tab(driver, "devices")
+        fake.add(7)
+        banner = wait_for(lambda: _visible(driver, "held-banner"), "the held banner")
+        assert "held" in banner.text
+        card = wait_for(lambda: _device_card(driver, "kitchen-echo"), "the device card")
+        assert "online" in card.text and "approved 4" in card.text and "blocked 3" in card.text
+        _press(driver, 'li.device-card[data-device="kitchen-echo"]', "mute")
+        wait_for(lambda: fake.manage(), "the mute")
+        assert fake.manage()[-1] == {"cmd": "window", "device": "kitchen-echo", "kind": "quiet",
+                                     "duration_s": 3600.0, "duration_text": "1h", "by": "web"}
+        wait_for(lambda: "Muted until" in _device_text(driver, "kitchen-echo"),
+                 "the muted-until line")
+        _press(driver, 'li.device-card[data-device="kitchen-echo"]', "unmute")
+        wait_for(lambda: fake.manage()[-1]["cmd"] == "unmute", "the unmute")
+        wait_for(lambda: "Mute for" in _device_text(driver, "kitchen-echo")
+                 and "Muted until" not in _device_text(driver, "kitchen-echo"),
+                 "the mute to be lifted on the page")
+        select = Select(_device_card(driver, "kitchen-echo").find_element(By.CSS_SELECTOR,
+                                                                         "select.mode"))
+        select.select_by_value("monitor")
+        wait_for(lambda: fake.manage()[-1]["cmd"] == "mode", "the mode change")
+        assert fake.manage()[-1] == {"cmd": "mode", "device": "kitchen-echo",
+                                     "mode": "monitor", "by": "web"}
+        # rules: the always-rule is listed and revoked
+        _tab(driver, "rules")
+        wait_for(lambda: _texts(driver, '#rules li[data-id="r3"]'), "the always-rule")
+        assert BOB in _texts(driver, '#rules li[data-id="r3"]')[0]
+        _press(driver, '#rules li[data-id="r3"]', "revoke")
+        wait_for(lambda: fake.manage()[-1] == {"cmd": "revoke", "id": "r3", "by": "web"},
+                 "the revoke")
+        wait_for(lambda: not _texts(driver, '#rules li[data-id="r3"]')
+                 and _visible(driver, "rules-empty"), "the revoked rule to leave the list")
+        # the log, filtered to blocked messaging
+        _tab(driver, "log")
+        Select(driver.find_element(By.ID, "f-outcome")).select_by_value("blocked")
+        wait_for(lambda: [r for r, _ in fake.requests if r.get("cmd") == "log"
+                          and r.get("outcome") == "blocked"], "the filtered log request")
+        wait_for(lambda: _texts(driver, "#log .outcome") == ["blocked"], "only blocked entries")
+        assert "connection refused" in _texts(driver, "#log .size")[0]
+        driver.find_element(By.ID, "f-text").send_keys("dp-gw")
+        wait_for(lambda: [r for r, _ in fake.requests if r.get("text") == "dp-gw"],
+                 "the text filter")
+        # back to the held upload: answered "always allow" from its card
+        driver.find_element(By.ID, "held-banner").click()
+        _click(driver, 7, "allow-always")
+        wait_for(lambda: fake.decisions(), "the always-allow")
+        assert fake.decisions()[-1] == {"cmd": "decide", "id": 7, "verb": "allow",
+                                        "scope": "always", "duration_s": None, "by": "web"}
+        fake.add(8)
+        _click(driver, 8, "allow-10min")
+        wait_for(lambda: len(fake.decisions()) == 2, "the 10 min allow")
+        assert fake.decisions()[-1]["duration_s"] == 600.0
+        assert fake.decisions()[-1]["duration_text"] == "10m"
+        fake.add(9)
+        _click(driver, 9, "deny-always")
+        wait_for(lambda: len(fake.decisions()) == 3, "the always-deny")
+        assert fake.decisions()[-1]["scope"] == "always"
+        assert fake.decisions()[-1]["verb"] == "deny"
+        assert _csp_errors(driver) == []
+
+
+def test_browser_on_a_wide_screen_shows_every_section_at_once(
+        tmp_path: Path, fake: FakeGuard, prompt: WebPrompt, token: str) -> None:
+    with chromium(tmp_path, width=1280, height=800, scale=1.0) as driver:
+        _sign_in(driver, prompt.url, token)
+        for panel in ("held", "devices", "rules", "log"):
+            wait_for(lambda p=panel: _visible(driver, f"panel-{p}"), f"the {panel} section")
+        assert _visible(driver, "tabs") is None
+        left = driver.find_element("id", "panel-held").rect
+        right = driver.find_element("id", "panel-rules").rect
+        assert right["x"] > left["x"] + left["width"] - 1, (left, right)
+        wait_for(lambda: _device_card(driver, "kitchen-echo"), "the device card")
