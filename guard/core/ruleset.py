@@ -26,6 +26,19 @@ File format (`schema = 1`)::
     category = "voice"         # only "voice": a hint labels, it never allows nor blocks
     source = "..."
 
+    [[device_kind]]            # what kind of device a host of the file's vendor is, by evidence
+    kind = "phone"             # speaker | phone | tablet | e-reader | tv | router | computer
+                               # | non-speaker (any kind but a speaker)
+    hostname = "pixel-*"       # either: the host name it gives in DHCP (a glob: `*` is any
+                               # run of characters; letters, digits, . _ - ; case-insensitive)
+    dns = "play.googleapis.com"  # or: a name it looks up that speakers do not (a host pattern)
+    source = "..."
+
+    A file without `vendor` holds kinds for hosts of any vendor. `devices discover` and
+    `analyze` use them to tell speakers from the vendors' other devices: a host name or a lookup
+    that says "phone" is never proposed as a speaker. The most specific glob wins (more literal
+    characters), and a vendor's own entry beats a vendor-less one.
+
 No other keys are accepted. In one file, or in two files of one directory, an entry may appear
 once (same normalised pattern, OUI or network). A later directory replaces the entries of an
 earlier one with the same key and adds the others; the built-in directory comes first. A file
@@ -127,6 +140,58 @@ class AddressHint:
     vendor: str | None = None
     file: str = ""
     line: int = 0
+
+
+class DeviceKind(str, Enum):
+    """What a LAN host is, as far as the guard's proposals care."""
+
+    SPEAKER = "speaker"
+    PHONE = "phone"
+    TABLET = "tablet"
+    E_READER = "e-reader"
+    TV = "tv"
+    ROUTER = "router"
+    COMPUTER = "computer"
+    NON_SPEAKER = "non-speaker"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceKindRule:
+    """One `[[device_kind]]` entry: `hostname` (a lower-case glob) or `dns` (a host pattern)."""
+
+    kind: DeviceKind
+    source: str
+    hostname: str | None = None
+    dns: str | None = None
+    vendor: str | None = None
+    file: str = ""
+    line: int = 0
+
+    @property
+    def evidence(self) -> str:
+        return f"host name {self.hostname}" if self.hostname else f"looks up {self.dns}"
+
+
+_HOSTNAME_GLOB = re.compile(r"[a-z0-9_.*-]+")
+_MAX_HOSTNAME_GLOB = 63
+
+
+def normalize_hostname_glob(glob: str) -> str:
+    """Check a `[[device_kind]] hostname` glob; return it lower-cased. ValueError says why."""
+    if not isinstance(glob, str) or not glob:
+        raise ValueError("empty hostname glob")
+    norm = glob.lower()
+    if not norm.isascii() or not _HOSTNAME_GLOB.fullmatch(norm):
+        raise ValueError(f"hostname glob {glob!r} may hold only a-z 0-9 . _ - and *")
+    if len(norm) > _MAX_HOSTNAME_GLOB:
+        raise ValueError(f"hostname glob {glob!r} is longer than {_MAX_HOSTNAME_GLOB} characters")
+    if len(norm.replace("*", "")) < 3:
+        raise ValueError(f"hostname glob {glob!r} needs at least 3 literal characters")
+    return norm
+
+
+def _glob_regex(glob: str) -> re.Pattern[str]:
+    return re.compile(".*".join(re.escape(piece) for piece in glob.split("*")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +305,7 @@ class RuleSet:
     hosts: tuple[HostRule, ...] = ()
     ouis: tuple[OuiRule, ...] = ()
     hints: tuple[AddressHint, ...] = ()
+    kinds: tuple[DeviceKindRule, ...] = ()
     # Indexes built in __post_init__: exact names, wildcard buckets keyed by anchor, OUIs.
     _exact: Mapping[str, HostRule] = field(
         default_factory=_empty, init=False, repr=False, compare=False
@@ -253,6 +319,13 @@ class RuleSet:
     # (version, prefix length) -> network address as int -> hint; lengths longest first.
     _nets: tuple[tuple[int, int, Mapping[int, AddressHint]], ...] = field(
         default=(), init=False, repr=False, compare=False
+    )
+    # [[device_kind]] by hostname glob, most specific first; by looked-up name, as a RuleSet.
+    _kind_globs: tuple[tuple[re.Pattern[str], DeviceKindRule], ...] = field(
+        default=(), init=False, repr=False, compare=False
+    )
+    _kind_dns: Mapping[str, tuple[DeviceKindRule, ...]] = field(
+        default_factory=_empty, init=False, repr=False, compare=False
     )
 
     def __post_init__(self) -> None:
@@ -300,6 +373,28 @@ class RuleSet:
         object.__setattr__(self, "_by_anchor", MappingProxyType(buckets))
         object.__setattr__(self, "_oui", MappingProxyType(oui))
         object.__setattr__(self, "_nets", ordered)
+        normal_kinds: list[DeviceKindRule] = []
+        globs: list[tuple[re.Pattern[str], DeviceKindRule]] = []
+        by_dns: dict[str, list[DeviceKindRule]] = {}
+        for k in self.kinds:
+            if (k.hostname is None) == (k.dns is None):
+                raise ValueError("a device kind needs exactly one of hostname, dns")
+            if k.hostname is not None:
+                k = dataclasses.replace(k, hostname=normalize_hostname_glob(k.hostname))
+                assert k.hostname is not None
+                globs.append((_glob_regex(k.hostname), k))
+            else:
+                assert k.dns is not None
+                k = dataclasses.replace(k, dns=normalize_pattern(k.dns))
+                assert k.dns is not None
+                by_dns.setdefault(k.dns, []).append(k)
+            normal_kinds.append(k)
+        object.__setattr__(self, "kinds", tuple(normal_kinds))
+        globs.sort(key=lambda g: (-len(g[1].hostname.replace("*", "")),  # type: ignore[union-attr]
+                                  g[1].hostname))
+        object.__setattr__(self, "_kind_globs", tuple(globs))
+        object.__setattr__(self, "_kind_dns",
+                           MappingProxyType({p: tuple(v) for p, v in by_dns.items()}))
 
     # -- host names --------------------------------------------------------------------------
 
@@ -366,6 +461,37 @@ class RuleSet:
         rule = self.match_mac(mac)
         return rule.vendor if rule is not None else None
 
+    # -- device kinds ------------------------------------------------------------------------
+
+    def kind_for_hostname(self, hostname: str | None, vendor: str | None) -> DeviceKindRule | None:
+        """The `[[device_kind]]` a DHCP host name says, for a host of `vendor` (its own
+        vendor's entries first, then vendor-less ones), or None. Never raises."""
+        if not isinstance(hostname, str) or not hostname or len(hostname) > 255:
+            return None
+        name = hostname.lower()
+        if not name.isascii():
+            return None
+        found = [k for rx, k in self._kind_globs
+                 if k.vendor in (vendor, None) and rx.fullmatch(name)]
+        own = [k for k in found if k.vendor is not None]
+        return (own or found or [None])[0]
+
+    def kind_for_lookups(self, names: Iterable[str], vendor: str | None) -> DeviceKindRule | None:
+        """The `[[device_kind]]` that names a host looked up say (the first by name), or None."""
+        if not self._kind_dns:
+            return None
+        patterns = RuleSet(hosts=tuple(HostRule(p, Category.UNKNOWN, "") for p in self._kind_dns))
+        for name in sorted(set(names)):
+            if not isinstance(name, str):
+                continue
+            rule = patterns.match_host(name)
+            if rule is None:
+                continue
+            for k in self._kind_dns[rule.pattern]:
+                if k.vendor in (vendor, None):
+                    return k
+        return None
+
     @property
     def vendors(self) -> frozenset[str]:
         found = {r.vendor for r in self.hosts if r.vendor is not None}
@@ -391,12 +517,13 @@ def _oui_key(mac: str) -> str | None:
 # Loading
 
 SCHEMA = 1
-_TOP_KEYS = ("schema", "vendor", "host", "oui", "address_hint")
+_TOP_KEYS = ("schema", "vendor", "host", "oui", "address_hint", "device_kind")
 _ENTRY_KEYS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
         "host": ("pattern", "category", "source"),
         "oui": ("prefix", "source"),
         "address_hint": ("cidr", "category", "source"),
+        "device_kind": ("kind", "source"),  # and one of: hostname, dns
     }
 )
 _VENDOR = re.compile(r"[a-z][a-z0-9-]*")
@@ -449,6 +576,7 @@ def _load(dirs: Sequence[Path | str], builtin: bool) -> tuple[RuleSet, list[Rule
     hosts: dict[str, HostRule] = {}
     ouis: dict[str, OuiRule] = {}
     hints: dict[str, AddressHint] = {}
+    kinds: dict[str, DeviceKindRule] = {}
     for root in roots:
         if root.is_file():
             files = [root]
@@ -462,6 +590,7 @@ def _load(dirs: Sequence[Path | str], builtin: bool) -> tuple[RuleSet, list[Rule
         layer_hosts: dict[str, HostRule] = {}
         layer_ouis: dict[str, OuiRule] = {}
         layer_hints: dict[str, AddressHint] = {}
+        layer_kinds: dict[str, DeviceKindRule] = {}
         for path in files:
             parsed = _parse_file(path, errors)
             if parsed is None:
@@ -478,19 +607,23 @@ def _load(dirs: Sequence[Path | str], builtin: bool) -> tuple[RuleSet, list[Rule
                     layer_hosts[key] = entry
                 elif isinstance(entry, OuiRule):
                     layer_ouis[key] = entry
+                elif isinstance(entry, DeviceKindRule):
+                    layer_kinds[key] = entry
                 else:
                     layer_hints[key] = entry
         hosts.update(layer_hosts)
         ouis.update(layer_ouis)
         hints.update(layer_hints)
+        kinds.update(layer_kinds)
     errors.sort(key=lambda e: (e.file, e.line))
     ruleset = RuleSet(
-        hosts=tuple(hosts.values()), ouis=tuple(ouis.values()), hints=tuple(hints.values())
+        hosts=tuple(hosts.values()), ouis=tuple(ouis.values()), hints=tuple(hints.values()),
+        kinds=tuple(kinds.values()),
     )
     return ruleset, errors
 
 
-_Entry = HostRule | OuiRule | AddressHint
+_Entry = HostRule | OuiRule | AddressHint | DeviceKindRule
 
 
 def _parse_file(path: Path, errors: list[RuleError]) -> list[tuple[str, str, _Entry]] | None:
@@ -540,7 +673,7 @@ def _parse_file(path: Path, errors: list[RuleError]) -> list[tuple[str, str, _En
 
     entries: list[tuple[str, str, _Entry]] = []
     keys_in_file: dict[tuple[str, str], int] = {}
-    for kind in ("host", "oui", "address_hint"):
+    for kind in ("host", "oui", "address_hint", "device_kind"):
         if kind not in data:
             continue
         items = data[kind]
@@ -583,6 +716,9 @@ def _parse_entry(
 
     def at(key: str) -> int:
         return locator.entry_key(kind, index, key) or line
+
+    if kind == "device_kind":
+        return _parse_device_kind(item, vendor, file, line, at, fail)
 
     for key in item:
         if key not in allowed:
@@ -655,6 +791,63 @@ def _parse_entry(
     if not ok or category is None:
         return None
     return str(net), AddressHint(str(net), category, source, vendor, file, line)
+
+
+_KIND_EVIDENCE = ("hostname", "dns")
+
+
+def _parse_device_kind(
+    item: dict[str, Any],
+    vendor: str | None,
+    file: str,
+    line: int,
+    at: Callable[[str], int],
+    fail: Callable[[int, str], None],
+) -> tuple[str, DeviceKindRule] | None:
+    allowed = ("kind", *_KIND_EVIDENCE, "source")
+    ok = True
+    for key in item:
+        if key not in allowed:
+            fail(at(key), f"unknown key {key!r} in [[device_kind]] (expected {', '.join(allowed)})")
+            ok = False
+    for key in allowed:
+        if key in item and not isinstance(item[key], str):
+            fail(at(key), f"{key!r} must be a string, not {type(item[key]).__name__}")
+            ok = False
+    for key in ("kind", "source"):
+        if key not in item:
+            fail(line, f"[[device_kind]] entry has no {key!r}")
+            ok = False
+    evidence = [key for key in _KIND_EVIDENCE if key in item]
+    if len(evidence) != 1:
+        fail(line, "[[device_kind]] entry needs exactly one of 'hostname', 'dns' "
+                   f"(has {', '.join(map(repr, evidence)) or 'neither'})")
+        ok = False
+    if not ok:
+        return None
+    if not item["source"].strip():
+        fail(at("source"), "empty 'source': say where the fact comes from")
+        ok = False
+    try:
+        kind = DeviceKind(item["kind"])
+    except ValueError:
+        fail(at("kind"), f"unknown kind {item['kind']!r} "
+                         f"(expected one of {', '.join(k.value for k in DeviceKind)})")
+        return None
+    (field_name,) = evidence
+    try:
+        if field_name == "hostname":
+            value = normalize_hostname_glob(item["hostname"])
+        else:
+            value = normalize_pattern(item["dns"])
+    except ValueError as err:
+        fail(at(field_name), str(err))
+        return None
+    if not ok:
+        return None
+    rule = DeviceKindRule(kind, item["source"], vendor=vendor, file=file, line=line,
+                          **{field_name: value})
+    return f"{field_name} {value}", rule
 
 
 def _toml_error(path: Path, text: str, err: tomllib.TOMLDecodeError) -> RuleError:
