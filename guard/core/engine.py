@@ -34,13 +34,13 @@ from guard.core.policy import (
     Decision,
     Mode,
     Outcome,
-    Scope,
     StandingRule,
     UploadAction,
     Verb,
     Window,
-    WindowKind,
     standing_decision,
+    standing_for,
+    supersedes,
 )
 from guard.core.ruleset import RuleSet
 from guard.core.sni import SniAssembler
@@ -1621,19 +1621,22 @@ class Engine:
     def pending(self) -> list[Upload]:
         return [u for u in self.uploads.values() if u.state is UploadState.PENDING]
 
-    def decide(self, upload_id: int, decision: Decision, now: float) -> Upload:
-        """A person's (or a hook's) decision about a pending upload."""
+    def decide(self, upload_id: int, decision: Decision, now: float,
+               standing: Window | StandingRule | None = None) -> Upload:
+        """A person's (or a hook's) decision about a pending upload. What its scope leaves
+        behind is `policy.standing_for`'s, or `standing` when the caller worked it out (and
+        stored it, with its id) already."""
         now = self._tick(now)
         upload = self.uploads.get(upload_id)
         if upload is None or upload.state is not UploadState.PENDING:
             raise UnknownUpload(upload_id)
-        if decision.scope is Scope.FOR and decision.duration_s:
-            kind = WindowKind.ALLOW if decision.verb is Verb.ALLOW else WindowKind.QUIET
-            self.windows.append(Window(upload.device, kind, now + decision.duration_s,
-                                       upload.category))
-        elif decision.scope is Scope.ALWAYS:
-            self.standing.append(StandingRule(upload.device, decision.verb, host=upload.host,
-                                              category=None if upload.host else upload.category))
+        if standing is None:
+            standing = standing_for(decision, upload.device, upload.host, upload.category, now)
+        if isinstance(standing, Window):
+            self.windows = [w for w in self.windows if not supersedes(standing, w)]
+            self.windows.append(standing)
+        elif isinstance(standing, StandingRule):
+            self.standing.append(standing)
         if decision.verb is Verb.ALLOW:
             self._allow(upload, now, Outcome.APPROVED, decision.by)
         else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import selectors
 import signal
 import socket
@@ -21,8 +22,8 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -47,16 +48,24 @@ from guard.core.engine import (
     UploadEnded,
     UploadHeld,
     UploadSeen,
+    UploadState,
 )
 from guard.core.packet import TCP, Malformed
 from guard.core.policy import (
+    BLOCKED,
+    LOG_OUTCOMES,
     Decision,
+    Mode,
     Outcome,
     Scope,
     StandingRule,
     Verb,
     Window,
     WindowKind,
+    channel,
+    check_window_duration,
+    format_duration,
+    standing_for,
 )
 from guard.core.ruleset import RuleError, load_rules
 from guard.shell.control import ControlError
@@ -69,7 +78,8 @@ from guard.shell.inject import Injector
 from guard.shell.metrics import GuardCollector, Metrics, serve_metrics
 from guard.shell.nfqueue import COPY_RANGE, QueueHandler, late_reject, late_verdict
 from guard.shell.relay import Relay, RelayTag
-from guard.shell.store import PendingUpload, Store, StoreCorrupt, StoreError
+from guard.shell.store import AlwaysRule, PendingUpload, Store, StoreCorrupt, StoreError
+from guard.shell.store import Window as StoredWindow
 from guard.shell.web import WebError
 
 
@@ -107,6 +117,12 @@ class Daemon:
         self.firewall = backend or run_backend(config)
         self.injector = Injector()
         self.store = self._open_store()
+        if self._apply_mode_overrides() and backend is None:
+            self.firewall = run_backend(self.config)
+        self.subscribers = self._subscribers()
+        self.last_seen: dict[str, float] = {}  # device -> when it was last seen (`devices`)
+        # refused connection attempts not yet written: (device, host) -> [written, count, fact]
+        self._blocked_backlog: dict[tuple[str, str], list[Any]] = {}
         self.errors: dict[str, int] = {"store": 0, "reset": 0, "conntrack": 0}
         # QUIC refused per device (kernel counters) and whether it fell back to TCP
         self.quic: dict[str, dict[str, Any]] = {}
@@ -132,13 +148,17 @@ class Daemon:
         # The stream hold (design.md 5): relayed devices' TCP, when the rules intercept any.
         self.relay: Relay | None = None
         if self.spec.relay:
-            self.relay = Relay(
-                self.engine, port=config.relay_port, upstream_mark=config.relay_mark,
-                route_mark=self._route_mark,
-                max_per_device=config.max_connections_per_device,
-                max_total=config.max_relay_connections,
-                max_kept_bytes=config.max_held_bytes_per_upload + RELAY_KEPT_SLACK_BYTES,
-                families=(4, 6) if os.path.exists("/proc/sys/net/ipv6") else (4,), log=log)
+            self.relay = self._make_relay()
+
+    def _make_relay(self) -> Relay:
+        config = self.config
+        return Relay(
+            self.engine, port=config.relay_port, upstream_mark=config.relay_mark,
+            route_mark=self._route_mark,
+            max_per_device=config.max_connections_per_device,
+            max_total=config.max_relay_connections,
+            max_kept_bytes=config.max_held_bytes_per_upload + RELAY_KEPT_SLACK_BYTES,
+            families=(4, 6) if os.path.exists("/proc/sys/net/ipv6") else (4,), log=log)
 
     def _route_mark(self, address: str, mac: str | None) -> int:
         """The routing mark a device's relayed upstream leg carries besides the relay's bit
@@ -179,6 +199,54 @@ class Daemon:
             log(f"{len(lost)} upload(s) were pending when the guard stopped: nothing of them is "
                 "delivered; recorded as lost")
         return engine
+
+    def _apply_mode_overrides(self) -> bool:
+        """Modes set at run time (`hushgate mode`) override the config file's, from start-up
+        on. True when one did (the kernel rules are then worked out again)."""
+        try:
+            overrides = self.store.modes()
+        except StoreError as exc:
+            log(f"store: could not read the mode overrides: {exc}")
+            return False
+        changed = False
+        devices = []
+        for d in self.config.devices:
+            override = overrides.get(d.name)
+            mode = d.mode
+            if override is not None:
+                try:
+                    mode = Mode(override.mode)
+                except ValueError:
+                    log(f"store: ignoring an unknown mode {override.mode!r} for {d.name}")
+            if mode is not d.mode:
+                log(f"{d.name}: mode {mode.value} (set by {override.source}; the config file "  # type: ignore[union-attr]
+                    f"says {d.mode.value}; `hushgate mode --device {d.name} config` reverts)")
+                changed = True
+                d = replace(d, mode=mode)
+            devices.append(d)
+        if changed:
+            self.config = replace(self.config, devices=tuple(devices))
+            self.spec = spec_from_config(self.config)
+            self.marks = self.spec.marks
+        return changed
+
+    def _set_mode(self, name: str, mode: Mode) -> None:
+        """A device's mode changed at run time: the engine, and the kernel rules (which devices
+        are queued and which relayed) follow at once."""
+        devices = tuple(replace(d, mode=mode) if d.name == name else d
+                        for d in self.config.devices)
+        self.config = replace(self.config, devices=devices)
+        self.engine.set_mode(name, mode)
+        if not self.installed_dynamic:
+            self.spec = spec_from_config(self.config)
+            return
+        spec = spec_from_config(self.config)
+        if spec.relay and self.relay is None:
+            self.relay = self._make_relay()
+            self.relay.start(self.selector)
+        self._reinstall(f"{name}: mode {mode.value}")
+        if name in self.spec.relay_devices:
+            self._flush_relayed_conntrack()
 
     def _load_standing(self, engine: Engine, now: float) -> None:
         engine.set_windows(
@@ -343,6 +411,7 @@ class Daemon:
                     self._poll_neighbours()
                 if now - last_housekeeping >= 60:
                     last_housekeeping = now
+                    self._note_flows()  # before idle flows are forgotten
                     self.engine.expire_flows(now)
                     self._housekeeping(now)
                 if now - self.quic_checked >= QUIC_CHECK_S:
@@ -495,6 +564,7 @@ class Daemon:
                     "for it to hold QUIC uploads by packet instead")
 
     def _housekeeping(self, now: float) -> None:
+        self._flush_blocked(now)
         try:
             pruned = self.store.prune(now, self.config.audit_max_age_s,
                                       self.config.audit_max_rows, self.config.audit_max_bytes)
@@ -608,95 +678,217 @@ class Daemon:
         return self.relay.relayed(key) if self.relay is not None else None
 
     def _apply_one(self, action: Any) -> None:
+        """Hand one fact to its subscribers (one behaviour each, listed in `_subscribers`). A
+        subscriber that fails is logged and counted; the others still run."""
+        for subscriber in self.subscribers.get(type(action), ()):
+            try:
+                subscriber(action)
+            except Exception as exc:  # noqa: BLE001 - the packet loop and the timers go on
+                self.errors["actions"] = self.errors.get("actions", 0) + 1
+                log(f"could not carry out {type(action).__name__} "
+                    f"({getattr(subscriber, '__name__', subscriber)}): {exc!r}")
+
+    def _subscribers(self) -> dict[type, list[Callable[[Any], None]]]:
+        """Who does what with each fact: the engine's actions and decisions, and the facts the
+        control commands produce. The one place a new fact or a new behaviour is registered."""
+        return {
+            Release: [self._kernel_release],
+            Discard: [self._kernel_discard],
+            Reset: [self._kernel_reset],
+            Unreachable: [self._kernel_unreachable],
+            MarkFlow: [self._kernel_mark],
+            UploadHeld: [self._persist_held, self._hook_held, self._log_held, self._seen],
+            UploadDecided: [self._persist_decided, self._metric_decided, self._hook_decided],
+            UploadSeen: [self._persist_seen, self._metric_seen, self._seen],
+            UploadEnded: [self._persist_size],
+            BurstReleased: [self._metric_released, self._remember_release],
+            FlowBlocked: [self._metric_blocked, self._persist_blocked, self._hook_blocked,
+                          self._seen],
+            MacLearned: [lambda fact: self._learn_mac(fact.device, fact.mac)],
+            ReserveUploadIds: [lambda fact: self.store.reserve_upload_ids(fact.through)],
+            HeldCapHit: [],
+            WindowOpened: [self._hook_standing],
+            RuleAdded: [self._hook_standing],
+            StandingRevoked: [self._hook_standing],
+            ModeChanged: [self._hook_mode],
+        }
+
+    def _publish(self, fact: Any) -> None:
+        self._apply_one(fact)
+
+    # kernel marks and the relay
+
+    def _split_stream(self, action: Release | Discard) -> Release | Discard | None:
+        """Hand the relay its connections' ends; what is left: the NFQUEUE packets (or None)."""
+        ends, packets = self._stream_tokens(action.tokens)
+        if ends and self.relay is not None:
+            for conn, end in ends.items():
+                if isinstance(action, Release):
+                    self.relay.release(conn, end)
+                else:
+                    self.relay.discard(conn, end)
+        if ends and not packets:
+            return None
+        return replace(action, tokens=tuple(packets)) if ends else action
+
+    def _kernel_release(self, action: Release) -> None:
+        rest = self._split_stream(action)
         stats = self.handler.stats if self.handler is not None else None
-        if isinstance(action, (Release, Discard)):
-            ends, packets = self._stream_tokens(action.tokens)
-            if ends and self.relay is not None:
-                for conn, end in ends.items():
-                    if isinstance(action, Release):
-                        self.relay.release(conn, end)
-                    else:
-                        self.relay.discard(conn, end)
-            if ends and not packets:
-                return
-            action = replace(action, tokens=tuple(packets))
-        if (isinstance(action, Reset) or (isinstance(action, MarkFlow)
-                                          and action.verdict == "block")):
-            conn = self._relayed(action.key)
-            if conn is not None:  # a relayed connection: reset both of its sockets
-                self.relay.abort(conn)  # type: ignore[union-attr]
-                return
-        if isinstance(action, Release):
-            for token in action.tokens:
-                if token is not None and stats is not None:
-                    late_verdict(token, True, stats)
-        elif isinstance(action, Discard):
-            tokens = [t for t in action.tokens if t is not None]
-            last = tokens.pop() if action.reject_last and tokens else None
-            for token in tokens:
-                if stats is not None:
-                    late_verdict(token, False, stats)
-            if last is not None and stats is not None:
-                late_reject(last, compose_mark(last.get_mark(), "block", self.config.mark_mask),
-                            stats)
-        elif isinstance(action, Reset):
-            key = action.key
-            sent = self.injector.reset_both(key.device_addr, key.device_port, key.remote_addr,
-                                            key.remote_port, action.seq_to_device,
-                                            action.seq_to_remote)
-            if action.also_to_remote is not None:
-                sent += self.injector.reset_both(key.device_addr, key.device_port,
-                                                 key.remote_addr, key.remote_port, None,
-                                                 action.also_to_remote)
-            if sent == 0:
-                self.errors["reset"] += 1
-                log(f"could not reset {key.remote}: {self.injector.last_error}")
-        elif isinstance(action, Unreachable):
+        if rest is None or stats is None:
+            return
+        for token in rest.tokens:
+            if token is not None:
+                late_verdict(token, True, stats)
+
+    def _kernel_discard(self, action: Discard) -> None:
+        rest = self._split_stream(action)
+        stats = self.handler.stats if self.handler is not None else None
+        if rest is None or stats is None:
+            return
+        tokens = [t for t in rest.tokens if t is not None]
+        last = tokens.pop() if rest.reject_last and tokens else None
+        for token in tokens:
+            late_verdict(token, False, stats)
+        if last is not None:
+            late_reject(last, compose_mark(last.get_mark(), "block", self.config.mark_mask), stats)
+
+    def _abort_relayed(self, key: Any) -> bool:
+        conn = self._relayed(key)
+        if conn is None:
+            return False
+        self.relay.abort(conn)  # type: ignore[union-attr]  # a relayed connection: both sockets
+        return True
+
+    def _kernel_reset(self, action: Reset) -> None:
+        if self._abort_relayed(action.key):
+            return
+        key = action.key
+        sent = self.injector.reset_both(key.device_addr, key.device_port, key.remote_addr,
+                                        key.remote_port, action.seq_to_device,
+                                        action.seq_to_remote)
+        if action.also_to_remote is not None:
+            sent += self.injector.reset_both(key.device_addr, key.device_port, key.remote_addr,
+                                             key.remote_port, None, action.also_to_remote)
+        if sent == 0:
+            self.errors["reset"] += 1
+            log(f"could not reset {key.remote}: {self.injector.last_error}")
+
+    def _kernel_unreachable(self, action: Unreachable) -> None:
+        self._conntrack_block(action.key)
+
+    def _kernel_mark(self, action: MarkFlow) -> None:
+        if action.verdict == "block" and not self._abort_relayed(action.key):
             self._conntrack_block(action.key)
-        elif isinstance(action, MarkFlow):
-            if action.verdict == "block":
-                self._conntrack_block(action.key)
-        elif isinstance(action, UploadHeld):
-            self._persist_pending(action.upload)
-            self.hooks.emit("upload-held", action.upload)
-            log(f"upload {action.upload['id']} held: {action.upload['device']} -> "
-                f"{action.upload['host'] or action.upload['remote']}")
-        elif isinstance(action, UploadDecided):
-            upload = action.upload
-            self._persist_decision(upload, action.outcome, action.by)
-            held_since = upload.get("decided")
-            self.metrics.upload_outcome(
-                upload["device"], upload.get("category") or "unknown", action.outcome,
-                time.time() - held_since if held_since is not None else None)
-            self.hooks.emit("upload-decided",
-                            {**upload, "outcome": action.outcome.value, "decided_by": action.by})
-        elif isinstance(action, UploadSeen):
-            upload = action.upload
-            if upload.get("outcome"):
-                self._persist_decision(upload, Outcome(upload["outcome"]),
-                                       upload.get("decided_by") or upload["outcome"])
-                self.metrics.upload_outcome(upload["device"], upload.get("category") or
-                                            "unknown", upload["outcome"], None)
-        elif isinstance(action, BurstReleased):
-            self.metrics.released(action.delay_s)
-            self.releases.append({"device": action.device, "remote": action.key.remote,
-                                  "host": action.host, "start": action.start,
-                                  "decided": action.decided, "bytes": action.bytes,
-                                  "records": action.packets, "delay_s": round(action.delay_s, 6),
-                                  "reason": action.reason})
-        elif isinstance(action, FlowBlocked):
-            self.metrics.blocked_flow(action.device, action.category)
-            self.hooks.emit("flow-blocked", {"device": action.device,
-                                             "remote": action.key.remote,
-                                             "host": action.host,
-                                             "category": action.category,
-                                             "reason": action.reason})
-        elif isinstance(action, MacLearned):
-            self._learn_mac(action.device, action.mac)
-        elif isinstance(action, ReserveUploadIds):
-            self.store.reserve_upload_ids(action.through)
-        elif isinstance(action, (UploadEnded, HeldCapHit)):
-            pass
+
+    # persistence
+
+    def _persist_held(self, fact: UploadHeld) -> None:
+        self._persist_pending(fact.upload)
+
+    def _persist_decided(self, fact: UploadDecided) -> None:
+        self._persist_decision(fact.upload, fact.outcome, fact.by)
+
+    def _persist_seen(self, fact: UploadSeen) -> None:
+        upload = fact.upload
+        if upload.get("outcome"):
+            self._persist_decision(upload, Outcome(upload["outcome"]),
+                                   upload.get("decided_by") or upload["outcome"])
+
+    def _persist_size(self, fact: UploadEnded) -> None:
+        """The upload's true size, now that it ended: everything that passed after an allow (or
+        in monitor mode) counted, not only what was seen when it was decided."""
+        upload = fact.upload
+        try:
+            self.store.update_size(upload["id"], upload.get("bytes", 0), upload.get("packets", 0))
+        except StoreError as exc:
+            self.errors["store"] += 1
+            log(f"store: could not record the size of upload {upload['id']}: {exc}")
+
+    def _persist_blocked(self, fact: FlowBlocked) -> None:
+        """A refused connection attempt in the audit log. At most one write per device and host
+        each BLOCKED_WRITE_S: attempts in between are counted and written with the next one (or
+        at housekeeping), so a speaker retrying in a loop does not wear the flash."""
+        now = time.time()
+        key = (fact.device, fact.host or fact.key.remote)
+        backlog = self._blocked_backlog.get(key)
+        if backlog is not None and now - backlog[0] < BLOCKED_WRITE_S:
+            backlog[1] += 1
+            backlog[2] = fact
+            return
+        attempts = 1 + (backlog[1] if backlog is not None else 0)
+        self._blocked_backlog[key] = [now, 0, fact]
+        self._write_blocked(fact, now, attempts)
+
+    def _write_blocked(self, fact: FlowBlocked, now: float, attempts: int) -> None:
+        try:
+            self.store.record_blocked(fact.device, fact.host, fact.key.remote, fact.category,
+                                      fact.reason, now, attempts)
+        except StoreError as exc:
+            self.errors["store"] += 1
+            log(f"store: could not record a blocked attempt of {fact.device}: {exc}")
+
+    def _flush_blocked(self, now: float) -> None:
+        for key, (at, count, fact) in list(self._blocked_backlog.items()):
+            if count:
+                self._write_blocked(fact, now, count)
+                self._blocked_backlog[key] = [now, 0, fact]
+            elif now - at >= BLOCKED_WRITE_S:
+                del self._blocked_backlog[key]
+
+    # metrics
+
+    def _metric_decided(self, fact: UploadDecided) -> None:
+        held_since = fact.upload.get("decided")
+        self.metrics.upload_outcome(
+            fact.upload["device"], fact.upload.get("category") or "unknown", fact.outcome,
+            time.time() - held_since if held_since is not None else None)
+
+    def _metric_seen(self, fact: UploadSeen) -> None:
+        upload = fact.upload
+        if upload.get("outcome"):
+            self.metrics.upload_outcome(upload["device"], upload.get("category") or "unknown",
+                                        upload["outcome"], None)
+
+    def _metric_released(self, fact: BurstReleased) -> None:
+        self.metrics.released(fact.delay_s)
+
+    def _metric_blocked(self, fact: FlowBlocked) -> None:
+        self.metrics.blocked_flow(fact.device, fact.category)
+
+    def _remember_release(self, fact: BurstReleased) -> None:
+        self.releases.append({"device": fact.device, "remote": fact.key.remote,
+                              "host": fact.host, "start": fact.start, "decided": fact.decided,
+                              "bytes": fact.bytes, "records": fact.packets,
+                              "delay_s": round(fact.delay_s, 6), "reason": fact.reason})
+
+    # hooks, the log line, what was seen
+
+    def _hook_held(self, fact: UploadHeld) -> None:
+        self.hooks.emit("upload-held", fact.upload)
+
+    def _hook_decided(self, fact: UploadDecided) -> None:
+        self.hooks.emit("upload-decided", {**fact.upload, "outcome": fact.outcome.value,
+                                           "decided_by": fact.by, "via": channel(fact.by)})
+
+    def _hook_blocked(self, fact: FlowBlocked) -> None:
+        self.hooks.emit("flow-blocked", {"device": fact.device, "remote": fact.key.remote,
+                                         "host": fact.host, "category": fact.category,
+                                         "reason": fact.reason, "at": time.time()})
+
+    def _hook_standing(self, fact: WindowOpened | RuleAdded | StandingRevoked) -> None:
+        self.hooks.emit(fact.event, fact.entry)
+
+    def _hook_mode(self, fact: ModeChanged) -> None:
+        self.hooks.emit("mode-changed", fact.reply)
+
+    def _log_held(self, fact: UploadHeld) -> None:
+        upload = fact.upload
+        log(f"upload {upload['id']} held: {upload['device']} -> "
+            f"{upload['host'] or upload['remote']}")
+
+    def _seen(self, fact: UploadHeld | UploadSeen | FlowBlocked) -> None:
+        device = fact.device if isinstance(fact, FlowBlocked) else fact.upload["device"]
+        self.last_seen[device] = time.time()
 
     def _learn_mac(self, name: str, mac: str) -> None:
         """An address-only device showed its MAC: match it by MAC in the kernel too, so its
@@ -764,6 +956,8 @@ class Daemon:
                 self._apply(self.engine.take_actions())
         except UnknownUpload as exc:
             return {"ok": False, "error": f"no pending upload {exc.args[0]}"}
+        except RequestError as exc:
+            return {"ok": False, "error": str(exc)}
         except (KeyError, TypeError, ValueError) as exc:
             return {"ok": False, "error": f"bad request: {exc}"}
         except StoreError as exc:
@@ -785,6 +979,7 @@ class Daemon:
             "version": __version__,
             "fail_mode": "open" if self.config.fail_open else "closed",
             "devices": [{"name": d.name, "address": d.address, "mac": d.mac, "mode": d.mode.value,
+                         **self._mode_fields(d.name),
                          "quic": self.config.quic_for(d),
                          "quic_refused": self.quic.get(d.name, {}).get("refused", 0),
                          "quic_no_tcp_fallback": self.quic.get(d.name, {}).get(
@@ -823,51 +1018,182 @@ class Daemon:
         upload_id = int(request["id"])
         verb = Verb(request["verb"])
         scope = Scope(request.get("scope") or "once")
-        duration = request.get("duration_s")
         by = _by(request, peer)
         now = time.time()
         upload = self.engine.uploads.get(upload_id)
-        if upload is None:
+        if upload is None or upload.state is not UploadState.PENDING:
             raise UnknownUpload(upload_id)
+        duration = text = None
         if scope is Scope.FOR:
-            if not duration or float(duration) <= 0:
-                raise ValueError("scope 'for' needs a positive duration_s")
-            kind = WindowKind.ALLOW if verb is Verb.ALLOW else WindowKind.QUIET
-            self.store.add_window(upload.device, kind, now + float(duration), now,
-                                  category=upload.category, source=by)
-        elif scope is Scope.ALWAYS:
-            if upload.host:
-                self.store.add_rule(upload.device, verb, now, host=upload.host, source=by)
-            else:
-                self.store.add_rule(upload.device, verb, now, category=upload.category,
-                                    source=by)
+            if request.get("duration_s") is None:
+                raise RequestError("scope 'for' needs duration_s (1s to 30d)")
+            duration, text = _duration(request)
+        decision = Decision(verb, scope, duration, by)
+        # The scope's standing decision, worked out once (policy.standing_for), stored first
+        # (it gets its id there), then handed to the engine as it is.
+        standing = standing_for(decision, upload.device, upload.host, upload.category, now)
+        made: dict[str, Any] = {}
+        if isinstance(standing, Window):
+            stored, ended = self.store.open_window(
+                standing.device, standing.kind, standing.until, now, category=standing.category,
+                source=by, duration_text=text, supersede=True)
+            standing = replace(standing, id=stored.id)
+            made["window"] = f"w{stored.id}"
+            self._publish(WindowOpened(_window_entry(stored), [f"w{w.id}" for w in ended]))
+        elif isinstance(standing, StandingRule):
+            rule = self.store.add_rule(standing.device, standing.verb, now, host=standing.host,
+                                       category=standing.category, source=by)
+            standing = replace(standing, id=rule.id)
+            made["rule"] = f"r{rule.id}"
+            self._publish(RuleAdded(_rule_entry(rule)))
         before = upload.summary()  # what was held, before the decision releases or drops it
-        self.engine.decide(upload_id, Decision(verb, scope, duration, by), now)
+        self.engine.decide(upload_id, decision, now, standing=standing)
+        if isinstance(standing, Window):
+            self._load_standing(self.engine, now)  # the superseded windows leave the engine too
         return {**upload.summary(), "held_packets": before["held_packets"],
-                "held_bytes": before["held_bytes"]}
+                "held_bytes": before["held_bytes"], "via": channel(by), **made}
+
+    def _device(self, request: dict[str, Any]) -> str:
+        device = request.get("device")
+        if not isinstance(device, str) or device not in self.engine.devices.by_name:
+            raise RequestError(f"no device named {str(device)[:64]!r}")
+        return device
 
     def _cmd_window(self, request: dict[str, Any], peer: Any) -> dict[str, Any]:
-        device = str(request["device"])
-        if device not in self.engine.devices.by_name:
-            raise ValueError(f"no device named {device!r}")
+        """A window for a device (allow: uploads pass, logged; quiet: a mute). It ends the
+        device's overlapping windows of the other kind (policy.supersedes): an allow window
+        lifts a mute."""
+        device = self._device(request)
         kind = WindowKind(request["kind"])
-        duration = float(request["duration_s"])
-        if duration <= 0:
-            raise ValueError("duration_s must be positive")
+        duration, text = _duration(request)
+        category = request.get("category")
+        if category is not None and not isinstance(category, str):
+            raise RequestError("category must be a string")
         now = time.time()
         by = _by(request, peer)
-        window = self.store.add_window(device, kind, now + duration, now, source=by)
+        window, ended = self.store.open_window(device, kind, now + duration, now,
+                                               category=category, source=by,
+                                               duration_text=text, supersede=True)
         self._load_standing(self.engine, now)
-        return {"device": device, "kind": kind.value, "until": window.until}
+        superseded = [f"w{w.id}" for w in ended]
+        self._publish(WindowOpened(_window_entry(window), superseded))
+        return {"id": f"w{window.id}", "device": device, "kind": kind.value,
+                "until": window.until, "duration_text": text, "category": category,
+                "superseded": superseded}
+
+    def _cmd_unmute(self, request: dict[str, Any], peer: Any) -> dict[str, Any]:
+        """End every active mute (quiet window) of a device; none is not an error."""
+        device = self._device(request)
+        now = time.time()
+        revoked = []
+        for window in self.store.active_windows(now, device):
+            if window.kind is WindowKind.QUIET and self.store.remove_window(window.id):
+                revoked.append(window)
+        self._load_standing(self.engine, now)
+        for window in revoked:
+            self._publish(StandingRevoked(_window_entry(window), _by(request, peer)))
+        return {"device": device, "revoked": [f"w{w.id}" for w in revoked]}
+
+    def _cmd_rules(self, request: dict[str, Any], peer: Any) -> list[dict[str, Any]]:
+        """Active windows, mutes and always-rules (what `revoke` takes), oldest first."""
+        device = request.get("device")
+        if device is not None:
+            device = self._device(request)
+        entries = ([_window_entry(w) for w in self.store.active_windows(time.time(), device)]
+                   + [_rule_entry(r) for r in self.store.rules(device)])
+        return sorted(entries, key=lambda e: (e["created"], e["id"]))
+
+    def _cmd_revoke(self, request: dict[str, Any], peer: Any) -> dict[str, Any]:
+        """Remove one window or always-rule, from the store and the running engine at once."""
+        raw = str(request.get("id") or "")[:32]
+        match = _ENTRY_ID.match(raw)
+        if match is None:
+            raise RequestError(f"bad id {raw!r}: use w<N> or r<N> (see `hushgate rules list`)")
+        number, now = int(match.group(2)), time.time()
+        entry: dict[str, Any] | None = None
+        if match.group(1) == "w":
+            window = self.store.window(number)
+            if window is not None and window.until > now and self.store.remove_window(number):
+                entry = _window_entry(window)
+        else:
+            rule = self.store.rule(number)
+            if rule is not None and self.store.remove_rule(number):
+                entry = _rule_entry(rule)
+        if entry is None:
+            raise RequestError(f"no active window or rule {raw!r} (see `hushgate rules list`)")
+        self._load_standing(self.engine, now)
+        self._publish(StandingRevoked(entry, _by(request, peer)))
+        return entry
+
+    def _cmd_mode(self, request: dict[str, Any], peer: Any) -> dict[str, Any]:
+        """Change a device's mode at run time, kept in the state database over the config file's
+        (it survives restarts); mode "config" goes back to the config file's."""
+        device = self._device(request)
+        wanted = str(request.get("mode"))
+        names = [m.value for m in Mode]
+        if wanted not in (*names, "config"):
+            raise RequestError(f"mode must be one of {', '.join(names)} or config, not "
+                               f"{wanted[:32]!r}")
+        configured = self._configured_mode(device)
+        mode = configured if wanted == "config" else Mode(wanted)
+        if mode is configured:
+            self.store.clear_mode(device)
+        else:
+            self.store.set_mode(device, mode.value, time.time(), _by(request, peer))
+        self._set_mode(device, mode)
+        reply = {"device": device, "mode": mode.value, **self._mode_fields(device)}
+        self._publish(ModeChanged(reply))
+        return reply
+
+    def _configured_mode(self, name: str) -> Mode:
+        return next((d.mode for d in self.configured.devices if d.name == name), Mode.STRICT)
+
+    def _mode_fields(self, name: str) -> dict[str, Any]:
+        configured = self._configured_mode(name)
+        current = self.engine.devices.by_name[name].mode if name in self.engine.devices.by_name \
+            else configured
+        return {"configured_mode": configured.value, "mode_overridden": current is not configured}
 
     def _cmd_devices(self, request: dict[str, Any], peer: Any) -> list[dict[str, Any]]:
+        now = time.time()
+        self._note_flows()
         flows: dict[str, int] = {}
         for flow in self.engine.iter_flows():
             flows[flow.device.name] = flows.get(flow.device.name, 0) + 1
-        return [{"name": d.name, "address": d.address, "mac": d.mac, "mode": d.mode.value,
-                 "flows": flows.get(d.name, 0),
-                 "uploads": sum(1 for u in self.engine.uploads.values() if u.device == d.name)}
-                for d in self.engine.devices.by_name.values()]
+        pending: dict[str, int] = {}
+        for upload in self.engine.pending():
+            pending[upload.device] = pending.get(upload.device, 0) + 1
+        figures = self.store.device_figures(now - COUNTS_WINDOW_S)
+        windows = self.store.active_windows(now)
+        rules = self.store.rules()
+        out = []
+        for d in self.engine.devices.by_name.values():
+            fig = figures.get(d.name, {"uploads": 0, "last_upload": None, "counts": {}})
+            mutes = [w.until for w in windows if w.device == d.name
+                     and w.kind is WindowKind.QUIET and w.category is None]
+            seen = self.last_seen.get(d.name)
+            out.append({
+                "name": d.name, "address": d.address, "mac": d.mac, "mode": d.mode.value,
+                **self._mode_fields(d.name),
+                "flows": flows.get(d.name, 0),
+                "uploads": fig["uploads"],
+                "online": seen is not None and now - seen <= ONLINE_S,
+                "last_seen": seen,
+                "last_upload": fig["last_upload"],
+                "pending": pending.get(d.name, 0),
+                "mute_until": max(mutes) if mutes else None,
+                "windows": sum(1 for w in windows if w.device == d.name),
+                "rules": sum(1 for r in rules if r.device == d.name),
+                "counts_24h": fig["counts"],
+            })
+        return out
+
+    def _note_flows(self) -> None:
+        """When each device was last seen, from its flows (kept past their forgetting)."""
+        for flow in self.engine.iter_flows():
+            name = flow.device.name
+            if flow.last > self.last_seen.get(name, float("-inf")):
+                self.last_seen[name] = flow.last
 
     def _cmd_flows(self, request: dict[str, Any], peer: Any) -> list[dict[str, Any]]:
         device = request.get("device")
@@ -881,13 +1207,115 @@ class Daemon:
         return out
 
     def _cmd_log(self, request: dict[str, Any], peer: Any) -> list[dict[str, Any]]:
-        records = self.store.log(device=request.get("device"), since=request.get("since"),
-                                 outcome=request.get("outcome"),
-                                 limit=int(request.get("limit") or 100))
-        return [{"id": r.upload_id, "device": r.device, "host": r.host, "remote": r.remote,
-                 "category": r.category, "bytes": r.upload_bytes, "packets": r.packets,
-                 "started": r.started, "decided_at": r.decided_at, "outcome": r.outcome.value,
-                 "decided_by": r.decided_by} for r in records]
+        """Uploads and how they ended, and refused connection attempts (outcome "blocked"),
+        newest first."""
+        device = request.get("device")
+        outcome = request.get("outcome")
+        if outcome is not None and outcome not in LOG_OUTCOMES:
+            raise RequestError(f"outcome must be one of {', '.join(LOG_OUTCOMES)}")
+        since, until = _time(request, "since"), _time(request, "until")
+        text = request.get("text")
+        if text is not None and not isinstance(text, str):
+            raise RequestError("text must be a string")
+        text = text[:MAX_TEXT] if text else None
+        limit = max(1, min(int(request.get("limit") or 100), MAX_LOG_LIMIT))
+        entries: list[dict[str, Any]] = []
+        if outcome != BLOCKED:
+            entries += [{"id": r.upload_id, "device": r.device, "host": r.host,
+                         "remote": r.remote, "category": r.category, "bytes": r.upload_bytes,
+                         "packets": r.packets, "started": r.started,
+                         "decided_at": r.decided_at, "outcome": r.outcome.value,
+                         "decided_by": r.decided_by, "kind": "upload",
+                         "via": channel(r.decided_by), "reason": None, "attempts": 1}
+                        for r in self.store.log(device=device, since=since, outcome=outcome,
+                                                limit=limit, until=until, text=text)]
+        if outcome in (None, BLOCKED):
+            entries += [{"id": None, "device": b.device, "host": b.host, "remote": b.remote,
+                         "category": b.category, "bytes": 0, "packets": 0,
+                         "started": b.first_at, "decided_at": b.last_at, "outcome": BLOCKED,
+                         "decided_by": "rule", "kind": "blocked", "via": "rule",
+                         "reason": b.reason, "attempts": b.attempts}
+                        for b in self.store.blocked(device=device, since=since, until=until,
+                                                    text=text, limit=limit)]
+        entries.sort(key=lambda e: e["decided_at"], reverse=True)
+        return entries[:limit]
+
+
+class RequestError(ValueError):
+    """A request the daemon refuses, worded for the person (no "bad request:" prefix)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WindowOpened:
+    """A window (allow window or mute) was opened; `superseded`: the ones it ended."""
+
+    entry: dict[str, Any]
+    superseded: list[str]
+    event: str = "window-opened"
+
+
+@dataclass(frozen=True, slots=True)
+class RuleAdded:
+    entry: dict[str, Any]
+    event: str = "rule-added"
+
+
+@dataclass(frozen=True, slots=True)
+class StandingRevoked:
+    """A window or always-rule was removed by a person (`revoke`, `unmute`)."""
+
+    entry: dict[str, Any]
+    by: str
+    event: str = "standing-revoked"
+
+
+@dataclass(frozen=True, slots=True)
+class ModeChanged:
+    reply: dict[str, Any]
+
+
+def _window_entry(w: StoredWindow) -> dict[str, Any]:
+    return {"id": f"w{w.id}", "kind": "allow-window" if w.kind is WindowKind.ALLOW else "mute",
+            "device": w.device, "host": None, "category": w.category, "created": w.created,
+            "until": w.until, "duration_text": w.duration_text, "source": w.source}
+
+
+def _rule_entry(r: AlwaysRule) -> dict[str, Any]:
+    return {"id": f"r{r.id}", "kind": f"always-{r.action.value}", "device": r.device,
+            "host": r.host, "category": r.category, "created": r.created, "until": None,
+            "duration_text": None, "source": r.source}
+
+
+def _duration(request: dict[str, Any]) -> tuple[float, str]:
+    """A window's duration from a request (duration_s, bounded 1 s..30 d) and the text to show
+    for it: the person's own (`duration_text`, e.g. "400d") when it is sane, else ours."""
+    typed = request.get("duration_text")
+    text = "".join(ch for ch in str(typed) if ch.isprintable())[:16] if typed else None
+    raw = request.get("duration_s")
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise RequestError("duration_s must be a number of seconds (1s to 30d)")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise RequestError(f"duration_s must be a number of seconds, not {str(raw)[:16]!r}"
+                           ) from None
+    try:
+        seconds = check_window_duration(seconds, text)
+    except ValueError as exc:
+        raise RequestError(str(exc)) from None
+    return seconds, text or format_duration(seconds)
+
+
+def _time(request: dict[str, Any], name: str) -> float | None:
+    value = request.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"{name} must be a Unix time")
+    return float(value)
+
+
+_ENTRY_ID = re.compile(r"^\s*([wr])(\d{1,18})\s*$")
 
 
 # How often the neighbour table is read (and a missing entry probed for) while a device is known
@@ -901,6 +1329,14 @@ QUIC_FALLBACK_S = 300.0
 # At start, how long to wait for the router to resolve the address-only devices it was asked to:
 # an ARP round trip on a LAN takes milliseconds; a device that is away does not answer at all.
 NEIGHBOUR_START_WAIT_S = 1.0
+# `devices`: a device is online when it was seen this recently; counts cover this long.
+ONLINE_S = 600.0
+COUNTS_WINDOW_S = 86400.0
+# A refused attempt to a host is written at most this often per device and host (see
+# _persist_blocked); `log` answers at most MAX_LOG_LIMIT entries, and `text` is capped.
+BLOCKED_WRITE_S = 5.0
+MAX_LOG_LIMIT = 10000
+MAX_TEXT = 200
 
 
 def _macless(config: GuardConfig) -> list[str]:

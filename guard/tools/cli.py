@@ -129,7 +129,8 @@ def analyze(capture: str | None, devices: tuple[str, ...], mode: str, config_pat
 
 @main.group()
 def rules() -> None:
-    """Vendor rule files."""
+    """Vendor rule files (`rules check`); your windows, mutes and always-rules (`rules list`,
+    `rules revoke`)."""
 
 
 @rules.command("check")
@@ -261,6 +262,37 @@ def target(item: dict[str, Any]) -> str:
     return printable(item.get("host") or item.get("remote"), HOST_WIDTH)
 
 
+class Duration(float):
+    """Seconds that remember how the person typed them ("400d" stays "400d")."""
+
+    text: str
+
+    def __new__(cls, seconds: float, text: str) -> Duration:
+        value = super().__new__(cls, seconds)
+        value.text = text
+        return value
+
+
+def window_duration_option(ctx: click.Context, param: click.Parameter, value: str | None
+                           ) -> Duration | None:
+    """A window's --for: a duration from 1s to 30d, kept as typed."""
+    if value is None:
+        return None
+    from guard.core.policy import check_window_duration, parse_duration
+
+    try:
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            if "positive" not in str(exc):
+                raise
+            seconds = 0.0  # "0s": said below with the bounds
+        seconds = check_window_duration(seconds, value.strip())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return Duration(seconds, value.strip())
+
+
 def duration_option(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
     if value is None:
         return None
@@ -306,12 +338,27 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append("")
         lines.append(table(
             ["DEVICE", "MODE", "MAC", "ADDRESS"],
-            [[printable(d["name"], NAME_WIDTH), printable(d.get("mode")), printable(d.get("mac")),
+            [[printable(d["name"], NAME_WIDTH), mode_text(d), printable(d.get("mac")),
               printable(d.get("address"), 40)] for d in devices],
         ))
+        lines.extend(mode_note(devices))
     else:
         lines.append("no devices configured")
     return "\n".join(lines)
+
+
+def mode_text(d: dict[str, Any]) -> str:
+    """A device's mode, with a star when `hushgate mode` set it over the config file's."""
+    return printable(d.get("mode")) + ("*" if d.get("mode_overridden") else "")
+
+
+def mode_note(devices: list[dict[str, Any]]) -> list[str]:
+    overridden = [d for d in devices if d.get("mode_overridden")]
+    if not overridden:
+        return []
+    said = ", ".join(f"{printable(d['name'], NAME_WIDTH)}: {printable(d.get('configured_mode'))}"
+                     for d in overridden)
+    return ["", f"* set with `hushgate mode` (kept across restarts); the config file says {said}"]
 
 
 def format_pending(uploads: list[dict[str, Any]], now: float) -> str:
@@ -332,15 +379,49 @@ def format_pending(uploads: list[dict[str, Any]], now: float) -> str:
     return table(["ID", "DEVICE", "TO", "WHAT", "HELD", "WAITING"], rows)
 
 
-def format_devices(devices: list[dict[str, Any]]) -> str:
+def format_devices(devices: list[dict[str, Any]], now: float) -> str:
     if not devices:
         return "no devices configured"
-    return table(
-        ["DEVICE", "MODE", "MAC", "ADDRESS", "FLOWS", "UPLOADS"],
-        [[printable(d["name"], NAME_WIDTH), printable(d.get("mode")), printable(d.get("mac")),
+
+    def state(d: dict[str, Any]) -> str:
+        if "online" not in d:
+            return "-"
+        return "online" if d["online"] else (
+            f"seen {human_age(now - float(d['last_seen']))} ago" if d.get("last_seen")
+            else "not seen")
+
+    def counts(d: dict[str, Any]) -> str:
+        figures = d.get("counts_24h") or {}
+        return ", ".join(f"{printable(k, 12)} {int(v)}" for k, v in sorted(figures.items())
+                         if v) or "-"
+
+    lines = table(
+        ["DEVICE", "MODE", "MAC", "ADDRESS", "FLOWS", "UPLOADS", "STATE", "LAST UPLOAD",
+         "PENDING", "MUTED UNTIL", "LAST 24 H"],
+        [[printable(d["name"], NAME_WIDTH), mode_text(d), printable(d.get("mac")),
           printable(d.get("address"), 40), printable(d.get("flows", 0)),
-          printable(d.get("uploads", 0))] for d in devices],
+          printable(d.get("uploads", 0)), state(d), clock(d.get("last_upload")),
+          printable(d.get("pending", "-")), clock(d.get("mute_until")), counts(d)]
+         for d in devices],
     )
+    return "\n".join([lines, *mode_note(devices)])
+
+
+def format_rules(entries: list[dict[str, Any]], now: float) -> str:
+    if not entries:
+        return "no windows, mutes or always-rules"
+    rows = []
+    for e in entries:
+        until = e.get("until")
+        left = (f"until {clock(until)} ({human_age(float(until) - now)} left)"
+                if until is not None else "always")
+        typed = e.get("duration_text")
+        rows.append([printable(e["id"], 12), printable(e.get("kind"), 14),
+                     printable(e.get("device"), NAME_WIDTH),
+                     printable(e.get("host") or e.get("category") or "every upload", HOST_WIDTH),
+                     left + (f", {printable(typed, 16)}" if typed else ""),
+                     printable(e.get("source"), 24)])
+    return table(["ID", "KIND", "DEVICE", "FOR", "LASTS", "MADE BY"], rows)
 
 
 def format_flows(flows: list[dict[str, Any]], now: float) -> str:
@@ -359,11 +440,17 @@ def format_flows(flows: list[dict[str, Any]], now: float) -> str:
 def format_log(records: list[dict[str, Any]]) -> str:
     if not records:
         return "no audit records"
+
+    def size(r: dict[str, Any]) -> str:
+        if r.get("outcome") == "blocked":
+            attempts = int(r.get("attempts") or 1)
+            return f"0 B, {attempts} attempt{'s' if attempts != 1 else ''}"
+        return f"{int(r.get('packets') or 0)} pkt/{human_bytes(r.get('bytes'))}"
+
     return table(
         ["TIME", "DEVICE", "TO", "CATEGORY", "SIZE", "OUTCOME", "BY"],
         [[clock(r.get("decided_at")), printable(r.get("device"), NAME_WIDTH), target(r),
-          printable(r.get("category"), 14),
-          f"{int(r.get('packets') or 0)} pkt/{human_bytes(r.get('bytes'))}",
+          printable(r.get("category"), 14), size(r),
           printable(r.get("outcome"), 12), printable(r.get("decided_by"), 20)]
          for r in records],
     )
@@ -395,7 +482,7 @@ def pending(as_json: bool, socket_path: str | None, config_path: str | None) -> 
         click.echo(rendered(lambda r: format_pending(r, time.time()), result))
 
 
-def decide_or_window(verb: str, upload_id: int | None, for_s: float | None, always: bool,
+def decide_or_window(verb: str, upload_id: int | None, for_s: Duration | None, always: bool,
                      device: str | None, socket_path: str | None,
                      config_path: str | None) -> None:
     if device is not None:
@@ -407,15 +494,25 @@ def decide_or_window(verb: str, upload_id: int | None, for_s: float | None, alwa
             raise click.UsageError(f"{verb} --device NAME needs --for DURATION (e.g. 30m)")
         kind = "allow" if verb == "allow" else "quiet"
         window = call(socket_path, config_path, {
-            "cmd": "window", "device": device, "kind": kind, "duration_s": for_s, "by": whoami(),
+            "cmd": "window", "device": device, "kind": kind, "duration_s": float(for_s),
+            "duration_text": for_s.text, "by": whoami(),
         })
-        from guard.core.policy import format_duration
-
         what = ("uploads pass, logged" if kind == "allow"
                 else "uploads denied at once, no prompt")
-        click.echo(rendered(lambda w: (
-            f"{kind} window for {printable(w['device'], NAME_WIDTH)} until {clock(w['until'])} "
-            f"({format_duration(for_s)}): {what}"), window))
+
+        def said(w: dict[str, Any]) -> str:
+            line = (f"{kind} window for {printable(w['device'], NAME_WIDTH)} until "
+                    f"{clock(w['until'])} ({printable(w.get('duration_text') or for_s.text, 16)})"
+                    f": {what}")
+            if w.get("id"):
+                line += f" [{printable(w['id'], 12)}]"
+            if w.get("superseded"):
+                ended = ", ".join(printable(i, 12) for i in w["superseded"])
+                line += (f"; ended {'the mute' if kind == 'allow' else 'the allow window'} "
+                         f"{ended}")
+            return line
+
+        click.echo(rendered(said, window))
         return
     if upload_id is None:
         raise click.UsageError(
@@ -424,10 +521,13 @@ def decide_or_window(verb: str, upload_id: int | None, for_s: float | None, alwa
     if always and for_s is not None:
         raise click.UsageError("--for and --always are exclusive")
     scope = "always" if always else "for" if for_s is not None else "once"
-    upload = call(socket_path, config_path, {
-        "cmd": "decide", "id": upload_id, "verb": verb, "scope": scope, "duration_s": for_s,
-        "by": whoami(),
-    })
+    request: dict[str, Any] = {
+        "cmd": "decide", "id": upload_id, "verb": verb, "scope": scope,
+        "duration_s": float(for_s) if for_s is not None else None, "by": whoami(),
+    }
+    if for_s is not None:
+        request["duration_text"] = for_s.text
+    upload = call(socket_path, config_path, request)
 
     def say(u: dict[str, Any]) -> str:
         held = f"{int(u.get('held_packets') or 0)} pkt/{human_bytes(u.get('held_bytes'))}"
@@ -436,13 +536,15 @@ def decide_or_window(verb: str, upload_id: int | None, for_s: float | None, alwa
         line = (f"{past} {printable(u.get('id', upload_id), 12)}: "
                 f"{printable(u.get('device'), NAME_WIDTH)} to {target(u)} ({held} {done})")
         if scope == "for":
-            from guard.core.policy import format_duration
-
             line += (f"; the same for {printable(u.get('device'), NAME_WIDTH)}'s "
                      f"{printable(u.get('category') or 'unknown', 14)} uploads for "
-                     f"{format_duration(for_s or 0)}")
+                     f"{printable(for_s.text if for_s is not None else '', 16)}")
+            if u.get("window"):
+                line += f" [{printable(u['window'], 12)}]"
         elif scope == "always":
             line += "; always, as a standing rule"
+            if u.get("rule"):
+                line += f" [{printable(u['rule'], 12)}; `hushgate rules revoke` removes it]"
         return line
 
     click.echo(rendered(say, upload))
@@ -450,13 +552,13 @@ def decide_or_window(verb: str, upload_id: int | None, for_s: float | None, alwa
 
 @main.command(short_help="Release a held upload, or open an allow window.")
 @click.argument("upload_id", metavar="[ID]", required=False, type=click.IntRange(min=0))
-@click.option("--for", "for_s", metavar="DURATION", callback=duration_option,
-              help="Also allow the device's uploads of this category for a while (90s, 30m, "
-                   "2h); with --device, an allow window.")
+@click.option("--for", "for_s", metavar="DURATION", callback=window_duration_option,
+              help="Also allow the device's uploads of this category for a while (1s to "
+                   "30d: 90s, 30m, 2h); with --device, an allow window (it ends a mute).")
 @click.option("--always", is_flag=True, help="Also allow this device and host from now on.")
 @click.option("--device", metavar="NAME", help="Open an allow window for a device (with --for).")
 @daemon_options
-def allow(upload_id: int | None, for_s: float | None, always: bool, device: str | None,
+def allow(upload_id: int | None, for_s: Duration | None, always: bool, device: str | None,
           socket_path: str | None, config_path: str | None) -> None:
     """Release a held upload, in order; or open an allow window for a device."""
     decide_or_window("allow", upload_id, for_s, always, device, socket_path, config_path)
@@ -464,13 +566,14 @@ def allow(upload_id: int | None, for_s: float | None, always: bool, device: str 
 
 @main.command(short_help="Discard a held upload, or mute a device.")
 @click.argument("upload_id", metavar="[ID]", required=False, type=click.IntRange(min=0))
-@click.option("--for", "for_s", metavar="DURATION", callback=duration_option,
-              help="With --device: a quiet window (uploads denied at once, no prompt). With an "
-                   "ID: also deny the device's uploads of this category for a while.")
+@click.option("--for", "for_s", metavar="DURATION", callback=window_duration_option,
+              help="With --device: a quiet window (a mute: uploads denied at once, no prompt; "
+                   "1s to 30d; `unmute` lifts it). With an ID: also deny the device's uploads "
+                   "of this category for a while.")
 @click.option("--always", is_flag=True, help="Also deny this device and host from now on.")
 @click.option("--device", metavar="NAME", help="Mute a device's uploads (with --for).")
 @daemon_options
-def deny(upload_id: int | None, for_s: float | None, always: bool, device: str | None,
+def deny(upload_id: int | None, for_s: Duration | None, always: bool, device: str | None,
          socket_path: str | None, config_path: str | None) -> None:
     """Discard a held upload and reset its connection; or open a quiet window for a device."""
     decide_or_window("deny", upload_id, for_s, always, device, socket_path, config_path)
@@ -485,11 +588,13 @@ def devices(ctx: click.Context, as_json: bool, socket_path: str | None,
     """Configured devices with their mode, flows and uploads (or: `devices discover`)."""
     if ctx.invoked_subcommand is not None:
         return
+    import time
+
     result = call(socket_path, config_path, {"cmd": "devices"})
     if as_json:
         emit_json(result)
     else:
-        click.echo(rendered(format_devices, result))
+        click.echo(rendered(lambda r: format_devices(r, time.time()), result))
 
 
 @devices.command("discover", short_help="Find speakers on the LAN.")
@@ -540,9 +645,9 @@ def flows(device: str | None, as_json: bool, socket_path: str | None,
 def outcome_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value is None:
         return None
-    from guard.core.policy import Outcome
+    from guard.core.policy import LOG_OUTCOMES
 
-    names = [o.value for o in Outcome]
+    names = list(LOG_OUTCOMES)
     if value.lower() not in names:
         raise click.BadParameter(f"{value!r} is not one of {', '.join(names)}")
     return value.lower()
@@ -551,26 +656,108 @@ def outcome_option(ctx: click.Context, param: click.Parameter, value: str | None
 @main.command(short_help="The audit log, newest first.")
 @click.option("--device", metavar="NAME", help="Only this device's uploads.")
 @click.option("--since", "since_s", metavar="DURATION", callback=duration_option,
-              help="Only decisions of the last DURATION (90s, 30m, 2h, 1d).")
+              help="Only entries of the last DURATION (90s, 30m, 2h, 1d).")
+@click.option("--until", "until_s", metavar="DURATION", callback=duration_option,
+              help="Only entries older than DURATION ago (with --since: a time range).")
 @click.option("--outcome", metavar="OUTCOME", callback=outcome_option,
-              help="approved, denied, expired, window, quiet, rule, monitored, capped or lost.")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
+              help="approved, denied, expired, window, quiet, rule, monitored, capped, lost, or "
+                   "blocked (refused messaging and calling attempts).")
+@click.option("--text", metavar="TEXT", help="Only entries whose device, host or category "
+              "contains TEXT (any case).")
+@click.option("--limit", type=click.IntRange(min=1, max=10000), default=50, show_default=True,
               help="At most this many records, newest first.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of audit records.")
 @daemon_options
-def log(device: str | None, since_s: float | None, outcome: str | None, limit: int,
-        as_json: bool, socket_path: str | None, config_path: str | None) -> None:
-    """The audit log: every upload and how it ended, newest first."""
+def log(device: str | None, since_s: float | None, until_s: float | None, outcome: str | None,
+        text: str | None, limit: int, as_json: bool, socket_path: str | None,
+        config_path: str | None) -> None:
+    """The audit log, newest first: every upload, its true size (what it sent, also after an
+    allow) and how it ended; and refused connection attempts of blocked categories (outcome
+    blocked, nothing sent)."""
     import time
 
-    since = time.time() - since_s if since_s is not None else None
-    result = call(socket_path, config_path, {
-        "cmd": "log", "device": device, "since": since, "outcome": outcome, "limit": limit,
-    })
+    now = time.time()
+    request: dict[str, Any] = {
+        "cmd": "log", "device": device, "since": now - since_s if since_s is not None else None,
+        "outcome": outcome, "limit": limit,
+    }
+    if until_s is not None:
+        request["until"] = now - until_s
+    if text:
+        request["text"] = text
+    result = call(socket_path, config_path, request)
     if as_json:
         emit_json(result)
     else:
         click.echo(rendered(format_log, result))
+
+
+@rules.command("list", short_help="Windows, mutes and always-rules in force.")
+@click.option("--device", metavar="NAME", help="Only this device's.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of entries.")
+@daemon_options
+def rules_list(device: str | None, as_json: bool, socket_path: str | None,
+               config_path: str | None) -> None:
+    """Allow windows, mutes and always-rules in force, with the id `rules revoke` takes (w<N>
+    for a window or mute, r<N> for an always-rule)."""
+    import time
+
+    result = call(socket_path, config_path, {"cmd": "rules", "device": device})
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(rendered(lambda r: format_rules(r, time.time()), result))
+
+
+@rules.command("revoke", short_help="Remove a window, mute or always-rule.")
+@click.argument("entry_id", metavar="ID")
+@daemon_options
+def rules_revoke(entry_id: str, socket_path: str | None, config_path: str | None) -> None:
+    """Remove one window, mute or always-rule (ID from `hushgate rules list`), at once."""
+    import re
+
+    if not re.fullmatch(r"[wrWR]\d{1,18}", entry_id.strip()):
+        raise click.BadParameter(f"{printable(entry_id, 32)!r}: use w<N> or r<N> from "
+                                 "`hushgate rules list`", param_hint="ID")
+    entry = call(socket_path, config_path, {"cmd": "revoke", "id": entry_id.strip().lower(),
+                                            "by": whoami()})
+    click.echo(rendered(lambda e: (
+        f"revoked {printable(e['id'], 12)}: {printable(e.get('kind'), 14)} for "
+        f"{printable(e.get('device'), NAME_WIDTH)} "
+        f"({printable(e.get('host') or e.get('category') or 'every upload', HOST_WIDTH)})"),
+        entry))
+
+
+@main.command(short_help="Lift a device's mute.")
+@click.option("--device", metavar="NAME", required=True, help="The device to unmute.")
+@daemon_options
+def unmute(device: str, socket_path: str | None, config_path: str | None) -> None:
+    """End every mute (quiet window) of a device now: its next upload waits for a decision
+    again (as its mode says)."""
+    result = call(socket_path, config_path, {"cmd": "unmute", "device": device, "by": whoami()})
+
+    def said(r: dict[str, Any]) -> str:
+        name = printable(r["device"], NAME_WIDTH)
+        if not r.get("revoked"):
+            return f"{name} was not muted"
+        return f"unmuted {name} (ended {', '.join(printable(i, 12) for i in r['revoked'])})"
+
+    click.echo(rendered(said, result))
+
+
+@main.command("mode", short_help="Change a device's mode at run time.")
+@click.option("--device", metavar="NAME", required=True, help="The device.")
+@click.argument("mode", type=click.Choice(["strict", "followups", "monitor", "off", "config"]))
+@daemon_options
+def mode_cmd(device: str, mode: str, socket_path: str | None, config_path: str | None) -> None:
+    """Set a device's MODE now (strict, followups, monitor, off), kept in the state database
+    over the config file's (it survives restarts); `config` goes back to the config file's."""
+    result = call(socket_path, config_path, {"cmd": "mode", "device": device, "mode": mode,
+                                             "by": whoami()})
+    click.echo(rendered(lambda r: (
+        f"{printable(r['device'], NAME_WIDTH)}: mode {printable(r['mode'])}"
+        + (f" (the config file says {printable(r.get('configured_mode'))}; kept across "
+           "restarts)" if r.get("mode_overridden") else " (as the config file says)")), result))
 
 
 @main.command(short_help="Run the guard in the foreground.")
