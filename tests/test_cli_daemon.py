@@ -567,3 +567,140 @@ def test_firewall_remove_needs_the_configured_backend_only(
     assert remove_everything(load_config(config), rec)[0] == "nftables table inet hushgate"
     assert rec.calls[0] == (("nft", "-f", "-"),
                             "table inet hushgate {}\ndelete table inet hushgate\n")
+
+
+# ------------------------------------------------------------- windows, mutes, rules, modes
+
+
+def test_rules_list_and_revoke(daemon: FakeDaemon) -> None:
+    now = time.time()
+    daemon.results["rules"] = [
+        {"id": "r1", "kind": "always-allow", "device": "kitchen-echo",
+         "host": "bob-dispatch-prod-na.amazon.com", "category": None, "created": now - 60,
+         "until": None, "duration_text": None, "source": "cli:root (uid 0)"},
+        {"id": "w3", "kind": "mute", "device": "den-echo", "host": None, "category": None,
+         "created": now - 10, "until": now + 3600, "duration_text": "1h", "source": "web"}]
+    daemon.results["revoke"] = lambda req: {**daemon.results["rules"][0], "id": req["id"]}
+    out = run("rules", "list", "--socket", daemon.path)
+    assert out.exit_code == 0, out.output
+    lines = out.stdout.splitlines()
+    assert columns(lines[0]) == ["ID", "KIND", "DEVICE", "FOR", "LASTS", "MADE BY"]
+    assert columns(lines[1])[:5] == ["r1", "always-allow", "kitchen-echo",
+                                     "bob-dispatch-prod-na.amazon.com", "always"]
+    assert columns(lines[2])[:4] == ["w3", "mute", "den-echo", "every upload"]
+    assert columns(lines[2])[4].endswith(", 1h") and "left" in columns(lines[2])[4]
+    out = run("rules", "list", "--device", "den-echo", "--json", "--socket", daemon.path)
+    assert json.loads(out.stdout) == daemon.results["rules"]
+    assert daemon.requests[-1] == {"cmd": "rules", "device": "den-echo"}
+    out = run("rules", "revoke", "R1", "--socket", daemon.path)
+    assert out.exit_code == 0, out.output
+    assert out.stdout.startswith("revoked r1: always-allow for kitchen-echo")
+    assert daemon.requests[-1]["id"] == "r1" and daemon.requests[-1]["by"].startswith("cli:")
+    before = len(daemon.requests)
+    out = run("rules", "revoke", "7", "--socket", daemon.path)
+    assert out.exit_code == 2 and "use w<N> or r<N>" in out.stderr
+    assert len(daemon.requests) == before
+    daemon.results["revoke"] = RuntimeError("no active window or rule 'w9' (see `hushgate rules "
+                                            "list`)")
+    out = run("rules", "revoke", "w9", "--socket", daemon.path)
+    assert out.exit_code == 1 and "no active window or rule 'w9'" in out.stderr
+
+
+def test_unmute_and_an_allow_window_that_ends_a_mute(daemon: FakeDaemon) -> None:
+    daemon.results["unmute"] = lambda req: {"device": req["device"], "revoked": ["w3"]}
+    out = run("unmute", "--device", "kitchen-echo", "--socket", daemon.path)
+    assert out.exit_code == 0 and out.stdout == "unmuted kitchen-echo (ended w3)\n"
+    daemon.results["unmute"] = {"device": "kitchen-echo", "revoked": []}
+    out = run("unmute", "--device", "kitchen-echo", "--socket", daemon.path)
+    assert out.stdout == "kitchen-echo was not muted\n"
+    assert run("unmute", "--socket", daemon.path).exit_code == 2  # --device is required
+    daemon.results["window"] = lambda req: {
+        "id": "w4", "device": req["device"], "kind": req["kind"], "until": time.time() + 1,
+        "duration_text": req["duration_text"], "superseded": ["w3"]}
+    out = run("allow", "--device", "kitchen-echo", "--for", "1s", "--socket", daemon.path)
+    assert out.exit_code == 0
+    assert "(1s): uploads pass, logged [w4]; ended the mute w3" in out.stdout
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("400d", "duration 400d is above the maximum of 30d"),
+    ("0s", "duration 0s is below the minimum of 1s"),
+    ("0.5s", "below the minimum of 1s"),
+])
+def test_window_durations_are_bounded_and_said_as_typed(daemon: FakeDaemon, value: str,
+                                                        message: str) -> None:
+    """Issue 15: `--for 400d` was taken and shown as "9600.0h"."""
+    for args in (["deny", "--device", "kitchen-echo"], ["allow", "7"]):
+        out = run(*args, "--for", value, "--socket", daemon.path)
+        assert out.exit_code == 2 and message in " ".join(out.stderr.split())
+    assert "unmute" in " ".join(run("deny", "--device", "x", "--for", "0s", "--socket",
+                                    daemon.path).stderr.split())
+    assert daemon.requests == []
+
+
+def test_a_window_is_said_as_typed(daemon: FakeDaemon) -> None:
+    daemon.results["window"] = lambda req: {"device": req["device"], "kind": req["kind"],
+                                            "until": time.time() + req["duration_s"]}
+    out = run("deny", "--device", "kitchen-echo", "--for", "30d", "--socket", daemon.path)
+    assert out.exit_code == 0 and "(30d): uploads denied at once" in out.stdout
+    assert daemon.requests[0]["duration_text"] == "30d"
+    assert daemon.requests[0]["duration_s"] == 30 * 86400
+
+
+def test_mode_command(daemon: FakeDaemon) -> None:
+    daemon.results["mode"] = lambda req: {"device": req["device"], "mode": req["mode"],
+                                          "configured_mode": "strict",
+                                          "mode_overridden": req["mode"] != "strict"}
+    out = run("mode", "--device", "kitchen-echo", "monitor", "--socket", daemon.path)
+    assert out.exit_code == 0
+    assert out.stdout == ("kitchen-echo: mode monitor (the config file says strict; kept across "
+                          "restarts)\n")
+    assert daemon.requests[0]["mode"] == "monitor"
+    assert run("mode", "--device", "kitchen-echo", "loud", "--socket", daemon.path).exit_code == 2
+
+
+def test_devices_show_state_counts_and_mute(daemon: FakeDaemon) -> None:
+    now = time.time()
+    daemon.results["devices"] = [
+        {"name": "kitchen-echo", "address": "198.18.10.10", "mac": None, "mode": "monitor",
+         "configured_mode": "strict", "mode_overridden": True, "flows": 2, "uploads": 10,
+         "online": True, "last_seen": now - 5, "last_upload": now - 60, "pending": 1,
+         "mute_until": now + 3600, "windows": 1, "rules": 0,
+         "counts_24h": {"monitored": 9, "blocked": 3, "approved": 0}},
+        {"name": "den-echo", "address": "198.18.10.11", "mac": None, "mode": "strict",
+         "configured_mode": "strict", "mode_overridden": False, "flows": 0, "uploads": 0,
+         "online": False, "last_seen": None, "last_upload": None, "pending": 0,
+         "mute_until": None, "windows": 0, "rules": 0, "counts_24h": {}}]
+    out = run("devices", "--socket", daemon.path)
+    assert out.exit_code == 0, out.output
+    lines = out.stdout.splitlines()
+    kitchen, den = columns(lines[1]), columns(lines[2])
+    assert kitchen[:7] == ["kitchen-echo", "monitor*", "-", "198.18.10.10", "2", "10", "online"]
+    assert kitchen[8] == "1" and kitchen[-1] == "blocked 3, monitored 9"
+    assert den[6] == "not seen" and den[-1] == "-"
+    assert "the config file says kitchen-echo: strict" in out.stdout
+
+
+def test_log_shows_blocked_attempts_and_sends_the_new_filters(daemon: FakeDaemon) -> None:
+    now = time.time()
+    daemon.results["log"] = [
+        {"id": None, "device": "kitchen-echo", "host": "alexa-comms-mobile-service.amazon.com",
+         "remote": "198.19.0.20:443", "category": "messaging", "bytes": 0, "packets": 0,
+         "started": now - 100, "decided_at": now - 50, "outcome": "blocked",
+         "decided_by": "rule", "kind": "blocked", "via": "rule", "reason": "messaging is "
+         "blocked", "attempts": 3},
+        {"id": 5, "device": "kitchen-echo", "host": "bob-dispatch-prod-na.amazon.com",
+         "remote": "198.19.0.10:443", "category": "voice", "bytes": 23984, "packets": 40,
+         "started": now - 200, "decided_at": now - 190, "outcome": "approved",
+         "decided_by": "web", "kind": "upload", "via": "web", "reason": None, "attempts": 1}]
+    out = run("log", "--outcome", "blocked", "--text", "comms", "--since", "1d", "--until",
+              "1h", "--socket", daemon.path)
+    assert out.exit_code == 0, out.output
+    lines = out.stdout.splitlines()
+    assert columns(lines[1])[1:] == ["kitchen-echo", "alexa-comms-mobile-service.amazon.com",
+                                     "messaging", "0 B, 3 attempts", "blocked", "rule"]
+    assert columns(lines[2])[4] == "40 pkt/24 KB"
+    [req] = daemon.requests
+    assert req["outcome"] == "blocked" and req["text"] == "comms"
+    assert abs(req["until"] - (time.time() - 3600)) < 60
+    assert abs(req["since"] - (time.time() - 86400)) < 60
