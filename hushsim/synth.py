@@ -30,6 +30,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
+from guard.tools.capture import write_pcap
+
 __all__ = [
     "ECHO",
     "EPOCH",
@@ -1337,10 +1339,9 @@ def nest_quic_truth(seed: int = 1) -> list[dict]:
 
 
 def _write(path: str | Path, frames: Sequence[tuple[float, bytes]]) -> Path:
+    """An Ethernet pcap, written by the project's one pcap writer (guard/tools/capture.py)."""
     path = Path(path)
-    with path.open("wb") as f:
-        writer = dpkt.pcap.Writer(f, snaplen=65_535, linktype=dpkt.pcap.DLT_EN10MB)
-        writer.writepkts(frames)
+    write_pcap(path, frames, linktype=dpkt.pcap.DLT_EN10MB, snaplen=65_535)
     return path
 
 

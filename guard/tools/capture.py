@@ -10,6 +10,7 @@ packet, because `hushgate analyze` runs over whole captures.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
@@ -256,15 +257,22 @@ def _interface(body: bytes, order: str) -> tuple[int, int, int]:
 
 
 def write_pcap(
-    path: str, frames: Iterable[tuple[float, bytes]], linktype: int = 1, nano: bool = False
+    path: str | os.PathLike[str], frames: Iterable[tuple[float, bytes]], linktype: int = 1,
+    nano: bool = False, snaplen: int = 262144,
 ) -> None:
     """Write (timestamp, frame) pairs as a little-endian classic pcap, in microseconds unless
-    `nano`; e.g. to cut a test fixture out of a larger capture."""
+    `nano`; e.g. to cut a test fixture out of a larger capture.
+
+    The project's one pcap writer: the simulator's synthetic captures (hushsim.synth) and the
+    tests write with it too. It is the standard library's, not dpkt's, because it lives next to
+    the reader it must round-trip with in a module the router runs without dpkt, and because
+    dpkt 1.9.8's Writer does not carry a sub-second part that rounds up to a whole second (it
+    writes ts_usec = 1000000 for 9.9999999 s) and writes in the host's byte order."""
     tps = 1_000_000_000 if nano else 1_000_000
     magic = 0xA1B23C4D if nano else 0xA1B2C3D4
     rec = struct.Struct("<IIII")
     with open(path, "wb") as f:
-        f.write(struct.pack("<IHHiIII", magic, 2, 4, 0, 0, 262144, linktype))
+        f.write(struct.pack("<IHHiIII", magic, 2, 4, 0, 0, snaplen, linktype))
         for ts, frame in frames:
             sec = int(ts // 1)
             frac = round((ts - sec) * tps)  # split first: ts * 1e9 would lose precision
