@@ -134,6 +134,8 @@ del _F, _E
 class UploadState(str, Enum):
     PENDING = "pending"
     PASSING = "passing"  # allowed (by anyone) or passed by policy: the rest goes through
+    # followups: passed as a dialogue's first turn; held if it runs past max_turn_s
+    FIRST_TURN = "first-turn"
     MONITORED = "monitored"
     DENIED = "denied"
     ENDED = "ended"
@@ -141,7 +143,8 @@ class UploadState(str, Enum):
 
 class UploadEvent(str, Enum):
     """What happens to an upload: each moves it as `UPLOAD_TABLE` says, or raises. An upload
-    starts PENDING (held), PASSING (passed by policy) or MONITORED (monitor mode)."""
+    starts PENDING (held), PASSING (passed by a standing decision), FIRST_TURN (passed by the
+    followups mode) or MONITORED (monitor mode)."""
 
     ALLOWED = "allowed"  # a person, a hook or a window let it through
     DENIED = "denied"  # denied, expired, capped, lost, or a rule or quiet window
@@ -153,14 +156,16 @@ _U, _V = UploadState, UploadEvent
 UPLOAD_TABLE: dict[tuple[UploadState, UploadEvent], UploadState] = {
     (_U.PENDING, _V.ALLOWED): _U.PASSING,
     (_U.PENDING, _V.DENIED): _U.DENIED,
-    (_U.PASSING, _V.LONG_TURN): _U.PENDING,
     (_U.PASSING, _V.DENIED): _U.DENIED,
     (_U.PASSING, _V.ENDED): _U.ENDED,
+    (_U.FIRST_TURN, _V.LONG_TURN): _U.PENDING,
+    (_U.FIRST_TURN, _V.DENIED): _U.DENIED,
+    (_U.FIRST_TURN, _V.ENDED): _U.ENDED,
     (_U.MONITORED, _V.ENDED): _U.ENDED,
     (_U.DENIED, _V.ENDED): _U.ENDED,
     # ENDED is final
 }
-UPLOAD_START_STATES = frozenset({_U.PENDING, _U.PASSING, _U.MONITORED})
+UPLOAD_START_STATES = frozenset({_U.PENDING, _U.PASSING, _U.FIRST_TURN, _U.MONITORED})
 del _U, _V
 
 # States whose upstream traffic is an activity that ends after UPLOAD_END_GAP_S of quiet
@@ -250,7 +255,6 @@ class Upload:
     held_bytes: int = 0
     seqs: set[tuple[int, int]] = field(default_factory=set)
     reason: str = ""
-    first_turn: bool = False  # followups: passed as a first turn, held if it runs too long
     # Held in a relayed stream: bounded in bytes only (the relay keeps bytes, not packets, and
     # a speaker that the router ACKs keeps sending: 20 s of 60 records/s)
     stream: bool = False
@@ -744,8 +748,7 @@ class Engine:
         elif flow.state in _DROPPING_OR_PASSING:
             when = flow.last_up + UPLOAD_END_GAP_S
             upload = flow.upload
-            if (upload is not None and upload.action is UploadAction.PASS
-                    and upload.state is UploadState.PASSING and upload.first_turn):
+            if upload is not None and upload.state is UploadState.FIRST_TURN:
                 when = min(when, upload.start + self.config.max_turn_s)
         self._schedule(flow, when)
 
@@ -826,7 +829,7 @@ class Engine:
             upload = flow.upload
             if now >= flow.last_up + UPLOAD_END_GAP_S:
                 self._end_activity(flow)
-            elif (upload is not None and upload.first_turn
+            elif (upload is not None and upload.state is UploadState.FIRST_TURN
                   and now >= upload.start + self.config.max_turn_s):
                 self._hold_long_turn(flow, upload, now)
 
@@ -1303,7 +1306,8 @@ class Engine:
             upload = flow.upload
             if upload is not None:
                 self._count_into(upload, pkt, now)
-                if upload.first_turn and now - upload.start >= self.config.max_turn_s:
+                if (upload.state is UploadState.FIRST_TURN
+                        and now - upload.start >= self.config.max_turn_s):
                     self._hold_long_turn(flow, upload, now)
                     return self._hold_into(flow, upload, pkt, now, token)
             flow.activity_passed += pkt.payload_len
@@ -1524,13 +1528,14 @@ class Engine:
                        else "rule")
             return
         if standing is not None or followup_free:
-            upload = self._new_upload(flow, now, UploadAction.PASS, reason, UploadState.PASSING)
+            upload = self._new_upload(
+                flow, now, UploadAction.PASS, reason,
+                UploadState.PASSING if standing is not None else UploadState.FIRST_TURN)
             if standing is not None:
                 upload.outcome, upload.decided_by = standing[0], standing[0].value
             else:
                 # the mode is the standing rule that lets a first turn through
                 upload.outcome, upload.decided_by = Outcome.RULE, "followups"
-                upload.first_turn = True
             upload.decision_time = now
             self._pass_burst(flow, burst, current, upload)
             self.actions.append(UploadSeen(upload.summary()))
@@ -1605,7 +1610,6 @@ class Engine:
         upload.action = UploadAction.HOLD
         upload.outcome = None
         upload.decided_by = None
-        upload.first_turn = False
         upload.leaked_bytes = upload.bytes
         upload.expires = now + self.config.hold_timeout_s
         upload.held = []
@@ -1696,7 +1700,8 @@ class Engine:
     def _end_activity(self, flow: Flow) -> None:
         upload = flow.upload
         if upload is not None:
-            if upload.state in (UploadState.PASSING, UploadState.MONITORED, UploadState.DENIED):
+            if upload.state in (UploadState.PASSING, UploadState.FIRST_TURN, UploadState.MONITORED,
+                                UploadState.DENIED):
                 upload.move(UploadEvent.ENDED)
                 self.uploads.pop(upload.id, None)
                 self.actions.append(UploadEnded(upload.summary()))
