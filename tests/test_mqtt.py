@@ -463,3 +463,20 @@ def test_broker_down_never_blocks_and_the_outage_is_said_once_then_it_reconnects
         assert time.monotonic() - t0 < 6.0
         broker.kill()
     assert any("again after" in line for line in said), said
+
+
+def test_doctor_says_in_one_line_that_paho_is_missing_and_when_the_broker_is_down(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from guard.tools.doctor import _check_mqtt
+
+    config = parse_config({"mqtt": {"host": "192.168.1.2"}})
+    assert _check_mqtt(config, None).severity == "ok"
+    assert _check_mqtt(config, {"mqtt": {"connected": True}}).severity == "ok"
+    down = _check_mqtt(config, {"mqtt": {"connected": False, "down_s": 75.2}})
+    assert down.severity == "warn" and "unreachable for 75 s" in down.message
+    for name in [n for n in sys.modules if n == "paho" or n.startswith("paho.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "paho", None)
+    missing = _check_mqtt(config, None)
+    assert missing.severity == "warn" and "paho-mqtt is not installed" in missing.message
+    assert "\n" not in missing.message and "hushgate[mqtt]" in missing.fix

@@ -593,6 +593,28 @@ def _check_fail_mode(
 # --------------------------------------------------------------------------- entry points
 
 
+def _check_mqtt(config: GuardConfig, status: dict | None) -> Check:
+    """[mqtt] (Home Assistant): paho-mqtt installed, and the broker reached while the guard runs."""
+    from guard.shell.mqtt import paho_missing
+
+    assert config.mqtt is not None
+    missing = paho_missing()
+    if missing is not None:
+        return Check.warn("mqtt", missing, "pip install 'hushgate[mqtt]' (or apt install "
+                          "python3-paho-mqtt), then restart the guard")
+    broker = f"{config.mqtt.host}:{config.mqtt.port}"
+    mqtt = status.get("mqtt") if isinstance(status, dict) else None
+    if not isinstance(mqtt, dict):
+        return Check.good("mqtt", f"paho-mqtt is installed; the broker {broker} is checked "
+                          "while the guard runs")
+    if mqtt.get("connected"):
+        return Check.good("mqtt", f"connected to the broker {broker}")
+    return Check.warn("mqtt", f"the broker {broker} has been unreachable for "
+                      f"{mqtt.get('down_s', 0):.0f} s (uploads are still held: answer them on "
+                      "the web page or the CLI)",
+                      "check [mqtt] host, port, credentials and ca_file, and that the broker runs")
+
+
 def diagnose(
     config: GuardConfig,
     *,
@@ -656,6 +678,8 @@ def diagnose(
     checks.append(_check_capabilities(config, pid, read_file))
     checks.append(_check_listen(config, socket_up, probe))
     checks.append(_check_fail_mode(config, installed, queue_bypass, config_path))
+    if config.mqtt is not None:
+        checks.append(_check_mqtt(config, status_of(config.socket) if socket_up else None))
     return checks
 
 
