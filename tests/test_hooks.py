@@ -227,3 +227,45 @@ def test_unreachable_url_is_counted(make_hooks) -> None:
 def test_only_http_urls_are_accepted() -> None:
     with pytest.raises(ValueError, match="http"):
         Hooks((Hook(("upload-held",), url="file:///etc/passwd"),))
+
+
+# -- listeners and the UCI mapping (issue 15 point 3) ----------------------------------------
+
+
+def test_listeners_get_every_event_and_a_broken_one_harms_nothing(tmp_path: Path,
+                                                                  make_hooks) -> None:
+    seen: list[tuple[str, int]] = []
+    hooks = make_hooks()
+
+    def broken(event: str, payload: Any) -> None:
+        raise RuntimeError("listener bug")
+
+    hooks.add_listener(broken)
+    hooks.add_listener(lambda event, payload: seen.append((event, payload["id"])))
+    hooks.emit("upload-held", UPLOAD)
+    hooks.emit("upload-decided", {**UPLOAD, "outcome": "approved"})
+    assert seen == [("upload-held", UPLOAD["id"]), ("upload-decided", UPLOAD["id"])]
+
+
+def test_uci_maps_ntfy_hooks_and_the_mqtt_section_with_line_numbers() -> None:
+    from guard.tools.uci import UciError, uci_to_config
+
+    text = "\n".join([
+        "config web 'web'", "\toption listen '192.168.1.1:8787'",
+        "config mqtt 'mqtt'", "\toption host '192.168.1.2'", "\toption username 'hushgate'",
+        "\toption password 'pw'", "\toption ca_file '/etc/hushgate/mqtt-ca.pem'",
+        "\toption mute_for_s '600'",
+        "config hook", "\toption kind 'ntfy'", "\toption url 'https://ntfy.sh'",
+        "\toption topic 'hushgate-abc123'", "\toption token 'tk_x'", "\toption priority '5'",
+        "config device 'echo'", "\toption mac '68:db:f5:90:19:64'", ""])
+    config = uci_to_config(text)
+    assert config.mqtt is not None and config.mqtt.tls and config.mqtt.mute_for_s == 600.0
+    (hook,) = config.hooks
+    assert (hook.kind, hook.topic, hook.token, hook.priority) == ("ntfy", "hushgate-abc123",
+                                                                  "tk_x", 5)
+    with pytest.raises(UciError) as bad:
+        uci_to_config(text.replace("option priority '5'", "option priority '9'"))
+    assert bad.value.line == 14 and "priority" in str(bad.value)
+    with pytest.raises(UciError) as bad:
+        uci_to_config(text.replace("option host", "option hots"))
+    assert bad.value.line == 4 and "config mqtt" in str(bad.value)

@@ -18,7 +18,12 @@ Mapping (one UCI section per TOML table, keys as in the TOML file):
     config metrics 'metrics'-> [metrics]   option listen ('' turns metrics off)
     config web 'web'        -> [web]       listen, password_hash, tls, list host
     config hook             -> [[hook]]    list event, option command (a path) or list command
-                                           (an argv), option url, option timeout_s
+                                           (an argv), option url, option timeout_s; an ntfy hook:
+                                           option kind 'ntfy', topic, token (or username and
+                                           password), priority, action_url
+    config mqtt 'mqtt'      -> [mqtt]      host, port, username, password, tls, ca_file,
+                                           client_id, discovery_prefix, base_topic, keepalive_s,
+                                           mute_for_s (Home Assistant)
     config device           -> [[device]]  name (else the section's name), mac, address,
                                            list address6, mode, quic, route_mark (0x100),
                                            list category 'telemetry=block'; enabled '0' skips it
@@ -325,6 +330,26 @@ _SECTION_SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "command": ("command", "argv"),
         "url": ("url", "str"),
         "timeout_s": ("timeout_s", "float"),
+        "kind": ("kind", "str"),
+        "topic": ("topic", "str"),
+        "token": ("token", "str"),
+        "username": ("username", "str"),
+        "password": ("password", "str"),
+        "priority": ("priority", "int"),
+        "action_url": ("action_url", "str"),
+    },
+    "mqtt": {
+        "host": ("host", "str"),
+        "port": ("port", "int"),
+        "username": ("username", "str"),
+        "password": ("password", "str"),
+        "tls": ("tls", "bool"),
+        "ca_file": ("ca_file", "str"),
+        "client_id": ("client_id", "str"),
+        "discovery_prefix": ("discovery_prefix", "str"),
+        "base_topic": ("base_topic", "str"),
+        "keepalive_s": ("keepalive_s", "int"),
+        "mute_for_s": ("mute_for_s", "float"),
     },
     "device": {
         "name": ("name", "str"),
@@ -339,7 +364,7 @@ _SECTION_SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "enabled": ("enabled", "bool"),
     },
 }
-_SINGLETONS = ("guard", "metrics", "web")
+_SINGLETONS = ("guard", "metrics", "web", "mqtt")
 
 
 def _bool(opt: UciOption) -> bool:
@@ -506,7 +531,7 @@ def _convert(text: str, defaults: Mapping[str, Any]) -> tuple[dict[str, Any], _L
             devices.append(table)
         else:
             raise UciError(
-                f"unknown section type {section.type!r} (expected guard, metrics, web, hook or "
+                f"unknown section type {section.type!r} (expected guard, metrics, web, mqtt, hook or "
                 "device)",
                 section.line,
             )
@@ -522,7 +547,7 @@ def _convert(text: str, defaults: Mapping[str, Any]) -> tuple[dict[str, Any], _L
 
 
 _LOCATORS = (
-    (re.compile(r"^(guard|metrics|web)(?:\.(\w+))?"), "table"),
+    (re.compile(r"^(guard|metrics|web|mqtt)(?:\.(\w+))?"), "table"),
     (re.compile(r"^(hook|device)\[(\d+)\](?:\.(\w+))?"), "indexed"),
     (re.compile(r"^device '([^']*)'(?:\.(\w+))?"), "device"),
     (re.compile(r"^device names must be unique: ([^,]+)"), "duplicate"),
