@@ -425,10 +425,13 @@ def test_allowed_category_passes_and_is_fast_pathed_after_its_first_payload() ->
     conn = Conn(eng)
     assert conn.syn(T0 + 0.01) is Verdict.ACCEPT
     assert eng.take_actions() == []  # no mark before the first payload (its SNI may differ)
+    flow = next(iter(eng.flows.values()))
+    assert flow.state is FlowState.ALLOWED_UNCONFIRMED
     for i in range(20):
         assert conn.up(1460, T0 + 0.02 + i * 0.001)[0] is Verdict.ACCEPT
     marks = of(eng.take_actions(), MarkFlow)
     assert [m.verdict for m in marks] == ["allow"]
+    assert flow.state is FlowState.ALLOWED
 
 
 def test_sni_names_the_flow_and_decides_its_category(client_hello) -> None:

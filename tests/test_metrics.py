@@ -103,6 +103,7 @@ hushgate_packets_total{direction="up",verdict="reject"} 0.0
 # HELP hushgate_flows Tracked flows by state.
 # TYPE hushgate_flows gauge
 hushgate_flows{state="allowed"} 0.0
+hushgate_flows{state="allowed-unconfirmed"} 0.0
 hushgate_flows{state="blocked"} 0.0
 hushgate_flows{state="denied"} 0.0
 hushgate_flows{state="idle"} 3.0

@@ -74,7 +74,9 @@ class FlowState(str, Enum):
     PENDING = "pending"  # an upload is held, waiting for a decision
     PASSING = "passing"  # an upload that may pass (allowed, window, monitor, first turn)
     DENIED = "denied"  # an upload was denied: its leftovers are dropped until it goes quiet
-    ALLOWED = "allowed"  # decided for its lifetime: allowed category
+    ALLOWED = "allowed"  # decided for its lifetime: allowed category (the kernel passes it)
+    # an allowed category by its DNS name alone: its first payload names it for sure (SNI)
+    ALLOWED_UNCONFIRMED = "allowed-unconfirmed"
     BLOCKED = "blocked"  # decided for its lifetime: blocked category
     # An upload of this connection was pending when the guard last stopped: its first upstream
     # packet resets it (LOST), and every packet of it is dropped until it goes quiet (LOST_RESET)
@@ -86,6 +88,8 @@ class FlowEvent(str, Enum):
     """What happens to a flow: each moves it as `FLOW_TABLE` says, or raises."""
 
     CATEGORY_ALLOWED = "category allowed"  # its category passes: decided for its lifetime
+    NAME_ALLOWED = "name allowed"  # its DNS name's category passes, before any payload
+    CONFIRMED = "confirmed"  # its first payload (SNI) confirmed an allowed category
     INSPECT = "inspect"  # its name (SNI) turned out to be an inspected category after all
     BURST_STARTED = "burst started"  # a new burst is held for the detector
     BURST_RELEASED = "burst released"  # judged a message: released in order
@@ -103,6 +107,7 @@ _F, _E = FlowState, FlowEvent
 # (state, event) -> state. Any pair not in the table is illegal and raises IllegalTransition.
 FLOW_TABLE: dict[tuple[FlowState, FlowEvent], FlowState] = {
     (_F.IDLE, _E.CATEGORY_ALLOWED): _F.ALLOWED,
+    (_F.IDLE, _E.NAME_ALLOWED): _F.ALLOWED_UNCONFIRMED,
     (_F.IDLE, _E.BURST_STARTED): _F.PROVISIONAL,
     (_F.IDLE, _E.MIDSTREAM_RESET): _F.DENIED,
     (_F.IDLE, _E.BLOCKED): _F.BLOCKED,
@@ -120,8 +125,10 @@ FLOW_TABLE: dict[tuple[FlowState, FlowEvent], FlowState] = {
     (_F.PASSING, _E.BLOCKED): _F.BLOCKED,
     (_F.DENIED, _E.ACTIVITY_ENDED): _F.IDLE,
     (_F.DENIED, _E.BLOCKED): _F.BLOCKED,  # a blocked category overrides an upload's leftovers
-    (_F.ALLOWED, _E.INSPECT): _F.IDLE,
     (_F.ALLOWED, _E.BLOCKED): _F.BLOCKED,
+    (_F.ALLOWED_UNCONFIRMED, _E.CONFIRMED): _F.ALLOWED,
+    (_F.ALLOWED_UNCONFIRMED, _E.INSPECT): _F.IDLE,
+    (_F.ALLOWED_UNCONFIRMED, _E.BLOCKED): _F.BLOCKED,
     (_F.LOST, _E.LOST_RESET): _F.LOST_RESET,
     (_F.LOST, _E.BLOCKED): _F.BLOCKED,
     (_F.LOST_RESET, _E.ACTIVITY_ENDED): _F.IDLE,
@@ -171,7 +178,8 @@ del _U, _V
 # States whose upstream traffic is an activity that ends after UPLOAD_END_GAP_S of quiet
 _DROPPING_OR_PASSING = frozenset({FlowState.PASSING, FlowState.DENIED, FlowState.LOST_RESET})
 # States that hold nothing and wait for nothing: an idle flow may be forgotten
-_FORGETTABLE = frozenset({FlowState.IDLE, FlowState.ALLOWED, FlowState.BLOCKED, FlowState.LOST})
+_FORGETTABLE = frozenset({FlowState.IDLE, FlowState.ALLOWED, FlowState.ALLOWED_UNCONFIRMED,
+                          FlowState.BLOCKED, FlowState.LOST})
 
 
 class IllegalTransition(RuntimeError):
@@ -314,7 +322,6 @@ class Flow:
     packets_up: int = 0
     packets_down: int = 0
     last_up: float = -1.0  # last upstream payload packet
-    marked: bool = False
     sni: SniAssembler | None = None
     syn_seq: int | None = None
     # exact sequence numbers for resets (kernel-facts: only the latest ACKs are accepted)
@@ -985,7 +992,9 @@ class Engine:
         if state is FlowState.BLOCKED:
             return Verdict.REJECT
         if state is FlowState.ALLOWED:
-            if not payload_len or flow.marked:
+            return Verdict.ACCEPT
+        if state is FlowState.ALLOWED_UNCONFIRMED:
+            if not payload_len:
                 return Verdict.ACCEPT
             # The first payload names the flow for sure (SNI): the DNS name that made it an
             # allowed category may have been wrong, or a lie. Only now is it fast-pathed.
@@ -994,7 +1003,7 @@ class Engine:
             if action is CategoryAction.BLOCK:
                 return self._block(flow, now, f"{flow.category} is blocked")
             if action is CategoryAction.ALLOW:
-                flow.marked = True
+                flow.move(FlowEvent.CONFIRMED)
                 self.actions.append(MarkFlow(flow.key, "allow"))
                 return Verdict.ACCEPT
             flow.move(FlowEvent.INSPECT)  # an inspected category after all: watch it
@@ -1018,10 +1027,11 @@ class Engine:
         if action is CategoryAction.BLOCK:
             return self._block(flow, now, f"{flow.category} is blocked")
         if action is CategoryAction.ALLOW and flow.state is FlowState.IDLE:
-            flow.move(FlowEvent.CATEGORY_ALLOWED)
-            if payload_len and not flow.marked:
-                flow.marked = True
+            if payload_len:  # this packet names it: fast-pathed from now on
+                flow.move(FlowEvent.CATEGORY_ALLOWED)
                 self.actions.append(MarkFlow(flow.key, "allow"))
+            else:
+                flow.move(FlowEvent.NAME_ALLOWED)
             return Verdict.ACCEPT
         if not payload_len:
             if (proto == TCP and pkt.flags & FIN and flow.state is FlowState.PROVISIONAL
