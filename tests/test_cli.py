@@ -74,10 +74,10 @@ def test_analyze_table_explains_bytes_passed_before_a_hold() -> None:
                 if r["remote"] == upload["remote"] and r["start"] == upload["start"]]
     assert [r["bytes"] for r in released] == [upload["leaked_bytes"]]
     table = format_table(out)  # what `hushgate analyze` prints, from the same result
-    assert "LEAK: bytes that passed before the hold" in table
+    assert "LEAK    bytes that passed before the hold" in table
     assert "released as not audio included" in table
     unleaky = dict(out, uploads=[dict(u, leaked_bytes=0) for u in out["uploads"]])
-    assert "LEAK:" not in format_table(unleaky)
+    assert "LEAK    bytes that passed" in format_table(unleaky)  # the legend always shows
 
 
 def test_analyze_missing_file_is_one_line_exit_1(tmp_path: Path) -> None:
@@ -93,9 +93,10 @@ def test_analyze_garbage_file_is_one_line_exit_1(tmp_path: Path) -> None:
     assert result.exit_code == 1 and result.output.startswith("hushgate: ")
 
 
-def test_analyze_bad_device_is_exit_1() -> None:
+def test_analyze_bad_device_is_a_usage_error_exit_2() -> None:
     result = CliRunner().invoke(main, ["analyze", "--device", "kitchen"])
-    assert result.exit_code == 1 and "not an IP or MAC" in result.output
+    assert result.exit_code == 2 and "not an IP or MAC" in result.output
+    assert result.output.endswith("\nhushgate: --device 'kitchen': not an IP or MAC address\n")
 
 
 def test_usage_error_is_exit_2() -> None:

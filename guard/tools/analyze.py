@@ -9,15 +9,26 @@ mid-stream when it predates the capture) and cut into TLS records by the relay's
 to the engine's stream path with no window limit; segment sizes stand in for records where the
 payload does not parse (shape-only traces). UDP (QUIC) is judged as `quic = "hold"` would, the
 packet hold. The result is the JSON object of the contract in design.md section 8.
+
+What the live guard would never see is not reported as held: LAN-to-LAN traffic (both ends
+private or link-local) is bridged on the LAN and never crosses the router's forward hook, and
+monitor mode holds nothing (it logs). A capture cut short is read up to the cut and said so
+(`warnings`). Found speakers exclude the vendors' other devices: a MAC that forwards Internet
+traffic or answers DNS is a router, and `[[device_kind]]` rules name phones and the like by the
+names they look up (`other_devices`).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import struct
+import time
 from collections import Counter, defaultdict
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+
+import click
 
 from guard.core.config import DeviceConfig, GuardConfig, normalize_mac
 from guard.core.engine import BurstReleased, Engine, Upload, UploadHeld, UploadSeen, Verdict
@@ -41,8 +52,18 @@ def _is_mac(text: str) -> bool:
         return False
 
 
+class DeviceError(click.ClickException):
+    """A `--device` that cannot be analyzed: a usage error (exit 2), said in one line."""
+
+    exit_code = 2
+
+    def show(self, file: TextIO | None = None) -> None:
+        click.echo(f"hushgate: {self.format_message()}", err=True, file=file)
+
+
 def device_configs(specs: list[str], mode: Mode) -> list[DeviceConfig]:
-    """`--device` values (addresses or MACs) as device configs named after themselves."""
+    """`--device` values (addresses or MACs) as device configs named after themselves.
+    Raises DeviceError for a value that is neither."""
     devices = []
     for spec in specs:
         if _is_mac(spec):
@@ -52,16 +73,21 @@ def device_configs(specs: list[str], mode: Mode) -> list[DeviceConfig]:
             try:
                 address = str(ipaddress.ip_address(spec))
             except ValueError:
-                raise ValueError(f"--device {spec!r}: not an IP or MAC address") from None
+                raise DeviceError(f"--device {_printable(spec)!r}: not an IP or MAC address"
+                                  ) from None
             devices.append(DeviceConfig(name=address, address=address, mode=mode))
     return devices
 
 
-def discover(packets: list[tuple[float, Packet | Malformed | None]], rules: RuleSet
-             ) -> list[dict[str, Any]]:
-    """Find speakers in a capture: vendor OUIs (not routers), and hosts that ask for or connect
-    to vendor voice hosts."""
+def discover(packets: list[tuple[float, Packet | Malformed | None]], rules: RuleSet,
+             others: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Find speakers in a capture: vendor OUIs (not routers, not the vendors' other devices),
+    and hosts that ask for or connect to vendor voice hosts. The vendors' hosts that are not
+    speakers go to `others` (address, mac, vendor, kind, evidence)."""
     addrs_by_mac: dict[str, set[str]] = defaultdict(set)
+    forwards: set[str] = set()  # MACs that sent packets from Internet addresses: routers
+    dns_servers: set[str] = set()  # LAN addresses that answered DNS: the gateway/resolver
+    looked_up: dict[str, set[str]] = defaultdict(set)  # LAN address -> names it resolved
     voice_clients: Counter[str] = Counter()
     named: dict[str, str] = {}
     for _, pkt in packets:
@@ -71,16 +97,37 @@ def discover(packets: list[tuple[float, Packet | Malformed | None]], rules: Rule
             seen = addrs_by_mac[pkt.src_mac]
             if len(seen) <= ROUTER_ADDRESSES:
                 seen.add(pkt.src)
+            if not _lan(pkt.src) and _public(pkt.src):
+                forwards.add(pkt.src_mac)
+        if pkt.sport == 53 and pkt.dns and _lan(pkt.src):
+            dns_servers.add(pkt.src)
         for answer in pkt.dns:
             named[answer.address] = answer.name
+            if len(looked_up[pkt.dst]) < 4096:
+                looked_up[pkt.dst].add(answer.name)
     found: dict[str, dict[str, Any]] = {}
     for mac, addrs in addrs_by_mac.items():
         vendor = rules.vendor_for_mac(mac)
-        if vendor is None or len(addrs) > ROUTER_ADDRESSES:
+        if vendor is None:
             continue
+        router = (len(addrs) > ROUTER_ADDRESSES or mac in forwards
+                  or any(a in dns_servers for a in addrs))
         for addr in sorted(addrs):
-            if _lan(addr):
-                found[addr] = {"address": addr, "mac": mac, "vendor": vendor}
+            if not _lan(addr):
+                continue
+            entry = {"address": addr, "mac": mac, "vendor": vendor}
+            if router:
+                why = ("forwards Internet traffic" if mac in forwards or
+                       len(addrs) > ROUTER_ADDRESSES else "answers DNS for the LAN")
+                _other(others, entry, "router", why)
+                continue
+            kind = rules.kind_for_lookups(looked_up.get(addr, ()), vendor)
+            if kind is not None and kind.kind.value != "speaker":
+                _other(others, entry, kind.kind.value,
+                       f"{kind.evidence} ({Path(kind.file).name}:{kind.line})")
+                continue
+            found[addr] = entry
+    not_speakers = {o["address"] for o in others or ()}
     # Hosts talking to a vendor's voice endpoints (by DNS name), even without a known OUI.
     for _, pkt in packets:
         if not isinstance(pkt, Packet) or pkt.src in found or not _lan(pkt.src):
@@ -90,11 +137,28 @@ def discover(packets: list[tuple[float, Packet | Malformed | None]], rules: Rule
             voice_clients[pkt.src] += 1
     macs = {addr: mac for mac, addrs in addrs_by_mac.items() for addr in addrs}
     for addr, count in voice_clients.items():
-        if count >= 3 and addr not in found:
+        if count >= 3 and addr not in found and addr not in not_speakers \
+                and addr not in dns_servers and macs.get(addr) not in forwards:
             name = named.get(addr)
             found[addr] = {"address": addr, "mac": macs.get(addr),
                            "vendor": rules.vendor_for_host(name) if name else None}
     return sorted(found.values(), key=lambda d: d["address"])
+
+
+def _other(others: list[dict[str, Any]] | None, entry: dict[str, Any], kind: str,
+           evidence: str) -> None:
+    if others is not None:
+        others.append({**entry, "kind": kind, "evidence": evidence})
+
+
+def _public(addr: str) -> bool:
+    """An Internet IPv4 address. (IPv6 is left out: a speaker's own global IPv6 address would
+    look like forwarded traffic.)"""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return ip.version == 4 and ip.is_global
 
 
 def busiest_lan_hosts(path: str | Path, limit: int = 5) -> list[dict[str, Any]]:
@@ -110,6 +174,21 @@ def busiest_lan_hosts(path: str | Path, limit: int = 5) -> list[dict[str, Any]]:
             remotes[pkt.src].add(pkt.dst)
     return [{"address": addr, "bytes_up": up, "remotes": len(remotes[addr])}
             for addr, up in sent.most_common(limit)]
+
+
+def _printable(text: str, cap: int = 80) -> str:
+    value = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return value if len(value) <= cap else value[: cap - 3] + "..."
+
+
+def _host_of(remote: str) -> str:
+    """The address of an `addr:port` or `[v6]:port`."""
+    return remote.rsplit(":", 1)[0].strip("[]")
+
+
+def lan_to_lan(device: str | None, remote: str) -> bool:
+    """Both ends on the LAN: bridged, never seen by the router's forward hook."""
+    return bool(device) and _lan(str(device)) and _lan(_host_of(remote))
 
 
 def _lan(addr: str) -> bool:
@@ -149,12 +228,15 @@ def analyze_capture(
     """Run the engine over a capture; returns the `analyze --json` object."""
     mode = Mode(mode)
     rules = rules if rules is not None else load_rules()
+    configs = device_configs(list(devices), mode) if devices else []
     packets = list(read_capture(str(path), keep_payload=1 << 16))
+    warnings = [w for w in [capture_truncation(path)] if w]
+    others: list[dict[str, Any]] = []
     if devices:
-        configs = device_configs(list(devices), mode)
+        _check_present(path, packets, configs)
         found = []
     else:
-        found = discover(packets, rules)
+        found = discover(packets, rules, others)
         configs = [DeviceConfig(name=d["address"], address=d["address"], mode=mode)
                    for d in found]
     # QUIC: the capture shows a speaker that was allowed it; judged as quic = "hold" would
@@ -187,7 +269,13 @@ def analyze_capture(
     return {
         "capture": str(path),
         "packets": len(packets),
+        "mode": mode.value,
+        "followup_window_s": config.followup_window_s,
+        "first": packets[0][0] if packets else None,
+        "last": packets[-1][0] if packets else None,
+        "warnings": warnings,
         "devices": found,
+        "other_devices": others,
         "uploads": [_upload_json(u) for u in sorted(uploads.values(), key=lambda u: (u.start, u.id))],
         "releases": releases,
         "flows": [
@@ -195,6 +283,93 @@ def analyze_capture(
             for f in flows
         ],
     }
+
+
+def _check_present(path: str | Path, packets: list[tuple[float, Any]],
+                   configs: list[DeviceConfig]) -> None:
+    """Every `--device` must appear in the capture (as a source or destination address, or a
+    source MAC): an absent one is a typo, not an empty result."""
+    addresses: set[str] = set()
+    macs: set[str] = set()
+    for _, pkt in packets:
+        if isinstance(pkt, Packet):
+            addresses.add(pkt.src)
+            addresses.add(pkt.dst)
+            if pkt.src_mac:
+                macs.add(pkt.src_mac)
+    for c in configs:
+        if (c.address and c.address not in addresses) or (c.mac and c.mac not in macs):
+            what = c.address or c.mac
+            raise DeviceError(f"--device {what}: no packet from or to it in {path} "
+                              f"(see the hosts it holds with: hushgate analyze {path})")
+
+
+def capture_truncation(path: str | Path) -> str | None:
+    """What a capture cut short loses (read_capture stops quietly at the cut), or None when it
+    ends on a record boundary. Walks the record headers only."""
+    try:
+        with open(path, "rb") as f:
+            data_len = f.seek(0, 2)
+            f.seek(0)
+            head = f.read(24)
+            if len(head) < 4:
+                return None
+            magic = int.from_bytes(head[:4], "little")
+            if magic == 0x0A0D0D0A:
+                return _pcapng_truncation(f, data_len)
+            orders = {0xA1B2C3D4: "<", 0xA1B23C4D: "<", 0xD4C3B2A1: ">", 0x4D3CB2A1: ">"}
+            order = orders.get(magic)
+            if order is None or len(head) < 24:
+                return None
+            offset, count = 24, 0
+            while offset < data_len:
+                f.seek(offset)
+                rec = f.read(16)
+                if len(rec) < 16:
+                    return (f"capture truncated: it ends {len(rec)} byte(s) into the header of "
+                            f"packet record {count + 1}; read {count} packet(s), the rest of "
+                            "the capture is lost")
+                caplen = int.from_bytes(rec[8:12], "little" if order == "<" else "big")
+                if offset + 16 + caplen > data_len:
+                    have = data_len - offset - 16
+                    return (f"capture truncated: packet record {count + 1} is cut short "
+                            f"({have} of {caplen} bytes); read {count} packet(s), the cut "
+                            "packet and anything after it are lost")
+                if caplen > 1 << 26:
+                    return None  # damaged: read_capture says so itself
+                offset += 16 + caplen
+                count += 1
+    except OSError:
+        return None
+    return None
+
+
+def _pcapng_truncation(f: Any, data_len: int) -> str | None:
+    offset, packets, order = 0, 0, "<"
+    while offset < data_len:
+        f.seek(offset)
+        head = f.read(12)
+        if len(head) < 8:
+            return (f"capture truncated: it ends inside a block header (at byte {offset}); "
+                    f"read {packets} packet(s), the rest of the capture is lost")
+        btype = int.from_bytes(head[:4], "little")
+        if btype == 0x0A0D0D0A and len(head) >= 12:
+            order = "<" if head[8:12] == b"\x4d\x3c\x2b\x1a" else ">"
+        else:
+            (btype,) = struct.unpack(order + "I", head[:4])
+        (blen,) = struct.unpack(order + "I", head[4:8])
+        if blen < 12 or blen % 4 or blen > 1 << 26:
+            return None  # damaged: read_capture says so itself
+        if offset + blen > data_len:
+            cut = f"at byte {offset} is cut short ({data_len - offset} of {blen} bytes)"
+            if btype in (3, 6):
+                return (f"capture truncated: the packet block {cut}; read {packets} "
+                        "packet(s), the cut packet and anything after it are lost")
+            return (f"capture truncated: a block of type {btype} (not a packet) {cut}; read "
+                    f"all {packets} packet(s) before it, anything after it is lost")
+        packets += btype in (3, 6)
+        offset += blen
+    return None
 
 
 class _Streams:
@@ -291,41 +466,93 @@ def _collect(engine: Engine, uploads: dict[int, Upload], releases: list[dict[str
             })
 
 
+def clock(ts: float) -> str:
+    """A capture timestamp as UTC clock time, HH:MM:SS.mmm."""
+    ms = int(round(ts * 1000))
+    return time.strftime("%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}"
+
+
+def _day(ts: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(ts))
+
+
 def format_table(result: dict[str, Any]) -> str:
-    """A readable report of an analyze result."""
-    lines = [f"{result['capture']}: {result['packets']} packets, "
-             f"{len(result['devices'])} speaker(s), {len(result['uploads'])} upload(s), "
-             f"{len(result['releases'])} burst(s) held and released"]
+    """A readable report of an analyze result: a summary, the uploads, and a legend that
+    explains every column and count it shows."""
+    mode = result.get("mode", "strict")
+    monitor = mode == "monitor"
+    uploads = result["uploads"]
+    releases = result["releases"]
+    lan_releases = [r for r in releases if lan_to_lan(r.get("device"), r.get("remote", ""))]
+    wan_releases = [r for r in releases if r not in lan_releases]
+    lan_uploads = [u for u in uploads if lan_to_lan(u.get("device"), u.get("remote", ""))]
+    shown = [u for u in uploads if u not in lan_uploads]
+    bursts = (f"{len(wan_releases)} burst(s) judged not audio (monitor mode holds nothing: "
+              "it logs uploads)" if monitor else
+              f"{len(wan_releases)} burst(s) held and released as not audio")
+    lines = [f"warning: {w}" for w in result.get("warnings", ())]
+    lines.append(f"{result['capture']}: {result['packets']} packets, "
+                 f"{len(result['devices'])} speaker(s), {len(shown)} upload(s), {bursts}")
+    if lan_releases or lan_uploads:
+        lines.append(f"  not counted: {len(lan_uploads)} upload(s) and {len(lan_releases)} "
+                     "burst(s) between LAN hosts (the guard never sees LAN-to-LAN traffic)")
+    first, last = result.get("first"), result.get("last")
+    if first is not None and last is not None:
+        lines.append(f"  captured {_day(first)} {clock(first)} to {_day(last)} {clock(last)} "
+                     f"UTC, mode {mode}")
     for device in result["devices"]:
         lines.append(f"  speaker {device['address']}  mac {device['mac'] or '-'}  "
                      f"vendor {device['vendor'] or '-'}")
-    if result["uploads"]:
+    for other in result.get("other_devices", ()):
+        lines.append(f"  not a speaker: {other['address']}  mac {other['mac'] or '-'}  "
+                     f"vendor {other['vendor'] or '-'}  {other['kind']} "
+                     f"({other['evidence']})")
+    window = result.get("followup_window_s", 10.0)
+    if shown:
         lines.append("")
-        lines.append(f"{'START':>12} {'DUR':>5} {'DEVICE':<16} {'TO':<40} {'WHAT':<10} "
+        lines.append(f"{'START':<12} {'DUR':>5} {'DEVICE':<16} {'TO':<40} {'WHAT':<10} "
                      f"{'KB':>6} {'ACTION':<8} {'LEAK':>5} {'TURN':>4} {'DECIDED':>8}")
-        t0 = result["uploads"][0]["start"]
-        for u in result["uploads"]:
+        for u in shown:
             to = (u["host"] or u["remote"])[:40]
             lines.append(
-                f"{u['start'] - t0:12.2f} {u['end'] - u['start']:5.1f} {u['device']:<16} "
+                f"{clock(u['start']):<12} {u['end'] - u['start']:5.1f} {u['device']:<16} "
                 f"{to:<40} {u['category']:<10} {u['bytes'] / 1000:6.1f} {u['action']:<8} "
                 f"{u['leaked_bytes']:5d} {u['turn']:4d} "
                 f"{(u['decided'] - u['start']) * 1000:6.0f}ms")
-        if any(u["leaked_bytes"] for u in result["uploads"]):
-            lines.append("LEAK: bytes that passed before the hold within the upload's activity "
-                         "(upstream with no gap of 1 s),")
-            lines.append("      bursts released as not audio included (see below); START and "
-                         "DECIDED count from its first packet")
+        decided = ("when monitor mode would log it" if monitor else
+                   "when the guard held it (or let it pass)")
+        lines += [
+            "",
+            "START   clock time of the upload's first packet (UTC, from the capture)",
+            "DUR     seconds from its first to its last upstream packet",
+            "DEVICE  the speaker; TO: the remote's name (TLS SNI or DNS), else address:port",
+            "WHAT    the remote's category in the rules (unknown: no rule; judged by shape)",
+            "KB      upstream bytes of the upload, in kB (1000 bytes)",
+            "ACTION  hold: held for a person (nobody answers here: it expires, denied);",
+            "        pass: passed by the mode (followups: a first turn); monitor: logged only;",
+            "        block: refused (a blocked category)",
+            "LEAK    bytes that passed before the hold within the upload's activity (upstream",
+            "        with no gap of 1 s), bursts released as not audio included",
+            f"TURN    1: the device's first upload in {window:g} s; 2, 3...: a follow-up turn of",
+            f"        the same conversation (started within {window:g} s of the previous upload's "
+            "end)",
+            f"DECIDED time from START to {decided}",
+        ]
     blocked = [f for f in result["flows"] if f["category"] == "messaging"]
     if blocked:
         lines.append("")
         for f in blocked:
             lines.append(f"blocked (messaging): {f['device']} -> {f['host'] or f['remote']}, "
                          f"{f['packets_up']} packet(s) refused")
-    if result["releases"]:
-        delays = sorted(r["delay_s"] for r in result["releases"])
+    if wan_releases and not monitor:
+        delays = sorted(r["delay_s"] for r in wan_releases)
         p95 = delays[min(len(delays) - 1, int(0.95 * len(delays)))]
         lines.append("")
         lines.append(f"released as not audio: {len(delays)} burst(s), delay median "
-                     f"{delays[len(delays) // 2] * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms")
+                     f"{delays[len(delays) // 2] * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms "
+                     "(how long each was held before it went on)")
+    elif wan_releases:
+        lines.append("")
+        lines.append(f"not audio: {len(wan_releases)} burst(s); in strict or followups mode each "
+                     "would be held until judged, then released")
     return "\n".join(lines)
