@@ -10,6 +10,7 @@ import datetime
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -480,3 +481,34 @@ def test_doctor_says_in_one_line_that_paho_is_missing_and_when_the_broker_is_dow
     missing = _check_mqtt(config, None)
     assert missing.severity == "warn" and "paho-mqtt is not installed" in missing.message
     assert "\n" not in missing.message and "hushgate[mqtt]" in missing.fix
+
+
+def test_the_home_assistant_blueprint_is_valid_yaml_wired_to_the_bridge_topics() -> None:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!input", lambda loader, node: {"!input": loader.construct_scalar(
+        node)})
+    path = Path(__file__).resolve().parents[1] / "packaging/homeassistant/hushgate_held_upload.yaml"
+    doc = yaml.load(path.read_text(), Loader=Loader)  # noqa: S506 - SafeLoader plus !input
+    meta = doc["blueprint"]
+    assert meta["domain"] == "automation" and set(meta["input"]) == {"notify_service",
+                                                                       "base_topic"}
+    assert meta["input"]["base_topic"]["default"] == MqttConfig(host="x").base_topic
+    assert doc["trigger_variables"]["base"] == {"!input": "base_topic"}
+    assert doc["trigger"] == [{"platform": "mqtt", "topic": "{{ base }}/event"}]
+    held = doc["action"][0]["default"]
+    notify = held[1]["data"]["data"]
+    assert [a["title"] for a in notify["actions"]] == ["Allow", "Deny"]
+    publish = held[3]["then"][0]
+    assert publish["service"] == "mqtt.publish"
+    assert publish["data"]["topic"] == "{{ base }}/decide/set"
+    # what the template renders to ("12 allow") is what the bridge takes
+    rendered = publish["data"]["payload"].replace("{{ upload.id }}", "12")
+    rendered = re.sub(r"\{\{ 'allow' if .* else 'deny' \}\}", "allow", rendered)
+    assert parse_decide(rendered.encode()) == (12, "allow")
+    # the topics the blueprint uses are the bridge's
+    t = mqttmod.topics(MqttConfig(host="x"))
+    assert (t["event"], t["decide"]) == ("hushgate/event", "hushgate/decide/set")
