@@ -43,11 +43,13 @@ class FakeDaemon:
         self.server: ControlServer | None = None
         self.lock = threading.Lock()
 
-    def decide_elsewhere(self, outcome: str, by: str) -> None:
+    def decide_elsewhere(self, outcome: str, by: str, via: str | None = None) -> None:
         with self.lock:
             self.elsewhere = {"id": 7, "device": "kitchen-echo", "host": "x", "remote": "y",
                               "category": "voice", "bytes": 1, "packets": 1, "started": 0.0,
                               "decided_at": 1.0, "outcome": outcome, "decided_by": by}
+            if via is not None:
+                self.elsewhere["via"] = via
 
     def handle(self, request: dict[str, Any], peer: Any) -> dict[str, Any]:
         with self.lock:
@@ -340,21 +342,25 @@ def test_watch_gives_up_after_retry_for_s(tmp_path: Path) -> None:
     assert err.getvalue().count("\n") == 1
 
 
-@pytest.mark.parametrize(("outcome", "by", "says"), [
-    ("approved", "web", "upload 7 (kitchen-echo) was allowed, decided by web"),
-    ("denied", "mqtt", "upload 7 (kitchen-echo) was denied, decided by mqtt"),
-    ("expired", "expiry", "upload 7 (kitchen-echo) expired (nobody answered in time): denied, "
-                          "decided by expiry"),
-    ("window", "window", "upload 7 (kitchen-echo) passed: an allow window was open, "
-                         "decided by window"),
-    ("approved", "ntfy\x1b[2J<i>", "upload 7 (kitchen-echo) was allowed, decided by ntfy?<i>"),
+@pytest.mark.parametrize(("outcome", "by", "via", "says"), [
+    ("approved", "web", None, "upload 7 (kitchen-echo) was allowed, decided by web"),
+    ("denied", "mqtt", "mqtt", "upload 7 (kitchen-echo) was denied, decided by mqtt"),
+    ("expired", "expiry", "expiry", "upload 7 (kitchen-echo) expired (nobody answered in time): "
+                                    "denied, decided by expiry"),
+    ("window", "window", None, "upload 7 (kitchen-echo) passed: an allow window was open, "
+                               "decided by window"),
+    ("denied", "cli:anna (uid 1000)", "cli",
+     "upload 7 (kitchen-echo) was denied, decided by cli (cli:anna (uid 1000))"),
+    ("quiet", "quiet window", "quiet", "upload 7 (kitchen-echo) was denied: a quiet window (mute) "
+                                       "was on, decided by quiet (quiet window)"),
+    ("approved", "ntfy\x1b[2J<i>", None, "upload 7 (kitchen-echo) was allowed, decided by ntfy?<i>"),
 ])
 def test_an_upload_decided_elsewhere_says_who_decided_it(daemon, terminal: Terminal,
-                                                         outcome: str, by: str,
+                                                         outcome: str, by: str, via: str | None,
                                                          says: str) -> None:
     fake = daemon[1]
     terminal.read_until(shows_the_upload)
-    fake.decide_elsewhere(outcome, by)
+    fake.decide_elsewhere(outcome, by, via)
     screen = terminal.read_until(lambda s: says.encode() in s)
     assert b"no longer pending" not in screen
     terminal.read_until(lambda s: b"no uploads pending" in s)

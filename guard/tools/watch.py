@@ -289,8 +289,13 @@ def decided_elsewhere(upload_id: Any, device: Any, record: dict[str, Any] | None
         return f"{name} is no longer pending (decided elsewhere; not in the audit log yet)"
     outcome = clean(record.get("outcome"), 32)
     what = _OUTCOME_TEXT.get(outcome, f"was decided: {outcome or 'unknown outcome'}")
-    by = clean(record.get("decided_by"), 64) or "unknown"
-    return f"{name} {what}, decided by {by}"
+    # `via` is the channel (web, mqtt, ntfy, cli, watch, expiry, window, rule...); `decided_by`
+    # says who in full ("cli:anna (uid 1000)"). Older daemons send decided_by only.
+    via = clean(record.get("via"), 16)
+    by = clean(record.get("decided_by"), 64)
+    if via and by and by != via:
+        return f"{name} {what}, decided by {via} ({by})"
+    return f"{name} {what}, decided by {via or by or 'unknown'}"
 
 
 class _Watch:
