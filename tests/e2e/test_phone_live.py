@@ -346,6 +346,20 @@ def test_home_assistant_allows_a_held_upload_over_mqtt_and_the_cloud_gets_every_
         assert ha.wait("hushgate/pending", lambda b: b == b"0") == b"0"
         record("phone_mqtt_allow", held_upload_in_ha_after_go_s=round(seen_s, 3),
                upload_bytes=result["bytes_sent"])
+
+        # the mute switch and the mode select act on the live guard, and their states follow
+        def echo() -> dict[str, Any]:
+            return next(d for d in g.cli_json("devices") if d["name"] == "echo")
+
+        ha.publish("hushgate/device/echo/mute/set", "ON")
+        assert ha.wait("hushgate/device/echo/mute", lambda b: b == b"ON") == b"ON"
+        assert echo()["mute_until"] > time.time() + 3000  # [mqtt] mute_for_s: an hour
+        ha.publish("hushgate/device/echo/mute/set", "OFF")
+        assert ha.wait("hushgate/device/echo/mute", lambda b: b == b"OFF") == b"OFF"
+        assert echo()["mute_until"] is None
+        ha.publish("hushgate/device/echo/mode/set", "monitor")
+        assert ha.wait("hushgate/device/echo/mode", lambda b: b == b"monitor") == b"monitor"
+        assert echo()["mode"] == "monitor"
     finally:
         ha.close()
 
