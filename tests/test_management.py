@@ -307,6 +307,27 @@ def test_mode_change_reinstalls_the_rules_of_a_running_guard(guard: daemon.Daemo
     assert guard.firewall.installs == before + 1  # type: ignore[attr-defined]
 
 
+def test_no_device_relayed_any_more_empties_and_unhooks_the_relay_chains(
+        guard: daemon.Daemon) -> None:
+    """Found live: switching the only relayed device to monitor left the TPROXY chains in
+    place (the relay kept taking its TCP, and what bypassed it was reset)."""
+    from guard.shell.firewall import IptablesBackend, parse_save
+    from guard.shell.fwspec import spec_from_config
+
+    relayed = IptablesBackend(spec_from_config(guard.config), lambda *a, **k: None,
+                              families=(4,))
+    before = parse_save(relayed.restore_text(4).replace("-I PREROUTING 1", "-A PREROUTING"))
+    assert "HUSHGATE_TPROXY" in before["mangle"].chains
+    ask(guard, "mode", device="kitchen-echo", mode="monitor")
+    ask(guard, "mode", device="den-echo", mode="monitor")
+    assert guard.spec.relay_devices == ()
+    text = IptablesBackend(guard.spec, lambda *a, **k: None, families=(4,)).restore_text(4, before)
+    assert ":HUSHGATE_TPROXY - [0:0]" in text and ":HUSHGATE_RELAY - [0:0]" in text
+    assert ":HUSHGATE_RELAYFWD - [0:0]" in text
+    assert "-D PREROUTING -j HUSHGATE_TPROXY" in text
+    assert "TPROXY --on-port" not in text
+
+
 # ------------------------------------------------------------------------------------ devices
 
 

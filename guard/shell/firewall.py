@@ -841,6 +841,16 @@ class IptablesBackend:
                 if positions != [1]:
                     lines += [f"-D {hook} -j {chain}"] * len(positions)
                     lines.append(f"-I {hook} 1 -j {chain}")
+            if not self.chains.relay_on:
+                # No device relayed any more (a mode changed at run time, or the config): the
+                # relay chains of before are emptied and unhooked, or they would still steer
+                # the device's TCP to the relay (and reset what bypasses it).
+                for t, chain in self.chains._relay_chains():
+                    if t == table and chain in cur.chains:
+                        lines.append(f":{chain} - [0:0]")
+                if table == "mangle":
+                    lines += [f"-D PREROUTING -j {self.chains.tproxy}"] * len(
+                        _jump_positions(cur, "PREROUTING", self.chains.tproxy))
             lines.append("COMMIT")
             out += lines
         return "\n".join(out) + "\n"
