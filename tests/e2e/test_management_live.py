@@ -199,8 +199,13 @@ def test_a_mode_changed_at_run_time_applies_at_once_and_survives_a_restart(
     app_bytes = next(c for c in cloud["tcp"] if c["id"] == conn["id"])["app_bytes"]
     entry = g.wait_log(lambda r: r.get("id") == monitored["id"] and r["bytes"] >= app_bytes,
                        timeout_s=8.0)
+    tcp_bytes = cloud_conn_by_id(topology, conn["id"])["tcp_bytes_received"]
     record("management_monitor_size", cloud_app_bytes=app_bytes, log_bytes=entry["bytes"],
-           log_packets=entry["packets"])
+           log_packets=entry["packets"], speaker_wire_bytes=result["wire_bytes"],
+           cloud_tcp_bytes=tcp_bytes)
+    # on the queue the engine counts TCP payload: every TLS record of the upload, within what
+    # the cloud's socket received in all (which adds the handshake before it)
+    assert result["wire_bytes"] <= entry["bytes"] <= tcp_bytes, (entry, result, tcp_bytes)
     g.restart()
     [echo] = g.cli_json("status")["devices"]
     assert echo["mode"] == "monitor" and echo["mode_overridden"], echo
