@@ -512,3 +512,16 @@ def test_the_home_assistant_blueprint_is_valid_yaml_wired_to_the_bridge_topics()
     # the topics the blueprint uses are the bridge's
     t = mqttmod.topics(MqttConfig(host="x"))
     assert (t["event"], t["decide"]) == ("hushgate/event", "hushgate/decide/set")
+
+
+def test_the_outage_is_in_the_metrics() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    bridge = MqttBridge(MqttConfig(host="127.0.0.1", port=9), FakeGuard(), ["echo"],
+                        say=lambda text: None)
+    registry = CollectorRegistry()
+    registry.register(mqttmod.MqttCollector(bridge))
+    text = generate_latest(registry).decode()
+    assert "hushgate_mqtt_connected 0.0" in text
+    assert 'hushgate_mqtt_events_total{event="disconnects"} 0.0' in text
+    assert "hushgate_mqtt_down_seconds" in text
