@@ -116,3 +116,17 @@ def test_the_engine_assigns_no_state_around_the_tables() -> None:
                     if isinstance(sub, ast.Attribute) and sub.attr == "state":
                         writers.append(f"{func.name}:{node.lineno}")
     assert [w.split(":")[0] for w in writers] == ["move", "move"], writers
+
+
+def test_the_architecture_doc_lists_the_flow_table() -> None:
+    """docs/architecture.md's flow table says what FLOW_TABLE says."""
+    doc = (ENGINE.parents[2] / "docs" / "architecture.md").read_text()
+    rows = {}
+    for line in doc.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] in FlowState.__members__:
+            rows[FlowState[cells[0]]] = {e.strip() for e in cells[2].split(",") if e.strip()}
+    assert set(rows) == set(FlowState)
+    for state, events in rows.items():
+        listed = {e.split(" (")[0] for e in events}
+        assert listed == {event.value for (s, event) in FLOW_TABLE if s is state}, state

@@ -996,20 +996,7 @@ class Engine:
         if state is FlowState.ALLOWED_UNCONFIRMED:
             if not payload_len:
                 return Verdict.ACCEPT
-            # The first payload names the flow for sure (SNI): the DNS name that made it an
-            # allowed category may have been wrong, or a lie. Only now is it fast-pathed.
-            self._learn_name(flow, pkt)
-            action = flow.device.category_action(flow.category)
-            if action is CategoryAction.BLOCK:
-                return self._block(flow, now, f"{flow.category} is blocked")
-            if action is CategoryAction.ALLOW:
-                flow.move(FlowEvent.CONFIRMED)
-                self.actions.append(MarkFlow(flow.key, "allow"))
-                return Verdict.ACCEPT
-            flow.move(FlowEvent.INSPECT)  # an inspected category after all: watch it
-            if _is_handshake(pkt):
-                return Verdict.ACCEPT
-            return self._payload(flow, pkt, now, token)
+            return self._confirm(flow, pkt, now, token)
         if payload_len:
             # _learn_name only acts on a hello, or on a flow whose hello it is still assembling;
             # once the name is known, SNI work ends
@@ -1034,25 +1021,7 @@ class Engine:
                 flow.move(FlowEvent.NAME_ALLOWED)
             return Verdict.ACCEPT
         if not payload_len:
-            if (proto == TCP and pkt.flags & FIN and flow.state is FlowState.PROVISIONAL
-                    and flow.evidence is not None):
-                flow.evidence.ended()  # the sender closed: the held run is all it had
-                self._rejudge(flow, now)
-            if (self.reset_midstream and flow.midstream and proto == TCP
-                    and flow.host is None and flow.state is FlowState.IDLE
-                    and not pkt.flags & (SYN | RST | FIN) and pkt.flags & ACK
-                    and device.mode in (Mode.STRICT, Mode.FOLLOWUPS)):
-                return self._reset_midstream(flow, pkt, now)
-            if (proto == TCP and not flow.control_marked and not flow.midstream
-                    and flow.state is FlowState.IDLE
-                    and pkt.flags & (ACK | SYN | FIN | RST) == ACK):
-                # Seen from its SYN: the kernel may pass this connection's pure ACKs (a download's
-                # return path) without asking; payload still comes here. A reset after a deny
-                # does not need them: the connection is marked blocked then, and the kernel
-                # answers either end's next packet with an exact reset.
-                flow.control_marked = True
-                self.actions.append(MarkFlow(flow.key, "control"))
-            return Verdict.ACCEPT  # pure ACK, FIN, RST: never held
+            return self._no_payload(flow, pkt, device, now)  # pure ACK, FIN, RST: never held
         if proto == TCP and pkt.flags & RST:
             return Verdict.ACCEPT
         if _is_handshake(pkt):
@@ -1285,17 +1254,12 @@ class Engine:
     # -- bursts and uploads ----------------------------------------------------------------------
 
     def _payload(self, flow: Flow, pkt: Packet, now: float, token: Any) -> Verdict:
+        """An upstream payload packet (or a relayed record) of an inspected flow: what the
+        flow's state does with it."""
         state = flow.state
         if (flow.control_run and pkt.payload_len < self.detector.min_mean_datagram_bytes
                 and state is not FlowState.DENIED):
-            # The flow was judged from a window of control datagrams; each later datagram is
-            # judged alone: one too small for a codec frame passes (live, the kernel passes it
-            # by connmark and it never gets here), a bigger one goes through the detector.
-            if not flow.control_marked:
-                flow.control_marked = True
-                self.actions.append(MarkFlow(flow.key, "control"))
-            flow.activity_passed += pkt.payload_len
-            return Verdict.ACCEPT
+            return self._control_datagram(flow, pkt)
         if state in (FlowState.PASSING, FlowState.DENIED) and now - flow.last_up >= UPLOAD_END_GAP_S:
             self._end_activity(flow)
             state = flow.state
@@ -1330,8 +1294,21 @@ class Engine:
             verdict = self._hold_into(flow, upload, pkt, now, token)
             self._reschedule(flow)
             return verdict
-        # IDLE or PROVISIONAL: the detector watches a held burst
-        if state is FlowState.IDLE:
+        return self._burst_payload(flow, pkt, now, token)  # IDLE or PROVISIONAL
+
+    def _control_datagram(self, flow: Flow, pkt: Packet) -> Verdict:
+        """The flow was judged from a window of control datagrams; each later datagram is
+        judged alone: one too small for a codec frame passes (live, the kernel passes it by
+        connmark and it never gets here), a bigger one goes through the detector."""
+        if not flow.control_marked:
+            flow.control_marked = True
+            self.actions.append(MarkFlow(flow.key, "control"))
+        flow.activity_passed += pkt.payload_len
+        return Verdict.ACCEPT
+
+    def _burst_payload(self, flow: Flow, pkt: Packet, now: float, token: Any) -> Verdict:
+        """IDLE or PROVISIONAL: the packet joins the held burst, whose evidence judges it."""
+        if flow.state is FlowState.IDLE:
             flow.move(FlowEvent.BURST_STARTED)
             flow.burst = []
             flow.evidence = self._new_evidence(flow)
@@ -1349,36 +1326,7 @@ class Engine:
             return Verdict.DROP
         if pkt.proto == TCP and flow.burst and _within_held(flow.burst, pkt.seq,
                                                             pkt.payload_len):
-            # A retransmission of held bytes (also several held segments collapsed into one,
-            # as an RTO retransmission does): one copy is enough. It tells the detector the
-            # sender is stalled by the hold: whatever quiet follows is ours, not its end. A
-            # retransmission of the last held segment alone is a tail-loss probe: the sender
-            # had nothing new to send instead, so it finished.
-            last = flow.burst[-1]
-            burst = flow.burst
-            if (pkt.seq != burst[0].seq
-                    and (pkt.seq + pkt.payload_len) & 0xFFFFFFFF
-                    == (last.seq + last.payload) & 0xFFFFFFFF):
-                evidence.tail_probe()
-                if (not (len(burst) > 1 and burst[-2].seq == last.seq)
-                        and self._total_cap(held.size) is None):
-                    # Kept (one copy) and released after the original: the remote acknowledges
-                    # it as a duplicate (a D-SACK), which ends the sender's probe episode.
-                    # Dropped, the episode would stay open and the sender would not probe its
-                    # next burst (Linux allows one outstanding probe).
-                    burst.append(held)
-                    self._hold(held)
-                    verdict = evidence.judge(now)
-                    if verdict.judgement is Judgement.MESSAGE:
-                        self._release_burst(flow, now, verdict.reason, current=held)
-                        return Verdict.ACCEPT
-                    self._reschedule(flow)
-                    return Verdict.HOLD
-            else:
-                evidence.retransmitted()
-            self.counters["duplicates"] += 1
-            self._rejudge(flow, now)
-            return Verdict.DROP
+            return self._held_again(flow, evidence, pkt, held, now)
         full = self._total_cap(held.size, _packets(held)) is not None
         flow.burst.append(held)
         evidence.record(now, pkt.payload_len)
@@ -1411,6 +1359,39 @@ class Engine:
             return Verdict.ACCEPT
         self._reschedule(flow)
         return Verdict.HOLD
+
+    def _held_again(self, flow: Flow, evidence: Burst, pkt: Packet, held: Held, now: float
+                    ) -> Verdict:
+        """A retransmission of held bytes (also several held segments collapsed into one, as
+        an RTO retransmission does): one copy is enough. It tells the detector the sender is
+        stalled by the hold: whatever quiet follows is ours, not its end. A retransmission of
+        the last held segment alone is a tail-loss probe: the sender had nothing new to send
+        instead, so it finished."""
+        burst = flow.burst
+        last = burst[-1]
+        if (pkt.seq != burst[0].seq
+                and (pkt.seq + pkt.payload_len) & 0xFFFFFFFF
+                == (last.seq + last.payload) & 0xFFFFFFFF):
+            evidence.tail_probe()
+            if (not (len(burst) > 1 and burst[-2].seq == last.seq)
+                    and self._total_cap(held.size) is None):
+                # Kept (one copy) and released after the original: the remote acknowledges it
+                # as a duplicate (a D-SACK), which ends the sender's probe episode. Dropped,
+                # the episode would stay open and the sender would not probe its next burst
+                # (Linux allows one outstanding probe).
+                burst.append(held)
+                self._hold(held)
+                verdict = evidence.judge(now)
+                if verdict.judgement is Judgement.MESSAGE:
+                    self._release_burst(flow, now, verdict.reason, current=held)
+                    return Verdict.ACCEPT
+                self._reschedule(flow)
+                return Verdict.HOLD
+        else:
+            evidence.retransmitted()
+        self.counters["duplicates"] += 1
+        self._rejudge(flow, now)
+        return Verdict.DROP
 
     def _total_cap(self, size: int, count: int = 1) -> str | None:
         """Which cap in total holding `count` more packets of `size` bytes would pass, if any."""
