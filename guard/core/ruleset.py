@@ -327,6 +327,9 @@ class RuleSet:
     _kind_dns: Mapping[str, tuple[DeviceKindRule, ...]] = field(
         default_factory=_empty, init=False, repr=False, compare=False
     )
+    _kind_dns_patterns: RuleSet | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         exact: dict[str, HostRule] = {}
@@ -395,6 +398,9 @@ class RuleSet:
         object.__setattr__(self, "_kind_globs", tuple(globs))
         object.__setattr__(self, "_kind_dns",
                            MappingProxyType({p: tuple(v) for p, v in by_dns.items()}))
+        if by_dns:  # the looked-up names' patterns, matched as [[host]] patterns are
+            object.__setattr__(self, "_kind_dns_patterns", RuleSet(
+                hosts=tuple(HostRule(p, Category.UNKNOWN, "") for p in by_dns)))
 
     # -- host names --------------------------------------------------------------------------
 
@@ -478,9 +484,9 @@ class RuleSet:
 
     def kind_for_lookups(self, names: Iterable[str], vendor: str | None) -> DeviceKindRule | None:
         """The `[[device_kind]]` that names a host looked up say (the first by name), or None."""
-        if not self._kind_dns:
+        patterns = self._kind_dns_patterns
+        if patterns is None:
             return None
-        patterns = RuleSet(hosts=tuple(HostRule(p, Category.UNKNOWN, "") for p in self._kind_dns))
         for name in sorted(set(names)):
             if not isinstance(name, str):
                 continue
