@@ -1028,6 +1028,47 @@ class Engine:
             return Verdict.ACCEPT  # a TLS/QUIC handshake carries no audio, and names the flow
         return self._payload(flow, pkt, now, token)
 
+    def _confirm(self, flow: Flow, pkt: Packet, now: float, token: Any) -> Verdict:
+        """The first payload of a flow allowed by its DNS name names it for sure (SNI): the
+        name may have been wrong, or a lie. Only now is it fast-pathed."""
+        self._learn_name(flow, pkt)
+        action = flow.device.category_action(flow.category)
+        if action is CategoryAction.BLOCK:
+            return self._block(flow, now, f"{flow.category} is blocked")
+        if action is CategoryAction.ALLOW:
+            flow.move(FlowEvent.CONFIRMED)
+            self.actions.append(MarkFlow(flow.key, "allow"))
+            return Verdict.ACCEPT
+        flow.move(FlowEvent.INSPECT)  # an inspected category after all: watch it
+        if _is_handshake(pkt):
+            return Verdict.ACCEPT
+        return self._payload(flow, pkt, now, token)
+
+    def _no_payload(self, flow: Flow, pkt: Packet, device: DeviceConfig, now: float
+                    ) -> Verdict:
+        """A pure ACK, FIN or RST of an inspected flow: never held; what it says about the
+        sender (a FIN ends a held burst) and the kernel's fast path for pure ACKs."""
+        tcp = pkt.proto == TCP
+        if (tcp and pkt.flags & FIN and flow.state is FlowState.PROVISIONAL
+                and flow.evidence is not None):
+            flow.evidence.ended()  # the sender closed: the held run is all it had
+            self._rejudge(flow, now)
+        if (self.reset_midstream and flow.midstream and tcp
+                and flow.host is None and flow.state is FlowState.IDLE
+                and not pkt.flags & (SYN | RST | FIN) and pkt.flags & ACK
+                and device.mode in (Mode.STRICT, Mode.FOLLOWUPS)):
+            return self._reset_midstream(flow, pkt, now)
+        if (tcp and not flow.control_marked and not flow.midstream
+                and flow.state is FlowState.IDLE
+                and pkt.flags & (ACK | SYN | FIN | RST) == ACK):
+            # Seen from its SYN: the kernel may pass this connection's pure ACKs (a download's
+            # return path) without asking; payload still comes here. A reset after a deny
+            # does not need them: the connection is marked blocked then, and the kernel
+            # answers either end's next packet with an exact reset.
+            flow.control_marked = True
+            self.actions.append(MarkFlow(flow.key, "control"))
+        return Verdict.ACCEPT
+
     # -- the stream path (TCP terminated by the router's kernel, relayed by the shell) ---------
 
     def stream_open(self, conn: int, device_addr: str, device_port: int, remote_addr: str,
