@@ -45,6 +45,7 @@ VOICE = "bob-dispatch-prod-na.amazon.com"
 MOSQUITTO = "/usr/sbin/mosquitto"
 BROKER_PORT = 18883  # TLS, on the router's LAN address
 WEB_PORT = 8795
+METRICS_PORT = 9881  # in the router's namespace
 WEB = f"http://{GW_LAN_V4}:{WEB_PORT}"
 NTFY_PORT = 18080  # the fake ntfy server, on the unguarded LAN host
 NTFY_TOPIC = "hushgate-live-topic_1"
@@ -262,7 +263,8 @@ def ntfy(topology: Topology) -> Iterator[FakeNtfy]:
 
 def _phone_guard(guards: MakeGuard, broker: Broker | None, ntfy: FakeNtfy | None) -> Guard:
     sections: dict[str, dict[str, Any]] = {"web": {"listen": f"{GW_LAN_V4}:{WEB_PORT}",
-                                                   "tls": False}}
+                                                   "tls": False},
+                                           "metrics": {"listen": f"127.0.0.1:{METRICS_PORT}"}}
     if broker is not None:
         sections["mqtt"] = {"host": GW_LAN_V4, "port": BROKER_PORT, "username": "hushgate",
                             "password": "hg-live-pass", "ca_file": str(broker.ca)}
@@ -487,7 +489,38 @@ def test_with_the_broker_killed_uploads_are_still_held_and_answered_on_the_web_p
     assert rec["outcome"] == "approved" and str(rec["decided_by"]).startswith("web"), rec
     status = g.cli_json("status")["mqtt"]
     assert not status["connected"] and status["down_s"] > 0, status
+    metrics = _metrics(topology)
+    assert "hushgate_mqtt_connected 0.0" in metrics, metrics[-2000:]
+    assert 'hushgate_mqtt_events_total{event="disconnects"} 1.0' in metrics
     log = g.log_tail(200)
     outage = [line for line in log.splitlines() if "mqtt: broker" in line]
     assert len(outage) == 1 and "still held" in outage[0], log
-    record("phone_broker_down", held_and_answered=True, mqtt=status)
+
+    # a restart with the broker still dead starts at once; the broker back, the guard is too
+    t0 = time.monotonic()
+    g.restart()
+    restart_s = time.monotonic() - t0
+    assert not g.cli_json("status")["mqtt"]["connected"]
+    broker.start()
+    wait_for(lambda: g.cli_json("status")["mqtt"]["connected"], 30.0, "reconnected")
+    ha = HomeAssistant(topology, broker)
+    try:
+        assert ha.wait("hushgate/status", lambda b: b == b"online") == b"online"
+    finally:
+        ha.close()
+    assert "hushgate_mqtt_connected 1.0" in _metrics(topology)
+    assert any("again after" in line for line in g.log_tail(200).splitlines())
+    record("phone_broker_down", held_and_answered=True, mqtt=status,
+           restart_with_broker_down_s=round(restart_s, 3))
+
+
+def _metrics(topo: Topology) -> str:
+    def get() -> str:
+        conn = http.client.HTTPConnection("127.0.0.1", METRICS_PORT, timeout=5)
+        try:
+            conn.request("GET", "/metrics")
+            return conn.getresponse().read().decode()
+        finally:
+            conn.close()
+
+    return topo.call_in("gw", get, timeout_s=10.0)
