@@ -16,7 +16,9 @@ def test_nothing_else_writes_a_pcap() -> None:
     others = []
     for path in sorted([*REPO.glob("guard/**/*.py"), *REPO.glob("hushsim/**/*.py")]):
         text = path.read_text()
-        if path != WRITER and ("pcap.Writer" in text or "a1b2c3d4" in text.lower()):
+        # dpkt's writer, or a pcap file header packed by hand (magic, 2, 4, zone, sigfigs,
+        # snaplen, link type): reading the magic is fine
+        if path != WRITER and ("pcap.Writer" in text or "IHHiIII" in text):
             others.append(str(path.relative_to(REPO)))
     assert others == []
 
