@@ -532,7 +532,7 @@ def start_bridge(config: GuardConfig, handler: Handler, hooks: Any, registry: An
     say = say or (lambda text: log.warning("%s", text))
     missing = paho_missing()
     if missing is not None:
-        say(f"mqtt: {missing}")
+        say(missing)
         return None
     bridge = MqttBridge(config.mqtt, handler, [d.name for d in config.devices], say=say)
     bridge.start()
