@@ -88,11 +88,11 @@ def daemon() -> Iterator[tuple[str, FakeDaemon]]:
 class Terminal:
     """`run_watch` in a child process whose stdin/stdout/stderr are a pseudo-terminal."""
 
-    def __init__(self, socket_path: str) -> None:
+    def __init__(self, socket_path: str, retry_for_s: float = 600.0) -> None:
         self.master, self.slave = os.openpty()
         self.before = termios.tcgetattr(self.slave)
         code = ("import sys; from guard.tools.watch import run_watch; "
-                f"sys.exit(run_watch({socket_path!r}, poll_s=0.1))")
+                f"sys.exit(run_watch({socket_path!r}, poll_s=0.1, retry_for_s={retry_for_s!r}))")
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=self.slave,
                                      stdout=self.slave, stderr=self.slave, cwd=REPO, env=env,
@@ -416,3 +416,18 @@ def test_no_stale_status_line_stays_on_screen(daemon, terminal: Terminal) -> Non
     assert sum("no uploads pending" in line for line in shown) == 1, shown
     terminal.press(b"q")
     assert terminal.wait() == 0
+
+
+def test_giving_up_restores_the_terminal(daemon) -> None:
+    path, fake = daemon
+    term = Terminal(path, retry_for_s=1.0)
+    try:
+        term.read_until(shows_the_upload)
+        assert fake.server is not None
+        fake.server.stop()
+        assert term.wait(timeout_s=10) == 1
+        assert b"hushgate: gave up: the guard was unreachable for " in term.screen
+        assert termios.tcgetattr(term.slave) == term.before
+        assert b"\x1b" not in term.screen
+    finally:
+        term.close()
