@@ -573,6 +573,31 @@ def test_relay_marks_must_be_single_bits_outside_the_mask() -> None:
         spec(relay_devices=("ghost",))
 
 
+def test_a_relayed_devices_syn_waits_in_the_queue_before_its_interception() -> None:
+    """design.md 5a.3: the SYN rule sits before TPROXY in the relay chain, skips a SYN that
+    comes back with the relay's bit, and has no bypass unless fail = "open"; FORWARD answers
+    an unreachable SYN with ICMP before the reset."""
+    for family, icmp in ((4, "icmp-host-unreachable"), (6, "icmp6-addr-unreachable")):
+        rules = build_rules(spec(relay_devices=("kitchen-echo",)), family)
+        relay = [r for r in rules if r.chain == "HUSHGATE_RELAY"]
+        labels = [r.label for r in relay]
+        assert labels.index("relay.syn_hold") == labels.index("relay.tproxy") - 1
+        syn = relay[labels.index("relay.syn_hold")].spec
+        assert syn == ("-p tcp --syn -m mark ! --mark 0x40000000/0x40000000 "
+                       "-j NFQUEUE --queue-num 7")
+        fwd = [r for r in rules if r.chain == "HUSHGATE_RELAYFWD"]
+        assert fwd[0].label == "relayfwd.syn_unreachable" and icmp in fwd[0].spec
+        assert "-m mark --mark 0x40000000/0x40000000" in fwd[0].spec
+    opened = build_rules(spec(relay_devices=("kitchen-echo",), fail_open=True), 4)
+    assert next(r.spec for r in opened if r.label == "relay.syn_hold").endswith("--queue-bypass")
+    text = NftablesBackend(spec(relay_devices=("kitchen-echo",))).render()
+    lines = [ln.strip() for ln in text.splitlines()]
+    syn = next(i for i, ln in enumerate(lines) if "tcp flags & (syn | ack) == syn meta mark"
+               in ln and "queue num 7" in ln)
+    assert lines[syn + 1].startswith("meta l4proto tcp tproxy ip to :7411")
+    assert any("reject with icmpx type host-unreachable" in ln for ln in lines)
+
+
 def test_nft_relay_drops_explicitly_after_tproxy_when_fail_closed() -> None:
     text = NftablesBackend(spec(relay_devices=("kitchen-echo",))).render()
     all_lines = text.splitlines()

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from guard.core.engine import Verdict
-from guard.shell.relay import Record, RecordFramer, Relay, RelayTag
+from guard.shell.relay import Record, RecordFramer, Relay, RelayTag, SynOutcome
 
 
 def tls(ctype: int, body: bytes) -> bytes:
@@ -92,6 +92,13 @@ class FakeEngine:
 
     def stream_closed(self, conn: int, now: float, reset: bool) -> None:
         self.calls.append(("closed", conn, reset))
+
+    connect_first = True
+
+    def stream_syn(self, device_addr: str, device_mac: str | None, remote_addr: str,
+                   now: float) -> bool:
+        self.calls.append(("syn", device_addr, remote_addr))
+        return self.connect_first
 
 
 class World:
@@ -386,3 +393,100 @@ def test_bulk_passes_through_splice_in_order(world: Any, monkeypatch: Any) -> No
     assert got == up
     assert w.relay.counters["spliced"] == 2
     assert sum(c[2] for c in e.calls if c[0] == "down") == len(up)
+
+
+# --- the SYN hold (design.md 5a.3) ----------------------------------------------------------------
+
+
+def _syn_relay(engine: FakeEngine, **kw: Any) -> tuple[Relay, selectors.BaseSelector,
+                                                      list[tuple[str, SynOutcome]]]:
+    sel = selectors.DefaultSelector()
+    relay = Relay(engine, port=0, neighbour=lambda a: None, **kw)
+    relay.selector = sel
+    answers: list[tuple[str, SynOutcome]] = []
+    relay.syn_verdict = lambda token, outcome: answers.append((token, outcome))
+    return relay, sel, answers
+
+
+def _pump_syns(relay: Relay, sel: selectors.BaseSelector, until: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 2.0
+    while not until() and time.monotonic() < deadline:
+        for key, mask in sel.select(0.02):
+            relay.on_event(key.data, key.fileobj, mask)
+        relay.tick(time.time())
+    assert until(), "condition not met in time"
+
+
+def test_a_syn_is_answered_only_once_the_upstream_connect_is_settled() -> None:
+    cloud = socket.create_server(("127.0.0.1", 0))
+    closed = socket.create_server(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now: the connect is refused
+    relay, sel, answers = _syn_relay(FakeEngine())
+    try:
+        now = time.time()
+        relay.syn("127.0.0.1", 40000, "127.0.0.1", cloud.getsockname()[1], None, "a", now)
+        relay.syn("127.0.0.1", 40000, "127.0.0.1", cloud.getsockname()[1], None, "a2", now)
+        relay.syn("127.0.0.1", 40001, "127.0.0.1", closed_port, None, "b", now)
+        _pump_syns(relay, sel, lambda: len(answers) == 3)
+        assert sorted(answers) == [("a", SynOutcome.PASS), ("a2", SynOutcome.PASS),
+                                   ("b", SynOutcome.REFUSED)]
+        key = ("127.0.0.1", 40000, "127.0.0.1", cloud.getsockname()[1])
+        assert key in relay.preconnected and not relay.syns
+        # a SYN retransmitted after the connect is passed at once
+        relay.syn(*key, None, "a3", now)
+        assert answers[-1] == ("a3", SynOutcome.PASS)
+        # an unused connected leg is closed after its TTL
+        relay.tick(now + 60.0)
+        assert not relay.preconnected and relay.counters["preconnected_expired"] == 1
+        assert relay.counters["syn_connected"] == 1 and relay.counters["syn_refused"] == 1
+    finally:
+        relay.close()
+        cloud.close()
+        sel.close()
+
+
+def test_a_syn_the_rules_refuse_anyway_passes_without_any_upstream_connect() -> None:
+    engine = FakeEngine()
+    engine.connect_first = False
+    relay, sel, answers = _syn_relay(engine)
+    try:
+        relay.syn("127.0.0.1", 40000, "127.0.0.1", 9, None, "t", time.time())
+        assert answers == [("t", SynOutcome.PASS)]
+        assert not relay.preconnected and not relay.syns
+        assert relay.counters["syn_unconnected"] == 1
+    finally:
+        relay.close()
+        sel.close()
+
+
+def test_held_syns_count_against_the_per_device_cap_and_a_silent_path_times_out() -> None:
+    # A listener whose accept queue is full drops further SYNs: the relay's connect hangs.
+    full = socket.create_server(("127.0.0.1", 0), backlog=0)
+    fillers = []
+    for _ in range(3):
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(full.getsockname())
+        fillers.append(f)
+    time.sleep(0.2)
+    relay, sel, answers = _syn_relay(FakeEngine(), max_per_device=2)
+    try:
+        now = time.time()
+        port = full.getsockname()[1]
+        relay.syn("127.0.0.1", 40000, "127.0.0.1", port, None, "x", now)
+        relay.syn("127.0.0.1", 40001, "127.0.0.1", port, None, "y", now)
+        for key, mask in sel.select(0.2):
+            relay.on_event(key.data, key.fileobj, mask)
+        assert answers == [] and len(relay.syns) == 2  # both wait for their connect
+        relay.syn("127.0.0.1", 40002, "127.0.0.1", port, None, "z", now)
+        assert answers == [("z", SynOutcome.REFUSED)] and relay.counters["over_cap"] == 1
+        relay.tick(now + 60.0)  # no answer from the path: dropped, as the path drops them
+        assert sorted(answers[1:]) == [("x", SynOutcome.SILENT), ("y", SynOutcome.SILENT)]
+        assert not relay.syns and relay.counters["syn_silent"] == 2
+    finally:
+        relay.close()
+        sel.close()
+        for f in fillers:
+            f.close()
+        full.close()

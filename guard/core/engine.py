@@ -1071,6 +1071,25 @@ class Engine:
 
     # -- the stream path (TCP terminated by the router's kernel, relayed by the shell) ---------
 
+    def stream_syn(self, device_addr: str, device_mac: str | None, remote_addr: str,
+                   now: float) -> bool:
+        """Should the relay connect upstream before answering a device's SYN (design.md 5a.3)?
+        False when no guarded device sent it, or when the destination's DNS-learned name is in a
+        category the device blocks: the SYN is then answered without any upstream connect and
+        `stream_open` refuses the connection, so the cloud sees not even a handshake. A name
+        that only the ClientHello gives is judged by `stream_open`, after the handshake."""
+        device = self.devices.find(_canon(device_addr), device_mac)
+        if device is None:
+            return False
+        if device.mode is Mode.OFF:
+            return True
+        name = self.names.lookup(_canon(remote_addr), now)
+        host = _clean_host(name) if name else None
+        if not host:
+            return True
+        category = self.rules.category_for_host(host).value
+        return device.category_action(category) is not CategoryAction.BLOCK
+
     def stream_open(self, conn: int, device_addr: str, device_port: int, remote_addr: str,
                     remote_port: int, device_mac: str | None, host: str | None, now: float
                     ) -> tuple[Verdict, FlowKey]:

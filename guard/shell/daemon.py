@@ -49,6 +49,7 @@ from guard.core.engine import (
     UploadHeld,
     UploadSeen,
     UploadState,
+    Verdict,
 )
 from guard.core.packet import TCP, Malformed
 from guard.core.policy import (
@@ -77,10 +78,13 @@ from guard.shell.hooks import Hooks
 from guard.shell.inject import Injector
 from guard.shell.metrics import GuardCollector, Metrics, serve_metrics
 from guard.shell.nfqueue import COPY_RANGE, QueueHandler, late_reject, late_verdict
-from guard.shell.relay import Relay, RelayTag
+from guard.shell.relay import Relay, RelayTag, SynOutcome
 from guard.shell.store import AlwaysRule, PendingUpload, Store, StoreCorrupt, StoreError
 from guard.shell.store import Window as StoredWindow
 from guard.shell.web import WebError
+
+# TCP flags: a SYN without ACK opens a connection
+_SYN, _SYN_ACK = 0x02, 0x12
 
 
 def log(message: str) -> None:
@@ -152,13 +156,36 @@ class Daemon:
 
     def _make_relay(self) -> Relay:
         config = self.config
-        return Relay(
+        relay = Relay(
             self.engine, port=config.relay_port, upstream_mark=config.relay_mark,
             route_mark=self._route_mark,
             max_per_device=config.max_connections_per_device,
             max_total=config.max_relay_connections,
             max_kept_bytes=config.max_held_bytes_per_upload + RELAY_KEPT_SLACK_BYTES,
             families=(4, 6) if os.path.exists("/proc/sys/net/ipv6") else (4,), log=log)
+        relay.syn_verdict = self._syn_verdict
+        return relay
+
+    def _syn_verdict(self, token: Any, outcome: SynOutcome) -> None:
+        """Answer a held SYN (design.md 5a.3; the rules are firewall.relay_rules): PASS goes back
+        through PREROUTING with the packet mark B, past the SYN rule, to the relay's listener;
+        REFUSED goes on unintercepted and FORWARD resets it; UNREACHABLE goes on with B and
+        FORWARD answers ICMP unreachable; SILENT is dropped."""
+        b = self.config.relay_mark
+        try:
+            if outcome is SynOutcome.PASS:
+                token.set_mark(token.get_mark() | b)
+                token.repeat()
+            elif outcome is SynOutcome.UNREACHABLE:
+                token.set_mark(token.get_mark() | b)
+                token.accept()
+            elif outcome is SynOutcome.REFUSED:
+                token.accept()
+            else:
+                token.drop()
+        except Exception:  # noqa: BLE001 - the queue was rebound: the kernel dropped it already
+            if self.handler is not None:
+                self.handler.stats.late_verdict_errors += 1
 
     def _route_mark(self, address: str, mac: str | None) -> int:
         """The routing mark a device's relayed upstream leg carries besides the relay's bit
@@ -329,7 +356,16 @@ class Daemon:
     def _receive(self, pkt: Any, now: float, token: Any) -> Any:
         if pkt is None or isinstance(pkt, Malformed):
             self.metrics.malformed()
+        elif (pkt.proto == TCP and pkt.flags & _SYN_ACK == _SYN and self.relay is not None
+              and token is not None and pkt.src_mac is not None and self._relayed_source(pkt)):
+            # a relayed device's SYN, queued before its interception (design.md 5a.3)
+            self.relay.syn(pkt.src, pkt.sport, pkt.dst, pkt.dport, pkt.src_mac, token, now)
+            return Verdict.HOLD
         return self.engine.receive(pkt, now, token)
+
+    def _relayed_source(self, pkt: Any) -> bool:
+        device = self.engine.devices.find(pkt.src, pkt.src_mac)
+        return device is not None and device.name in self.spec.relay_devices
 
     def _gauges(self) -> dict[str, Any]:
         with self.lock:

@@ -682,6 +682,12 @@ def relay_rules(spec: FirewallSpec, family: int, ch: Chains,
     relayed = [d for d in spec.devices if d.name in spec.relay_devices]
     # the jump is persistent (a dynamic chain may be empty, never missing)
     out.append(Rule("filter", ch.reject, f"-j {ch.relayfwd}", "relay.forward", False))
+    # A SYN the relay could not connect upstream for (design.md 5a.3) comes back from its queue
+    # with the packet mark B and is answered as the path answered the relay; a refused one comes
+    # back unmarked and meets the reset below, like any TCP that was not intercepted.
+    unreachable = "icmp-host-unreachable" if family == 4 else "icmp6-addr-unreachable"
+    add("filter", ch.relayfwd, "relayfwd.syn_unreachable",
+        f"-p tcp --syn -m mark --mark {B:#x}/{B:#x} -j REJECT --reject-with {unreachable}")
     for d in relayed:
         n = _safe(d.name)
         for kind, match in sources(d):
@@ -699,6 +705,12 @@ def relay_rules(spec: FirewallSpec, family: int, ch: Chains,
         add("mangle", ch.relay, f"relay.bypass.{i}",
             f"-d {net} -j CONNMARK --set-xmark {B:#x}/{B:#x}")
     add("mangle", ch.relay, "relay.bypassed", f"-m connmark --mark {B:#x}/{B:#x} -j RETURN")
+    # Do not answer a SYN the cloud would not answer (design.md 5a.3): the SYN waits in the
+    # guard's queue while the relay connects upstream, and comes back (`repeat`, packet mark B)
+    # to be delivered to the relay only when that connect succeeded. No guard: no verdict, the
+    # kernel drops it (fail-closed; `--queue-bypass` with fail = "open").
+    add("mangle", ch.relay, "relay.syn_hold",
+        f"-p tcp --syn -m mark ! --mark {B:#x}/{B:#x} {_queue_target(spec)}")
     add("mangle", ch.relay, "relay.tproxy",
         f"-p tcp -j TPROXY --on-port {spec.relay_port} --on-ip {on_ip} "
         f"--tproxy-mark {M:#x}/{M:#x}")
@@ -1255,6 +1267,10 @@ class NftablesBackend:
         M, B = s.tproxy_mark, s.relay_mark
         fwd: list[str] = []
         if s.relay:
+            # A SYN the relay could not connect upstream for: answered as the path answered
+            # (design.md 5a.3); a refused one meets the reset below.
+            fwd.append(f"meta l4proto tcp tcp flags & (syn | ack) == syn meta mark & {B:#x} == "
+                       f"{B:#x} counter reject with icmpx type host-unreachable")
             # The guarantee (design.md 5a.1): a relayed device's TCP that reaches forward was
             # not intercepted; only a bypass-marked connection (a local destination) may pass.
             # Fail-open: nft's tproxy falls through with no listener, and the packet goes on.
@@ -1350,6 +1366,9 @@ class NftablesBackend:
                 f"ip daddr {{ {nets4} }} ct mark set ct mark | {B:#x}",
                 f"ip6 daddr {{ {nets6} }} ct mark set ct mark | {B:#x}",
                 f"ct mark & {B:#x} == {B:#x} return",
+                # the SYN waits for the relay's upstream connect (design.md 5a.3)
+                f"meta l4proto tcp tcp flags & (syn | ack) == syn meta mark & {B:#x} != {B:#x} "
+                + self.queue_statement(),
                 f"meta l4proto tcp tproxy ip to :{P} meta mark set meta mark | {M:#x} accept",
                 f"meta l4proto tcp tproxy ip6 to :{P} meta mark set meta mark | {M:#x} accept",
                 # nft's tproxy does NOT drop when no socket listens (the rule breaks, the packet

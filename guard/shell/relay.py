@@ -49,6 +49,13 @@ FIRST_BYTES_WAIT_S = 0.3
 HELLO_WAIT_S = 2.0  # ... and past it the connection is aborted (a trickled hello: slowloris)
 HELLO_CAP_BYTES = 16384 + 5  # one whole TLS record (RFC 8446 5.1: at most 2^14 plaintext)
 CONNECT_TIMEOUT_S = 20.0  # below the device's own SYN retry budget (Linux ~127 s, iOS ~75 s)
+# The SYN hold (design.md 5a.3): a device's SYN waits in the queue while the relay connects
+# upstream, at most this long; then it is dropped, as a path that does not answer drops it (the
+# device's own retries, 1 s then doubling, are each answered by the same connect attempt).
+SYN_CONNECT_WAIT_S = 10.0
+# An upstream leg connected for a SYN whose handshake with the router never completed.
+PRECONNECTED_TTL_S = 5.0
+SYN_TOKENS_MAX = 8  # retransmitted SYNs kept per waiting connect (the rest are dropped)
 # Both legs: a vanished speaker must not pin an upstream socket, and the router answers the
 # speaker's keepalives, so a dead cloud must be noticed by the relay (design.md 5a.5).
 USER_TIMEOUT_MS = 60_000
@@ -90,6 +97,9 @@ class StreamEngine(Protocol):
     def stream_down(self, conn: int, nbytes: int, now: float) -> None: ...
 
     def stream_closed(self, conn: int, now: float, reset: bool) -> None: ...
+
+    def stream_syn(self, device_addr: str, device_mac: str | None, remote_addr: str,
+                   now: float) -> bool: ...
 
 
 # --- framing ------------------------------------------------------------------------------------
@@ -146,6 +156,35 @@ class RelayTag:
 
 
 _LISTEN_TAG = RelayTag(None, "listen")
+
+
+class SynOutcome(str, Enum):
+    """How a device's held SYN is answered (design.md 5a.3): as the path answered the relay."""
+
+    PASS = "pass"  # the upstream leg is connected: deliver the SYN to the relay's listener
+    REFUSED = "refused"  # the cloud reset the connect: the device gets a reset
+    UNREACHABLE = "unreachable"  # no route, or a router rule refused it: ICMP unreachable
+    SILENT = "silent"  # no answer within SYN_CONNECT_WAIT_S: dropped, as the path dropped it
+
+
+@dataclass(slots=True, eq=False)
+class _Syn:
+    """A device's SYN waiting for its upstream connect."""
+
+    id: int
+    key: tuple[str, int, str, int]  # device address, port, remote address, port
+    sock: socket.socket
+    device_id: str
+    deadline: float
+    tokens: list[Any] = field(default_factory=list)
+
+
+def _syn_outcome(err: int) -> SynOutcome:
+    if err in (errno.ECONNREFUSED, errno.ECONNRESET):
+        return SynOutcome.REFUSED
+    if err == errno.ETIMEDOUT:
+        return SynOutcome.SILENT
+    return SynOutcome.UNREACHABLE  # EHOSTUNREACH, ENETUNREACH, EACCES/EPERM (prohibit, reject)
 
 
 @dataclass(slots=True, eq=False)
@@ -271,6 +310,16 @@ class Relay:
         self.upstream_mark = upstream_mark
         # the device's own routing mark for its upstream leg (design.md 5a.2), by address and MAC
         self.route_mark = route_mark
+        # The SYN hold (design.md 5a.3): held SYNs by id and by 4-tuple, the upstream legs they
+        # connected (taken by the accept that follows), and how a held SYN is answered (the
+        # daemon's queue verdict; None: no SYN hold, the relay connects after the accept).
+        self.syn_verdict: Callable[[Any, SynOutcome], None] | None = None
+        self.syns: dict[int, _Syn] = {}
+        self.syn_by_key: dict[tuple[str, int, str, int], int] = {}
+        self.syn_per_device: dict[str, int] = {}
+        self.preconnected: dict[tuple[str, int, str, int], tuple[socket.socket, float]] = {}
+        self._syn_timers: list[tuple[float, int]] = []
+        self._next_syn = 1
         self.max_per_device = max_per_device
         self.max_total = max_total
         self.max_kept_bytes = max_kept_bytes
@@ -303,6 +352,9 @@ class Relay:
             "connections_total": 0, "rejected": 0, "held": 0, "passed": 0, "over_cap": 0,
             "connect_failed": 0, "aborted": 0, "reset_by_peer": 0, "errors": 0,
             "bytes_up": 0, "bytes_down": 0, "bytes_discarded": 0, "spliced": 0,
+            "syn_held": 0, "syn_connected": 0, "syn_refused": 0, "syn_unreachable": 0,
+            "syn_silent": 0, "syn_unconnected": 0, "preconnected_used": 0,
+            "preconnected_expired": 0,
             **{name: 0 for name in LIMITS},
         }
 
@@ -334,7 +386,13 @@ class Relay:
             selector.register(sock, _READ, _LISTEN_TAG)
 
     def close(self) -> None:
-        """Abort every relayed connection (nothing kept is delivered) and close the listeners."""
+        """Abort every relayed connection (nothing kept is delivered) and close the listeners.
+        Held SYNs are dropped (the queue goes with the guard: the kernel drops them anyway)."""
+        for syn in list(self.syns.values()):
+            self._syn_done(syn, SynOutcome.SILENT, count=False)
+        for sock, _ in self.preconnected.values():
+            _close_abort(sock)
+        self.preconnected.clear()
         for conn in list(self.conns.values()):
             self._abort(conn, reset=True, count=False)
         for sock in self.listeners:
@@ -389,6 +447,18 @@ class Relay:
         heapq.heappush(self._timers, (when, conn.id, _T_PHASE))
 
     def next_deadline(self) -> float | None:
+        syn_timers = self._syn_timers
+        while syn_timers and syn_timers[0][1] not in self.syns:
+            heapq.heappop(syn_timers)
+        own = self._conn_deadline()
+        if syn_timers:
+            return syn_timers[0][0] if own is None else min(own, syn_timers[0][0])
+        if self.preconnected:
+            soonest = min(expires for _, expires in self.preconnected.values())
+            return soonest if own is None else min(own, soonest)
+        return own
+
+    def _conn_deadline(self) -> float | None:
         timers, conns = self._timers, self.conns
         while timers:
             when, cid, kind = timers[0]
@@ -402,6 +472,7 @@ class Relay:
     def tick(self, now: float) -> None:
         """Timers: a first read that never came (server speaks first), a hello or a held record
         that never completes, a connect that hangs; every few seconds the idle sweep."""
+        self._syn_tick(now)
         timers, conns = self._timers, self.conns
         while timers and timers[0][0] <= now:
             when, cid, kind = heapq.heappop(timers)
@@ -469,6 +540,12 @@ class Relay:
     # -- events -------------------------------------------------------------------------------
 
     def on_event(self, tag: RelayTag, sock: Any, mask: int) -> None:
+        if tag.leg == "syn":
+            syn = self.syns.get(tag.conn)  # type: ignore[arg-type]
+            if syn is not None and sock is syn.sock:
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                self._syn_done(syn, SynOutcome.PASS if err == 0 else _syn_outcome(err))
+            return
         if tag.conn is None:
             self._accept(sock, self.clock())
             return
@@ -708,20 +785,147 @@ class Relay:
         router's NAT applies). The device's SYN was already answered by the router's kernel;
         holding it until this connect succeeds (design.md 5a.3) is not done yet. The first
         send is tried at once: on a fast path the handshake is done by then."""
-        fam = socket.AF_INET6 if ":" in conn.remote_addr else socket.AF_INET
-        up = socket.socket(fam, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        ready = self.preconnected.pop(
+            (conn.device_addr, conn.device_port, conn.remote_addr, conn.remote_port), None)
+        if ready is not None:  # connected while the device's SYN waited (design.md 5a.3)
+            conn.up = ready[0]
+            conn.phase = OPEN
+            self.counters["preconnected_used"] += 1
+            return
+        up = self._upstream_socket(conn.device_addr, conn.mac, conn.remote_addr)
         conn.up = up
-        _tune(up)
-        mark = self.upstream_mark
-        if self.route_mark is not None:
-            mark |= self.route_mark(conn.device_addr, conn.mac)
-        if mark:
-            up.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         err = up.connect_ex((conn.remote_addr, conn.remote_port))
         if err not in (0, errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK):
             self.counters["connect_failed"] += 1
             raise _Abort()
         conn.phase = OPEN if err == 0 else CONNECTING
+
+    def _upstream_socket(self, device_addr: str, mac: str | None,
+                         remote_addr: str) -> socket.socket:
+        """A new upstream leg: non-blocking, tuned, marked with the relay's bit and the
+        device's route_mark (design.md 5a.2)."""
+        fam = socket.AF_INET6 if ":" in remote_addr else socket.AF_INET
+        up = socket.socket(fam, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:
+            _tune(up)
+            mark = self.upstream_mark
+            if self.route_mark is not None:
+                mark |= self.route_mark(device_addr, mac)
+            if mark:
+                up.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        except OSError:
+            up.close()
+            raise
+        return up
+
+    # -- the SYN hold (design.md 5a.3) --------------------------------------------------------
+
+    def syn(self, device_addr: str, device_port: int, remote_addr: str, remote_port: int,
+            mac: str | None, token: Any, now: float) -> None:
+        """A guarded device's SYN, held in the queue (`token`): connect upstream first, and
+        answer it (through `syn_verdict`) as the path answered that connect. The accept that
+        follows a PASS takes the connected leg. A SYN the rules will refuse anyway (a blocked
+        category by its DNS-learned name, a device that is not guarded) passes unconnected:
+        the relay refuses it once it opens, and nothing reaches the cloud, not even a SYN."""
+        verdict = self.syn_verdict
+        assert verdict is not None
+        key = (device_addr, device_port, remote_addr, remote_port)
+        if key in self.preconnected:  # a retransmission after the connect: the listener answers
+            verdict(token, SynOutcome.PASS)
+            return
+        sid = self.syn_by_key.get(key)
+        if sid is not None:  # a retransmission while connecting: answered with the first
+            syn = self.syns[sid]
+            if len(syn.tokens) < SYN_TOKENS_MAX:
+                syn.tokens.append(token)
+            else:
+                verdict(token, SynOutcome.SILENT)
+            return
+        if mac is None:
+            mac = self._mac(device_addr, now)
+        device_id = mac or device_addr
+        if (len(self.syns) + len(self.conns) >= self.max_total
+                or self.per_device.get(device_id, 0) + self.syn_per_device.get(device_id, 0)
+                >= self.max_per_device):
+            self.counters["over_cap"] += 1
+            self._limited(device_id, "over_cap_device" if len(self.syns) + len(self.conns)
+                          < self.max_total else "over_cap_total")
+            verdict(token, SynOutcome.REFUSED)
+            return
+        try:
+            connect = self.engine.stream_syn(device_addr, mac, remote_addr, now)
+        except Exception as exc:  # noqa: BLE001 - the relay's own rules still apply at accept
+            self.counters["errors"] += 1
+            self.log(f"relay: stream_syn failed: {exc!r}")
+            connect = False
+        if not connect:
+            self.counters["syn_unconnected"] += 1
+            verdict(token, SynOutcome.PASS)
+            return
+        try:
+            up = self._upstream_socket(device_addr, mac, remote_addr)
+        except OSError as exc:  # EMFILE: counted; the SYN is dropped and will be retried
+            self.counters["errors"] += 1
+            self.log(f"relay: no socket for a held SYN: {exc}")
+            verdict(token, SynOutcome.SILENT)
+            return
+        sid = self._next_syn
+        self._next_syn += 1
+        syn = _Syn(sid, key, up, device_id, now + SYN_CONNECT_WAIT_S, [token])
+        self.syns[sid] = syn
+        self.syn_by_key[key] = sid
+        self.syn_per_device[device_id] = self.syn_per_device.get(device_id, 0) + 1
+        self.counters["syn_held"] += 1
+        err = up.connect_ex((remote_addr, remote_port))
+        if err == 0:
+            self._syn_done(syn, SynOutcome.PASS)
+        elif err in (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK):
+            assert self.selector is not None
+            self.selector.register(up, _WRITE, RelayTag(sid, "syn"))
+            heapq.heappush(self._syn_timers, (syn.deadline, sid))
+        else:
+            self._syn_done(syn, _syn_outcome(err))
+
+    def _syn_done(self, syn: _Syn, outcome: SynOutcome, count: bool = True) -> None:
+        self.syns.pop(syn.id, None)
+        if self.syn_by_key.get(syn.key) == syn.id:
+            del self.syn_by_key[syn.key]
+        left = self.syn_per_device.get(syn.device_id, 1) - 1
+        if left > 0:
+            self.syn_per_device[syn.device_id] = left
+        else:
+            self.syn_per_device.pop(syn.device_id, None)
+        if self.selector is not None:
+            try:
+                self.selector.unregister(syn.sock)
+            except (KeyError, ValueError):
+                pass
+        if outcome is SynOutcome.PASS:
+            self.counters["syn_connected"] += 1
+            self.preconnected[syn.key] = (syn.sock, self.clock() + PRECONNECTED_TTL_S)
+        else:
+            if count:
+                self.counters[f"syn_{outcome.value}"] += 1
+            _close_abort(syn.sock)
+        verdict = self.syn_verdict
+        if verdict is not None:
+            for token in syn.tokens:
+                verdict(token, outcome)
+        syn.tokens = []
+
+    def _syn_tick(self, now: float) -> None:
+        timers = self._syn_timers
+        while timers and timers[0][0] <= now:
+            _, sid = heapq.heappop(timers)
+            syn = self.syns.get(sid)
+            if syn is not None:
+                self._syn_done(syn, SynOutcome.SILENT)
+        if self.preconnected:
+            for key, (sock, expires) in list(self.preconnected.items()):
+                if expires <= now:
+                    del self.preconnected[key]
+                    _close_abort(sock)
+                    self.counters["preconnected_expired"] += 1
 
     def _connected(self, conn: _Conn) -> None:
         """An event on a connecting upstream leg: connected, or failed."""
