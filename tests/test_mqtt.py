@@ -11,7 +11,6 @@ import ipaddress
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +26,7 @@ import pytest
 from guard.core.config import ConfigError, MqttConfig, parse_config
 from guard.shell import mqtt as mqttmod
 from guard.shell.mqtt import MqttBridge, discovery_messages, parse_decide, pending_state
+from tests.ci import missing_or_fail, need_tool
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 BOB = "bob-dispatch-prod-na.amazon.com"
@@ -35,9 +35,9 @@ WAIT_S = 10.0
 
 def _need_mosquitto() -> None:
     if not os.path.exists(MOSQUITTO):
-        if os.environ.get("CI") == "true":
-            pytest.fail("mosquitto is missing (scripts/bootstrap.sh installs it)")
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+        missing_or_fail("mosquitto is not installed (apt-get install mosquitto; "
+                        "scripts/bootstrap.sh installs it)")
+    need_tool("mosquitto_passwd", "mosquitto")
 
 
 def wait_for(condition: Callable[[], Any], timeout_s: float = WAIT_S, what: str = "") -> Any:
@@ -250,8 +250,6 @@ class Broker:
 @pytest.fixture
 def broker_dir(tmp_path: Path) -> Path:
     _need_mosquitto()
-    if shutil.which("mosquitto_passwd") is None:
-        pytest.fail("mosquitto_passwd is missing (it comes with mosquitto)")
     return tmp_path
 
 
