@@ -993,6 +993,27 @@ def test_browser_shows_a_hostile_host_name_as_inert_text(
         assert fake.decisions()[0]["id"] == 11 and fake.decisions()[0]["verb"] == "deny"
 
 
+def test_browser_shows_hostile_names_in_rules_and_log_as_text_that_wraps(
+        tmp_path: Path, fake: FakeGuard, prompt: WebPrompt, token: str) -> None:
+    fake.rules[0]["host"] = HOSTILE
+    fake.rules[0]["source"] = HOSTILE
+    fake.logged(12, "blocked", "den-echo", HOSTILE, 5, "rule")
+    fake.log[0].update(kind="blocked", reason=HOSTILE, attempts=2)
+    with chromium(tmp_path, width=390, height=844) as driver:
+        _sign_in(driver, prompt.url, token)
+        _tab(driver, "rules")
+        wait_for(lambda: _texts(driver, "#rules .host"), "the rule")
+        assert _texts(driver, "#rules .host") == [SHOWN_HOSTILE]
+        _tab(driver, "log")
+        wait_for(lambda: SHOWN_HOSTILE in _texts(driver, "#log .host"), "the blocked entry")
+        for _ in ("rules", "log"):
+            _tab(driver, _)
+            assert driver.execute_script("return document.documentElement.scrollWidth") <= 390
+        assert driver.execute_script("return document.querySelectorAll('img').length") == 0
+        assert driver.execute_script("return window.__pwned === undefined") is True
+        assert _csp_errors(driver) == []
+
+
 def _stateful(fake: FakeGuard) -> None:
     """The fake's management commands change what its listings show, as the daemon's do."""
     dev = fake.devices[0]
