@@ -631,6 +631,18 @@ def test_guard_refusals_are_409_with_inert_text(client: Client, fake: FakeGuard)
     assert result["revoked"] == [display_text(HOSTILE, 64)]
 
 
+@pytest.mark.parametrize("path", ["/api/devices", "/api/rules", "/api/log?outcome=blocked"])
+def test_listings_need_a_session_and_a_known_host(client: Client, fake: FakeGuard,
+                                                  path: str) -> None:
+    before = len(fake.requests)
+    assert client.request("GET", path, cookie=False).status == 401
+    assert client.request("GET", path, headers={"Cookie": "hushgate_session=forged"}
+                          ).status == 401
+    assert client.request("GET", path, headers={"Host": "evil.example"}).status == 421
+    assert len(fake.requests) == before
+    assert client.request("GET", path).status == 200
+
+
 def _log_request(fake: FakeGuard) -> dict[str, Any]:
     return [r for r, _ in fake.requests if r.get("cmd") == "log"][-1]
 
