@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from hushsim.topology import GW_LAN_V4, UNGUARDED_V4, Topology
+from tests.ci import missing_or_fail, need_tool
 from tests.e2e.guardkit import (
     Guard,
     MakeGuard,
@@ -73,7 +74,9 @@ class Broker:
 
     def __init__(self, topo: Topology, directory: Path) -> None:
         if not os.path.exists(MOSQUITTO):
-            pytest.fail("mosquitto is missing (scripts/bootstrap.sh installs it)")
+            missing_or_fail("mosquitto is not installed (apt-get install mosquitto; "
+                            "scripts/bootstrap.sh installs it)")
+        need_tool("mosquitto_passwd", "mosquitto")
         self.topo = topo
         self.dir = directory
         self.ca, cert, key = make_ca(directory, GW_LAN_V4)
