@@ -245,8 +245,8 @@ class Daemon:
                     mode = Mode(override.mode)
                 except ValueError:
                     log(f"store: ignoring an unknown mode {override.mode!r} for {d.name}")
-            if mode is not d.mode:
-                log(f"{d.name}: mode {mode.value} (set by {override.source}; the config file "  # type: ignore[union-attr]
+            if override is not None and mode is not d.mode:
+                log(f"{d.name}: mode {mode.value} (set by {override.source}; the config file "
                     f"says {d.mode.value}; `hushgate mode --device {d.name} config` reverts)")
                 changed = True
                 d = replace(d, mode=mode)
