@@ -15,8 +15,8 @@ import pytest
 
 from guard.core.config import AUDIT_MIN_BYTES, ConfigError, GuardConfig, parse_config
 from guard.shell.store import (
-    Action,
     SCHEMA_VERSION,
+    Action,
     Outcome,
     PendingUpload,
     Store,
