@@ -27,7 +27,7 @@ const OUTCOME_LABEL = { blocked: "blocked", quiet: "muted", window: "window", ru
 
 const state = { csrf: null, offset: 0, cards: new Map(), decided: new Set(), polls: 0,
                 timer: null, running: false, generation: 0, panel: "panel-held",
-                devices: [], logSeq: 0, textTimer: null };
+                devices: [], logSeq: 0, textTimer: null, focusAt: 0 };
 
 function $(id) { return document.getElementById(id); }
 
@@ -333,8 +333,9 @@ async function refreshDevices() {
   if (!r.ok || !Array.isArray(r.data.devices)) return;
   state.devices = r.data.devices.filter((d) => typeof d.name === "string");
   const list = $("devices");
-  const open = document.activeElement && list.contains(document.activeElement);
-  if (open) return; // a select is open on this list: the next refresh redraws it
+  const focused = document.activeElement && list.contains(document.activeElement);
+  // A select being chosen from is not redrawn under the finger; 15 s later it is anyway.
+  if (focused && Date.now() - state.focusAt < 15000) return;
   list.replaceChildren(...state.devices.map(deviceCard));
   $("devices-empty").hidden = state.devices.length > 0;
   fillDeviceFilter();
@@ -559,6 +560,7 @@ async function start() {
     tab.addEventListener("click", () => showPanel(tab.dataset.panel));
   }
   $("held-banner").addEventListener("click", () => showPanel("panel-held"));
+  $("devices").addEventListener("focusin", () => { state.focusAt = Date.now(); });
   $("filters").addEventListener("submit", (ev) => { ev.preventDefault(); refreshLog(); });
   for (const id of ["f-device", "f-outcome", "f-range"]) {
     $(id).addEventListener("change", () => refreshLog());
