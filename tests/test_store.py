@@ -546,3 +546,40 @@ def test_kill_9_loses_no_acknowledged_decision(db: Path) -> None:
         # An upload killed between start and decision is pending, never lost silently.
         assert {p.id for p in s.lost_pending()} <= {max(logged) + 1}
         assert s.next_upload_id() > max(acked)
+
+
+def test_blocked_attempts_are_coalesced_filtered_and_pruned(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "s.db", NOW) as s:
+        comms = "alexa-comms-mobile-service.amazon.com"
+        s.record_blocked("echo", comms, "198.19.0.20:443", "messaging", "blocked", NOW)
+        s.record_blocked("echo", comms, "198.19.0.21:443", "messaging", "blocked", NOW + 30, 4)
+        s.record_blocked("echo", comms, "198.19.0.20:443", "messaging", "blocked", NOW + 200)
+        s.record_blocked("den", None, "198.19.0.30:5222", "messaging", "blocked", NOW + 201)
+        [den, later, first] = s.blocked()
+        assert first.attempts == 5 and first.last_at == NOW + 30 and later.attempts == 1
+        assert den.host is None and den.remote == "198.19.0.30:5222"
+        assert [b.device for b in s.blocked(text="COMMS")] == ["echo", "echo"]
+        assert s.blocked(text="%") == [] and s.blocked(text="_") == []  # LIKE specials are text
+        assert [b.id for b in s.blocked(until=NOW + 100)] == [first.id]
+        assert s.device_figures(NOW)["echo"]["counts"] == {"blocked": 6}
+        s.prune(NOW + 300, max_age_s=200, max_rows=1)
+        assert [b.device for b in s.blocked()] == ["den"]
+
+
+def test_windows_supersede_and_sizes_only_grow(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "s.db", NOW) as s:
+        mute, _ = s.open_window("echo", "quiet", NOW + 3600, NOW, duration_text="1h")
+        voice, _ = s.open_window("echo", "quiet", NOW + 3600, NOW, category="voice")
+        other, _ = s.open_window("den", "quiet", NOW + 3600, NOW)
+        allow, ended = s.open_window("echo", "allow", NOW + 60, NOW + 1, category="telemetry",
+                                     supersede=True)
+        assert ended == [mute]  # the device-wide mute overlaps; the voice-only one does not
+        assert [w.id for w in s.active_windows(NOW + 2)] == [voice.id, other.id, allow.id]
+        assert s.window(allow.id).duration_text is None and s.window(mute.id) is None
+        s.record_decision(9, device="echo", outcome="approved", decided_by="web",
+                          decided_at=NOW, upload_bytes=10000, packets=10)
+        assert s.update_size(9, 23984, 40) and not s.update_size(10, 1, 1)
+        assert s.update_size(9, 5, 5)  # smaller: left as it is
+        [record] = s.log()
+        assert (record.upload_bytes, record.packets) == (23984, 40)
+        assert s.log(until=NOW - 1) == [] and s.log(text="ech")[0].upload_id == 9

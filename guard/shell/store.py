@@ -892,6 +892,11 @@ class Store:
             ).rowcount
             c.execute("DELETE FROM windows WHERE until <= ?", (now,))
             n += c.execute("DELETE FROM blocked WHERE last_at < ?", (now - max_age_s,)).rowcount
+            n += c.execute(
+                "DELETE FROM blocked WHERE id NOT IN "
+                "(SELECT id FROM blocked ORDER BY last_at DESC, id DESC LIMIT ?)",
+                (max(int(max_rows), 0),),
+            ).rowcount
             by_size = 0
             if bound is not None and _used_bytes(c) > bound:
                 rows = int(c.execute("SELECT COUNT(*) FROM audit").fetchone()[0])
