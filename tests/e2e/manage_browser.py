@@ -10,6 +10,7 @@ command per line, each answered by one JSON line on stdout (flushed at once):
                                        wait for it to leave the list
   {"do": "mute", "device": D, "seconds": S}   the device card's Mute (for S seconds)
   {"do": "unmute", "device": D}        its Unmute
+  {"do": "mode", "device": D, "mode": M, "expect": E}   choose mode M; E is what it then shows
   {"do": "revoke", "kind": K, "device": D}    the Revoke button of D's K entry on the Rules tab
   {"do": "rules"} / {"do": "devices"}  what those tabs show
   {"do": "log", "outcome": O, "text": T}      filter the log; the entries shown
@@ -144,6 +145,20 @@ class Page:
         text = wait(lambda: (t := self.device_text(device)) and "Muted until" not in t
                     and "MUTE FOR" in t.upper() and t, f"{device} shown not muted")
         return {"card_text": text}
+
+    def mode(self, device: str, mode: str, expect: str) -> dict:
+        """Choose `mode` in the device's select; wait until the redrawn card shows `expect`."""
+        self.tab("devices")
+        card = f'li.device-card[data-device="{device}"]'
+        wait(lambda: self.js("return !!document.querySelector(arguments[0])", f"{card} select"),
+             f"the mode of {device}")
+        self.js("const s = document.querySelector(arguments[0] + ' select.mode');"
+                "s.value = arguments[1]; s.dispatchEvent(new Event('change'));", card, mode)
+        wait(lambda: self.js("const s = document.querySelector(arguments[0] + ' select.mode');"
+                             "return !!s && !s.disabled && s.value === arguments[1]", card, expect),
+             f"{device} shown in mode {expect}")
+        return {"options": self.js("return [...document.querySelectorAll(arguments[0] + "
+                                   "' select.mode option')].map(o => o.value)", card)}
 
     def rules(self) -> list[dict]:
         self.tab("rules")

@@ -6,8 +6,9 @@ One walk, each step checked against the live guard: what the cloud received (thr
 the cloud sees the router's socket, so connections are found by host and opening time) and what
 `hushgate status|rules list|devices|log --json` say. Held uploads are answered with every scope
 (once, for 10 min, always; deny, deny always) and each standing decision is shown to act on the
-next upload and then revoked from the page; the echo is muted and unmuted from the page; the log
-is filtered to blocked messaging attempts; the screenshots are decoded and checked, and kept in
+next upload and then revoked from the page; the echo is muted and unmuted from the page, and put
+in monitor mode and back to its config file's mode; the log is filtered to blocked messaging
+attempts; the screenshots are decoded and checked, and kept in
 artifacts/manage/ (docs/img/ holds copies of the phone ones for docs/phone.md).
 """
 
@@ -326,7 +327,21 @@ def test_the_phone_page_answers_with_every_scope_mutes_revokes_and_filters_the_l
         ev = b.do("answer", action="allow-once")  # held again: the always-allow is gone too
         _delivered(topology, sp, since)
 
-        # 7. a blocked messaging attempt, found in the log filtered to blocked
+        # 7. monitor mode from the page: the next upload passes unheld (logged as monitored);
+        #    back to the config file's mode (strict), the override is gone
+        shown = b.do("mode", device="echo", mode="monitor", expect="monitor")
+        assert "config" in shown["options"], shown  # the way back to the config file's mode
+        (dev,) = [d for d in g.cli_json("status")["devices"] if d["name"] == "echo"]
+        assert dev["mode"] == "monitor" and dev["mode_overridden"] is True, dev
+        sp, since = _upload(g)
+        _delivered(topology, sp, since)
+        _log_for(g, lambda r: r.get("outcome") == "monitored"
+                 and (r.get("started") or 0) >= since - 1, "the monitored upload")
+        b.do("mode", device="echo", mode="config", expect="strict")
+        (dev,) = [d for d in g.cli_json("status")["devices"] if d["name"] == "echo"]
+        assert dev["mode"] == "strict" and dev["mode_overridden"] is False, dev
+
+        # 8. a blocked messaging attempt, found in the log filtered to blocked
         res = topology.run_speaker("echo", "--host", MESSAGING, "-4", "--max-seconds", "10",
                                    "events", "--count", "1", timeout=20.0)
         assert res["bytes_sent"] == 0, res
@@ -342,6 +357,7 @@ def test_the_phone_page_answers_with_every_scope_mutes_revokes_and_filters_the_l
         (dev,) = [d for d in g.cli_json("devices") if d["name"] == "echo"]
         counts = dev["counts_24h"]
         assert counts.get("approved", 0) >= 2 and counts.get("blocked", 0) >= 1, counts
+        assert counts.get("monitored", 0) >= 1 and counts.get("quiet", 0) >= 1, counts
         (card,) = [d for d in b.do("devices") if d["device"] == "echo"]
         for outcome, n in counts.items():
             label = {"quiet": "muted"}.get(outcome, outcome)
@@ -356,7 +372,7 @@ def test_the_phone_page_answers_with_every_scope_mutes_revokes_and_filters_the_l
             assert shot["scroll_width"] <= PHONE[0], shot  # nothing wider than the phone
             _check_shot(Path(shot["path"]), *PHONE, [[0, 0, PHONE[0], 300], tabs])
 
-        # 8. the same page on a desktop: every section at once, side by side
+        # 9. the same page on a desktop: every section at once, side by side
         view = b.do("viewport", width=DESKTOP[0], height=DESKTOP[1], scale=1, mobile=False)
         assert view["inner"][:2] == list(DESKTOP), view
         desk = b.do("shot", tab="log", path=str(SHOTS / "desktop.png"))
