@@ -581,10 +581,12 @@ def test_a_relayed_devices_syn_waits_in_the_queue_before_its_interception() -> N
         rules = build_rules(spec(relay_devices=("kitchen-echo",)), family)
         relay = [r for r in rules if r.chain == "HUSHGATE_RELAY"]
         labels = [r.label for r in relay]
-        assert labels.index("relay.syn_hold") == labels.index("relay.tproxy") - 1
-        syn = relay[labels.index("relay.syn_hold")].spec
-        assert syn == ("-p tcp --syn -m mark ! --mark 0x40000000/0x40000000 "
-                       "-j NFQUEUE --queue-num 7")
+        assert labels.index("relay.syn") == labels.index("relay.tproxy") - 1
+        assert relay[labels.index("relay.syn")].spec == (
+            "-p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m mark ! --mark 0x40000000/0x40000000 "
+            "-j HUSHGATE_SYN")
+        (hold,) = [r for r in rules if r.chain == "HUSHGATE_SYN"]
+        assert hold.dynamic and hold.spec == "-j NFQUEUE --queue-num 7"  # `run`'s only
         fwd = [r for r in rules if r.chain == "HUSHGATE_RELAYFWD"]
         assert fwd[0].label == "relayfwd.syn_unreachable" and icmp in fwd[0].spec
         assert "-m mark --mark 0x40000000/0x40000000" in fwd[0].spec
@@ -593,8 +595,12 @@ def test_a_relayed_devices_syn_waits_in_the_queue_before_its_interception() -> N
     text = NftablesBackend(spec(relay_devices=("kitchen-echo",))).render()
     lines = [ln.strip() for ln in text.splitlines()]
     syn = next(i for i, ln in enumerate(lines) if "tcp flags & (syn | ack) == syn meta mark"
-               in ln and "queue num 7" in ln)
+               in ln and ln.endswith("jump syn_hold"))
     assert lines[syn + 1].startswith("meta l4proto tcp tproxy ip to :7411")
+    hold = lines.index("chain syn_hold {")
+    assert lines[hold + 1] == "queue num 7"  # filled by `run` only (a dynamic chain)
+    assert "add rule inet hushgate syn_hold queue num 7" in NftablesBackend(
+        spec(relay_devices=("kitchen-echo",))).dynamic_script()
     assert any("reject with icmpx type host-unreachable" in ln for ln in lines)
 
 

@@ -411,6 +411,7 @@ class Chains:
     tproxy: str = ""  # mangle PREROUTING: relayed devices' TCP (stream hold)
     relay: str = ""  # mangle: which destinations are intercepted, which bypass
     relayfwd: str = ""  # filter: relayed devices' TCP that reaches FORWARD is reset
+    syn: str = ""  # dynamic, mangle: a relayed device's SYN waits in the queue (design 5a.3)
     relay_on: bool = False
     # fail = "open": the interception lives only while `run` does (dynamic), since with no
     # listener TPROXY drops; fail-closed keeps it in the persistent safety net.
@@ -423,6 +424,7 @@ class Chains:
             tproxy=f"{t}_TPROXY",
             relay=f"{t}_RELAY",
             relayfwd=f"{t}_RELAYFWD",
+            syn=f"{t}_SYN",
             relay_on=relay_on,
             relay_dynamic=relay_dynamic,
             entry=t,
@@ -454,7 +456,8 @@ class Chains:
 
     def dynamic(self) -> list[tuple[str, str]]:
         return [("mangle", self.queue), ("mangle", self.dns), ("mangle", self.downq)] + (
-            self._relay_chains() if self.relay_on and self.relay_dynamic else [])
+            self._relay_chains() if self.relay_on and self.relay_dynamic else []) + (
+            [("mangle", self.syn)] if self.relay_on else [])
 
     def _relay_chains(self) -> list[tuple[str, str]]:
         return [("filter", self.relayfwd), ("mangle", self.tproxy), ("mangle", self.relay)]
@@ -687,7 +690,8 @@ def relay_rules(spec: FirewallSpec, family: int, ch: Chains,
     # back unmarked and meets the reset below, like any TCP that was not intercepted.
     unreachable = "icmp-host-unreachable" if family == 4 else "icmp6-addr-unreachable"
     add("filter", ch.relayfwd, "relayfwd.syn_unreachable",
-        f"-p tcp --syn -m mark --mark {B:#x}/{B:#x} -j REJECT --reject-with {unreachable}")
+        f"-p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m mark --mark {B:#x}/{B:#x} "
+        f"-j REJECT --reject-with {unreachable}")
     for d in relayed:
         n = _safe(d.name)
         for kind, match in sources(d):
@@ -709,8 +713,12 @@ def relay_rules(spec: FirewallSpec, family: int, ch: Chains,
     # guard's queue while the relay connects upstream, and comes back (`repeat`, packet mark B)
     # to be delivered to the relay only when that connect succeeded. No guard: no verdict, the
     # kernel drops it (fail-closed; `--queue-bypass` with fail = "open").
-    add("mangle", ch.relay, "relay.syn_hold",
-        f"-p tcp --syn -m mark ! --mark {B:#x}/{B:#x} {_queue_target(spec)}")
+    add("mangle", ch.relay, "relay.syn",
+        f"-p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m mark ! --mark {B:#x}/{B:#x} "
+        f"-j {ch.syn}")
+    # the queue is `run`'s (dynamic): without a guard the chain is empty and the SYN meets
+    # TPROXY with no listener, which drops it
+    out.append(Rule("mangle", ch.syn, _queue_target(spec), "relay.syn_hold", True))
     add("mangle", ch.relay, "relay.tproxy",
         f"-p tcp -j TPROXY --on-port {spec.relay_port} --on-ip {on_ip} "
         f"--tproxy-mark {M:#x}/{M:#x}")
@@ -1236,7 +1244,7 @@ class NftablesBackend:
 
         L: list[str] = [
             f"# hushgate nftables ruleset (fw4 style), fail mode {s.fail_mode}.",
-            "# Chains queue_up, queue_down and dns are dynamic: `hushgate run` fills them and",
+            "# Chains queue_up, queue_down, dns and syn_hold are dynamic: `hushgate run` fills them and",
             "# flushes them on exit; the safety net stays until `hushgate firewall remove`.",
             "# fw4 flow offloading moves established flows past every forward chain, this one",
             "# included: turn it off (uci set firewall.@defaults[0].flow_offloading=0), or offload",
@@ -1350,6 +1358,8 @@ class NftablesBackend:
         chain("queue_up", [q] if s.ipv6 else ["meta nfproto ipv4 " + q])
         chain("queue_down", [q if s.queue_downstream else "counter accept"])
         chain("dns", [q])
+        if s.relay:
+            chain("syn_hold", [q])
         if s.fail_open:
             chain("safety_net", ['counter comment "hushgate safety net: fail-open, counts only"'])
         else:
@@ -1366,9 +1376,10 @@ class NftablesBackend:
                 f"ip daddr {{ {nets4} }} ct mark set ct mark | {B:#x}",
                 f"ip6 daddr {{ {nets6} }} ct mark set ct mark | {B:#x}",
                 f"ct mark & {B:#x} == {B:#x} return",
-                # the SYN waits for the relay's upstream connect (design.md 5a.3)
+                # the SYN waits for the relay's upstream connect (design.md 5a.3); syn_hold is
+                # dynamic: empty without a guard, and the SYN meets tproxy with no listener
                 f"meta l4proto tcp tcp flags & (syn | ack) == syn meta mark & {B:#x} != {B:#x} "
-                + self.queue_statement(),
+                "jump syn_hold",
                 f"meta l4proto tcp tproxy ip to :{P} meta mark set meta mark | {M:#x} accept",
                 f"meta l4proto tcp tproxy ip6 to :{P} meta mark set meta mark | {M:#x} accept",
                 # nft's tproxy does NOT drop when no socket listens (the rule breaks, the packet
@@ -1497,12 +1508,16 @@ class NftablesBackend:
         t = f"inet {self.table}"
         q = self.queue_statement()
         lines = [f"flush chain {t} queue_up", f"flush chain {t} queue_down", f"flush chain {t} dns"]
+        if self.spec.relay:
+            lines.append(f"flush chain {t} syn_hold")
         if install:
             lines += [
                 f"add rule {t} queue_up {q if self.spec.ipv6 else 'meta nfproto ipv4 ' + q}",
                 f"add rule {t} queue_down {q if self.spec.queue_downstream else 'counter accept'}",
                 f"add rule {t} dns {q}",
             ]
+            if self.spec.relay:
+                lines.append(f"add rule {t} syn_hold {q}")
         return "\n".join(lines) + "\n"
 
 

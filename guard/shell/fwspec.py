@@ -28,7 +28,7 @@ __all__ = ["NftRunBackend", "apply_persistent", "ip_families", "nft_persistent_s
            "remove_everything", "run_backend", "spec_from_config"]
 
 # Chains `hushgate run` owns in the nftables table (see NftablesBackend.dynamic_script).
-NFT_DYNAMIC_CHAINS = ("queue_up", "queue_down", "dns")
+NFT_DYNAMIC_CHAINS = ("queue_up", "queue_down", "dns", "syn_hold")
 
 
 def spec_from_config(config: GuardConfig) -> FirewallSpec:

@@ -313,11 +313,13 @@ class Relay:
         # The SYN hold (design.md 5a.3): held SYNs by id and by 4-tuple, the upstream legs they
         # connected (taken by the accept that follows), and how a held SYN is answered (the
         # daemon's queue verdict; None: no SYN hold, the relay connects after the accept).
+        # syn_per_device counts a device's held SYNs and its connected legs not yet accepted:
+        # with its relayed connections, they are bounded by max_per_device (descriptors).
         self.syn_verdict: Callable[[Any, SynOutcome], None] | None = None
         self.syns: dict[int, _Syn] = {}
         self.syn_by_key: dict[tuple[str, int, str, int], int] = {}
         self.syn_per_device: dict[str, int] = {}
-        self.preconnected: dict[tuple[str, int, str, int], tuple[socket.socket, float]] = {}
+        self.preconnected: dict[tuple[str, int, str, int], tuple[socket.socket, float, str]] = {}
         self._syn_timers: list[tuple[float, int]] = []
         self._next_syn = 1
         self.max_per_device = max_per_device
@@ -390,9 +392,10 @@ class Relay:
         Held SYNs are dropped (the queue goes with the guard: the kernel drops them anyway)."""
         for syn in list(self.syns.values()):
             self._syn_done(syn, SynOutcome.SILENT, count=False)
-        for sock, _ in self.preconnected.values():
+        for sock, _, _ in self.preconnected.values():
             _close_abort(sock)
         self.preconnected.clear()
+        self.syn_per_device.clear()
         for conn in list(self.conns.values()):
             self._abort(conn, reset=True, count=False)
         for sock in self.listeners:
@@ -454,7 +457,7 @@ class Relay:
         if syn_timers:
             return syn_timers[0][0] if own is None else min(own, syn_timers[0][0])
         if self.preconnected:
-            soonest = min(expires for _, expires in self.preconnected.values())
+            soonest = min(expires for _, expires, _ in self.preconnected.values())
             return soonest if own is None else min(own, soonest)
         return own
 
@@ -788,6 +791,7 @@ class Relay:
         ready = self.preconnected.pop(
             (conn.device_addr, conn.device_port, conn.remote_addr, conn.remote_port), None)
         if ready is not None:  # connected while the device's SYN waited (design.md 5a.3)
+            self._syn_count(ready[2], -1)
             conn.up = ready[0]
             conn.phase = OPEN
             self.counters["preconnected_used"] += 1
@@ -874,7 +878,7 @@ class Relay:
         syn = _Syn(sid, key, up, device_id, now + SYN_CONNECT_WAIT_S, [token])
         self.syns[sid] = syn
         self.syn_by_key[key] = sid
-        self.syn_per_device[device_id] = self.syn_per_device.get(device_id, 0) + 1
+        self._syn_count(device_id, 1)
         self.counters["syn_held"] += 1
         err = up.connect_ex((remote_addr, remote_port))
         if err == 0:
@@ -886,15 +890,19 @@ class Relay:
         else:
             self._syn_done(syn, _syn_outcome(err))
 
+    def _syn_count(self, device_id: str, delta: int) -> None:
+        left = self.syn_per_device.get(device_id, 0) + delta
+        if left > 0:
+            self.syn_per_device[device_id] = left
+        else:
+            self.syn_per_device.pop(device_id, None)
+
     def _syn_done(self, syn: _Syn, outcome: SynOutcome, count: bool = True) -> None:
         self.syns.pop(syn.id, None)
         if self.syn_by_key.get(syn.key) == syn.id:
             del self.syn_by_key[syn.key]
-        left = self.syn_per_device.get(syn.device_id, 1) - 1
-        if left > 0:
-            self.syn_per_device[syn.device_id] = left
-        else:
-            self.syn_per_device.pop(syn.device_id, None)
+        if outcome is not SynOutcome.PASS:  # a connected leg counts on until its accept
+            self._syn_count(syn.device_id, -1)
         if self.selector is not None:
             try:
                 self.selector.unregister(syn.sock)
@@ -902,7 +910,12 @@ class Relay:
                 pass
         if outcome is SynOutcome.PASS:
             self.counters["syn_connected"] += 1
-            self.preconnected[syn.key] = (syn.sock, self.clock() + PRECONNECTED_TTL_S)
+            old = self.preconnected.pop(syn.key, None)
+            if old is not None:  # a port reused before its accept: the older leg goes
+                _close_abort(old[0])
+                self._syn_count(old[2], -1)
+            self.preconnected[syn.key] = (syn.sock, self.clock() + PRECONNECTED_TTL_S,
+                                          syn.device_id)
         else:
             if count:
                 self.counters[f"syn_{outcome.value}"] += 1
@@ -921,9 +934,10 @@ class Relay:
             if syn is not None:
                 self._syn_done(syn, SynOutcome.SILENT)
         if self.preconnected:
-            for key, (sock, expires) in list(self.preconnected.items()):
+            for key, (sock, expires, device_id) in list(self.preconnected.items()):
                 if expires <= now:
                     del self.preconnected[key]
+                    self._syn_count(device_id, -1)
                     _close_abort(sock)
                     self.counters["preconnected_expired"] += 1
 
