@@ -267,12 +267,19 @@ class Burst:
 
     def __init__(self, *, tcp: bool = True, config: DetectorConfig | None = None,
                  stream_config: StreamConfig | None = None) -> None:
-        if (config is None) == (stream_config is None):
-            raise ValueError("a burst is judged either as packets (config) or as a stream "
-                             "(stream_config)")
+        # one per burst, on the packet path: kept cheap
+        if stream_config is None:
+            if config is None:
+                raise ValueError("a burst is judged as packets (config) or as a stream "
+                                 "(stream_config)")
+            self.tcp = tcp
+        elif config is not None:
+            raise ValueError("a burst is judged as packets (config) or as a stream "
+                             "(stream_config), not both")
+        else:
+            self.tcp = True
         self.config = config
         self.stream_config = stream_config
-        self.tcp = tcp or stream_config is not None
         self.records: list[tuple[float, int]] = []  # (arrival time, bytes), oldest first
         # the sender retransmitted held data (TCP): our hold, not its end, stops it
         self.stalled = False

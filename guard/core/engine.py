@@ -175,6 +175,10 @@ UPLOAD_TABLE: dict[tuple[UploadState, UploadEvent], UploadState] = {
 UPLOAD_START_STATES = frozenset({_U.PENDING, _U.PASSING, _U.FIRST_TURN, _U.MONITORED})
 del _U, _V
 
+# States whose upstream packets `_decided` answers (the packet path's common states skip them in
+# one set lookup)
+_DECIDED = frozenset({FlowState.LOST, FlowState.LOST_RESET, FlowState.BLOCKED, FlowState.ALLOWED,
+                      FlowState.ALLOWED_UNCONFIRMED})
 # States whose upstream traffic is an activity that ends after UPLOAD_END_GAP_S of quiet
 _DROPPING_OR_PASSING = frozenset({FlowState.PASSING, FlowState.DENIED, FlowState.LOST_RESET})
 # States that hold nothing and wait for nothing: an idle flow may be forgotten
@@ -986,17 +990,8 @@ class Engine:
             if device_next is None or (
                     ((end - device_next) & 0xFFFFFFFF) < 0x80000000 and end != device_next):
                 flow.device_next = end
-        state = flow.state
-        if state is FlowState.LOST or state is FlowState.LOST_RESET:
-            return self._lost_packet(flow, pkt, now)
-        if state is FlowState.BLOCKED:
-            return Verdict.REJECT
-        if state is FlowState.ALLOWED:
-            return Verdict.ACCEPT
-        if state is FlowState.ALLOWED_UNCONFIRMED:
-            if not payload_len:
-                return Verdict.ACCEPT
-            return self._confirm(flow, pkt, now, token)
+        if flow.state in _DECIDED:
+            return self._decided(flow, pkt, now, token)
         if payload_len:
             # _learn_name only acts on a hello, or on a flow whose hello it is still assembling;
             # once the name is known, SNI work ends
@@ -1021,16 +1016,42 @@ class Engine:
                 flow.move(FlowEvent.NAME_ALLOWED)
             return Verdict.ACCEPT
         if not payload_len:
-            return self._no_payload(flow, pkt, device, now)  # pure ACK, FIN, RST: never held
+            if (proto == TCP and pkt.flags & FIN and flow.state is FlowState.PROVISIONAL
+                    and flow.evidence is not None):
+                flow.evidence.ended()  # the sender closed: the held run is all it had
+                self._rejudge(flow, now)
+            if (self.reset_midstream and flow.midstream and proto == TCP
+                    and flow.host is None and flow.state is FlowState.IDLE
+                    and not pkt.flags & (SYN | RST | FIN) and pkt.flags & ACK
+                    and device.mode in (Mode.STRICT, Mode.FOLLOWUPS)):
+                return self._reset_midstream(flow, pkt, now)
+            if (proto == TCP and not flow.control_marked and not flow.midstream
+                    and flow.state is FlowState.IDLE
+                    and pkt.flags & (ACK | SYN | FIN | RST) == ACK):
+                # Seen from its SYN: the kernel may pass this connection's pure ACKs (a download's
+                # return path) without asking; payload still comes here. A reset after a deny
+                # does not need them: the connection is marked blocked then, and the kernel
+                # answers either end's next packet with an exact reset.
+                flow.control_marked = True
+                self.actions.append(MarkFlow(flow.key, "control"))
+            return Verdict.ACCEPT  # pure ACK, FIN, RST: never held
         if proto == TCP and pkt.flags & RST:
             return Verdict.ACCEPT
         if _is_handshake(pkt):
             return Verdict.ACCEPT  # a TLS/QUIC handshake carries no audio, and names the flow
         return self._payload(flow, pkt, now, token)
 
-    def _confirm(self, flow: Flow, pkt: Packet, now: float, token: Any) -> Verdict:
-        """The first payload of a flow allowed by its DNS name names it for sure (SNI): the
-        name may have been wrong, or a lie. Only now is it fast-pathed."""
+    def _decided(self, flow: Flow, pkt: Packet, now: float, token: Any) -> Verdict:
+        """An upstream packet of a flow decided for its lifetime, or lost across a restart."""
+        state = flow.state
+        if state is FlowState.LOST or state is FlowState.LOST_RESET:
+            return self._lost_packet(flow, pkt, now)
+        if state is FlowState.BLOCKED:
+            return Verdict.REJECT
+        if state is FlowState.ALLOWED or not pkt.payload_len:
+            return Verdict.ACCEPT
+        # ALLOWED_UNCONFIRMED: the first payload of a flow allowed by its DNS name names it for
+        # sure (SNI): the name may have been wrong, or a lie. Only now is it fast-pathed.
         self._learn_name(flow, pkt)
         action = flow.device.category_action(flow.category)
         if action is CategoryAction.BLOCK:
@@ -1043,31 +1064,6 @@ class Engine:
         if _is_handshake(pkt):
             return Verdict.ACCEPT
         return self._payload(flow, pkt, now, token)
-
-    def _no_payload(self, flow: Flow, pkt: Packet, device: DeviceConfig, now: float
-                    ) -> Verdict:
-        """A pure ACK, FIN or RST of an inspected flow: never held; what it says about the
-        sender (a FIN ends a held burst) and the kernel's fast path for pure ACKs."""
-        tcp = pkt.proto == TCP
-        if (tcp and pkt.flags & FIN and flow.state is FlowState.PROVISIONAL
-                and flow.evidence is not None):
-            flow.evidence.ended()  # the sender closed: the held run is all it had
-            self._rejudge(flow, now)
-        if (self.reset_midstream and flow.midstream and tcp
-                and flow.host is None and flow.state is FlowState.IDLE
-                and not pkt.flags & (SYN | RST | FIN) and pkt.flags & ACK
-                and device.mode in (Mode.STRICT, Mode.FOLLOWUPS)):
-            return self._reset_midstream(flow, pkt, now)
-        if (tcp and not flow.control_marked and not flow.midstream
-                and flow.state is FlowState.IDLE
-                and pkt.flags & (ACK | SYN | FIN | RST) == ACK):
-            # Seen from its SYN: the kernel may pass this connection's pure ACKs (a download's
-            # return path) without asking; payload still comes here. A reset after a deny
-            # does not need them: the connection is marked blocked then, and the kernel
-            # answers either end's next packet with an exact reset.
-            flow.control_marked = True
-            self.actions.append(MarkFlow(flow.key, "control"))
-        return Verdict.ACCEPT
 
     # -- the stream path (TCP terminated by the router's kernel, relayed by the shell) ---------
 
@@ -1398,7 +1394,7 @@ class Engine:
             # is never released on that guess: it is an upload at its cap, denied (fail-closed)
             verdict = NO_ROOM
         else:
-            verdict = self._judge(flow, now)
+            verdict = evidence.judge(now)
         if verdict.judgement is Judgement.MESSAGE:
             self._release_burst(flow, now, verdict.reason, current=held)
             return Verdict.ACCEPT
@@ -1478,14 +1474,12 @@ class Engine:
         if tokens:
             self.actions.append(Release(tokens))
         self._unhold(burst)
-        evidence = flow.evidence
-        first = evidence.start if evidence is not None else None
-        start = first if first is not None else now
+        run = flow.evidence.records if flow.evidence is not None else ()
+        start = run[0][0] if run else now
         # What the burst suffered: a relayed stream's message waits from its last byte (the
         # sender is ACKed and never waits; design.md 5: released <= 0.3 s after its last
         # byte); a held packet burst's sender waits from its first packet.
-        last = evidence.last if evidence is not None else None
-        since = last if last is not None and flow.stream is not None else start
+        since = run[-1][0] if run and flow.stream is not None else start
         # a kept tail probe follows its original: its bytes are not counted twice; a nudged
         # first segment went out earlier
         size = sum(h.payload for i, h in enumerate(burst) if not i or burst[i - 1].seq != h.seq)
@@ -1495,8 +1489,7 @@ class Engine:
             packets += 1
             flow.activity_passed -= flow.nudged.payload  # counted again below, with the rest
             flow.nudged = None
-        monitored = evidence.size if evidence is not None else 0
-        flow.activity_passed += monitored if flow.device.mode is Mode.MONITOR else size
+        flow.activity_passed += sum(size for _, size in run) if flow.device.mode is Mode.MONITOR else size
         if packets:
             self.counters["bursts_released"] += 1
             self.actions.append(BurstReleased(
