@@ -1,6 +1,8 @@
 """Is this burst the start of an audio upload? Two judges: whole bursts of a relayed TCP stream
 (`judge_stream`), and what a held sender can emit for the packet hold (`judge`, QUIC/UDP and the
-legacy `tcp_hold = "packet"` mode).
+legacy `tcp_hold = "packet"` mode). The engine keeps one `Burst` per held burst: it takes in what
+was seen (records with sizes and arrival times, retransmissions, the sender's end, a nudge) and
+answers `judge(now)` and `deadline(now)`, so the engine computes no evidence itself.
 
 The stream judge (design.md 5, "hold the stream"): the router's kernel terminates the speaker's
 TCP and ACKs it, so a held speaker never stalls and the judge sees every record of a burst while

@@ -4,8 +4,10 @@ Rules of this module: no IO, no clock (every entry point takes `now`, and time t
 backwards is clamped, never trusted); the shell calls `receive`, `decide` and `handle_timer`, asks
 `next_timer()` when to call again, and drains `take_actions()`. Held packets are opaque tokens the
 shell gave us: the engine only ever releases them in arrival order or discards them, never
-reorders, alters or partially releases an upload. Flow and upload states and their legal moves
-live in the two tables below; an illegal move raises `IllegalTransition`.
+reorders, alters or partially releases an upload. A flow and an upload change state only by an
+event, as `FLOW_TABLE` and `UPLOAD_TABLE` say ((state, event) -> state); a pair they do not list
+raises `IllegalTransition`. The evidence about a held burst is the detector's (`Burst`, one per
+burst); upload ids are allocated here (`UploadIds`), from a floor the shell gives.
 """
 
 from __future__ import annotations
