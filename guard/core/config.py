@@ -12,6 +12,7 @@ import math
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ class ConfigError(Exception):
     """A configuration problem, with the key it is about."""
 
 
+@lru_cache(maxsize=1024)  # on the relay's per-connection path; a LAN has few MACs
 def normalize_mac(mac: str) -> str:
     mac = mac.strip().lower().replace("-", ":")
     if not _MAC.match(mac):

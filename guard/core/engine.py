@@ -17,6 +17,7 @@ import ipaddress
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from functools import lru_cache
 from typing import Any
 
 from guard.core.config import DeviceConfig, GuardConfig, normalize_mac
@@ -618,6 +619,7 @@ class Devices:
         return self.by_addr.get(pkt.dst) or self.learned.get(pkt.dst)
 
 
+@lru_cache(maxsize=4096)  # per new flow and relayed connection; addresses repeat
 def _canon(addr: str) -> str:
     try:
         return str(ipaddress.ip_address(addr))

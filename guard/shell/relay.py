@@ -456,8 +456,8 @@ class Relay:
         own = self._conn_deadline()
         if syn_timers:
             return syn_timers[0][0] if own is None else min(own, syn_timers[0][0])
-        if self.preconnected:
-            soonest = min(expires for _, expires, _ in self.preconnected.values())
+        if self.preconnected:  # inserted in expiry order (one TTL): the first expires first
+            soonest = next(iter(self.preconnected.values()))[1]
             return soonest if own is None else min(own, soonest)
         return own
 
@@ -933,13 +933,15 @@ class Relay:
             syn = self.syns.get(sid)
             if syn is not None:
                 self._syn_done(syn, SynOutcome.SILENT)
-        if self.preconnected:
-            for key, (sock, expires, device_id) in list(self.preconnected.items()):
-                if expires <= now:
-                    del self.preconnected[key]
-                    self._syn_count(device_id, -1)
-                    _close_abort(sock)
-                    self.counters["preconnected_expired"] += 1
+        pre = self.preconnected
+        while pre:  # in expiry order: stop at the first that has time left
+            key, (sock, expires, device_id) = next(iter(pre.items()))
+            if expires > now:
+                break
+            del pre[key]
+            self._syn_count(device_id, -1)
+            _close_abort(sock)
+            self.counters["preconnected_expired"] += 1
 
     def _connected(self, conn: _Conn) -> None:
         """An event on a connecting upstream leg: connected, or failed."""
