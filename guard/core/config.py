@@ -7,6 +7,7 @@ the network or the clock. `load_config(path)` is the only function that reads a 
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import re
@@ -16,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from guard.core import schema
 from guard.core.policy import CategoryAction, Mode
 
 CATEGORIES = (
@@ -192,15 +194,9 @@ class GuardConfig:
         return None
 
 
-_GUARD_KEYS = {
-    "queue", "queue_count", "fail", "hold_timeout_s", "max_turn_s", "followup_window_s",
-    "window_segments", "mark_mask", "quic", "socket", "socket_group", "state_db", "rules_dir",
-    "backend", "max_held_packets_per_upload", "max_held_bytes_per_upload",
-    "max_held_packets_total", "max_held_bytes_total", "audit_max_age_s", "audit_max_rows",
-    "audit_max_bytes", "reset_midstream", "tcp_hold", "relay_port", "tproxy_mark", "relay_mark",
-    "relay_table", "relay_priority", "max_connections_per_device", "max_relay_connections",
-}
-_DEVICE_KEYS = {"name", "address", "mac", "address6", "mode", "categories", "quic", "route_mark"}
+# The keys each section accepts come from the one declaration (guard/core/schema.py).
+_GUARD_KEYS = schema.names("guard")
+_DEVICE_KEYS = schema.names("device")
 
 
 def _table(value: Any, where: str) -> dict[str, Any]:
@@ -216,10 +212,29 @@ def _tables(value: Any, where: str) -> list[dict[str, Any]]:
     return [_table(item, f"{where}[{i}]") for i, item in enumerate(value)]
 
 
-def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
+def _check_keys(table: dict[str, Any], allowed: set[str] | frozenset[str], where: str,
+                section: str | None = None) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        hints = [f"{u} (did you mean {hint}?)" if (hint := _hint(u, section)) else u
+                 for u in unknown]
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(hints)}")
+
+
+def _hint(name: str, section: str | None) -> str | None:
+    if section is None:
+        close = difflib.get_close_matches(name, schema.SECTIONS, n=1, cutoff=0.7)
+        return close[0] if close else None
+    return schema.did_you_mean(name, section)
+
+
+def _bounded(table: dict[str, Any], k: schema.Key, where: str) -> Any:
+    """A plain int or float key, within the bounds its declaration gives."""
+    value = _number(table, k.name, where, k.minimum if k.minimum is not None else -math.inf,
+                    None, integer=k.kind == "int")
+    if k.maximum is not None and value > k.maximum:
+        raise ConfigError(f"{where}.{k.name}: at most {k.maximum:g}, got {value!r}")
+    return value if k.kind == "int" else float(value)
 
 
 def _number(table: dict[str, Any], key: str, where: str, minimum: float, default: Any,
@@ -279,7 +294,7 @@ def _address(value: Any, where: str) -> str:
 def _device(table: Any, index: int) -> DeviceConfig:
     where = f"device[{index}]"
     table = _table(table, where)
-    _check_keys(table, _DEVICE_KEYS, where)
+    _check_keys(table, _DEVICE_KEYS, where, "device")
     name = table.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
         raise ConfigError(f"{where}.name: expected a short name of letters, digits, . _ -")
@@ -322,9 +337,9 @@ def _device(table: Any, index: int) -> DeviceConfig:
 
 def parse_config(data: dict[str, Any]) -> GuardConfig:
     """Validate a parsed TOML document into a GuardConfig."""
-    _check_keys(data, {"guard", "metrics", "web", "hook", "mqtt", "device"}, "config")
+    _check_keys(data, frozenset(schema.SECTIONS), "config")
     guard = _table(data.get("guard", {}), "guard")
-    _check_keys(guard, _GUARD_KEYS, "guard")
+    _check_keys(guard, _GUARD_KEYS, "guard", "guard")
     kw: dict[str, Any] = {}
     queue = guard.get("queue", 7)
     if isinstance(queue, str) and re.fullmatch(r"\d+-\d+", queue):
@@ -339,23 +354,18 @@ def parse_config(data: dict[str, Any]) -> GuardConfig:
         kw["queue_count"] = _number(guard, "queue_count", "guard", 1, 1, integer=True)
     if kw["queue"] + kw["queue_count"] - 1 > 65535:
         raise ConfigError("guard.queue: NFQUEUE numbers go up to 65535")
-    kw["fail"] = _choice(guard, "fail", "guard", ("closed", "open"), "closed")
-    kw["quic"] = _choice(guard, "quic", "guard", ("hold", "block"), "block")
-    kw["backend"] = _choice(guard, "backend", "guard", ("iptables", "nftables"), "iptables")
-    for key in ("hold_timeout_s", "max_turn_s", "followup_window_s", "audit_max_age_s"):
-        if key in guard:
-            kw[key] = float(_number(guard, key, "guard", 0.1, 0))
-    for key in (
-        "window_segments", "max_held_packets_per_upload", "max_held_bytes_per_upload",
-        "max_held_packets_total", "max_held_bytes_total", "audit_max_rows",
-    ):
-        if key in guard:
-            kw[key] = _number(guard, key, "guard", 1, 0, integer=True)
-    if "audit_max_bytes" in guard:
-        # an empty store takes 11 pages (44 KiB): below 64 KiB hardly any audit record fits
-        kw["audit_max_bytes"] = _number(
-            guard, "audit_max_bytes", "guard", AUDIT_MIN_BYTES, 0, integer=True
-        )
+    # the plain keys, as declared (guard/core/schema.py): choices, bounded numbers, strings
+    for k in schema.KEYS:
+        if k.section != "guard" or k.name not in guard or k.name == "queue_count":
+            continue
+        if k.kind == "choice":
+            kw[k.name] = _choice(guard, k.name, "guard", k.choices, None)
+        elif k.kind in ("int", "float"):
+            kw[k.name] = _bounded(guard, k, "guard")
+        elif k.kind == "bool":
+            kw[k.name] = _boolean(guard, k.name, "guard")
+        elif k.kind == "str":
+            kw[k.name] = _string(guard, k.name, "guard")
     if "mark_mask" in guard:
         raw = guard["mark_mask"]
         try:
@@ -371,11 +381,6 @@ def parse_config(data: dict[str, Any]) -> GuardConfig:
         if mask <= 0 or mask > 0xFFFFFFFF or bin(mask).count("1") < 3:
             raise ConfigError("guard.mark_mask: needs at least three bits of a 32-bit mark")
         kw["mark_mask"] = mask
-    kw["tcp_hold"] = _choice(guard, "tcp_hold", "guard", ("relay", "packet"), "relay")
-    if "relay_port" in guard:
-        kw["relay_port"] = _number(guard, "relay_port", "guard", 1, 0, integer=True)
-        if kw["relay_port"] > 65535:
-            raise ConfigError("guard.relay_port: a TCP port goes up to 65535")
     for key in ("tproxy_mark", "relay_mark"):
         if key in guard:
             kw[key] = _mark_bit(guard[key], f"guard.{key}")
@@ -383,22 +388,8 @@ def parse_config(data: dict[str, Any]) -> GuardConfig:
         kw["relay_table"] = _number(guard, "relay_table", "guard", 1, 0, integer=True)
         if kw["relay_table"] in (253, 254, 255) or kw["relay_table"] > 0xFFFFFFFF:
             raise ConfigError("guard.relay_table: not 253-255 (default, main, local), < 2^32")
-    if "relay_priority" in guard:
-        kw["relay_priority"] = _number(guard, "relay_priority", "guard", 1, 0, integer=True)
-        if kw["relay_priority"] > 32765:
-            raise ConfigError("guard.relay_priority: must be below main's 32766")
-    for key in ("max_connections_per_device", "max_relay_connections"):
-        if key in guard:
-            kw[key] = _number(guard, key, "guard", 1, 0, integer=True)
-    if "reset_midstream" in guard:
-        if not isinstance(guard["reset_midstream"], bool):
-            raise ConfigError("guard.reset_midstream: expected true or false")
-        kw["reset_midstream"] = guard["reset_midstream"]
-    for key in ("socket", "socket_group", "state_db", "rules_dir"):
-        if key in guard:
-            kw[key] = _string(guard, key, "guard")
     metrics = _table(data.get("metrics", {}), "metrics")
-    _check_keys(metrics, {"listen"}, "metrics")
+    _check_keys(metrics, schema.names("metrics"), "metrics", "metrics")
     if "listen" in metrics:
         if not isinstance(metrics["listen"], str):
             raise ConfigError(f"metrics.listen: expected \"host:port\" or \"\" to disable, "
@@ -407,7 +398,7 @@ def parse_config(data: dict[str, Any]) -> GuardConfig:
     if kw.get("metrics_listen"):
         _metrics_listen(kw["metrics_listen"])
     web = _table(data.get("web", {}), "web")
-    _check_keys(web, {"listen", "password_hash", "tls", "hosts"}, "web")
+    _check_keys(web, schema.names("web"), "web", "web")
     if "listen" in web:
         kw["web_listen"] = _string(web, "listen", "web")
     if "password_hash" in web:
@@ -444,7 +435,7 @@ def parse_config(data: dict[str, Any]) -> GuardConfig:
     return config
 
 
-_HOOK_KEYS = {"events", "command", "url", "timeout_s", "kind"}
+# the hook keys only an ntfy hook takes (all declared in guard/core/schema.py)
 _NTFY_KEYS = {"topic", "token", "username", "password", "priority", "action_url"}
 _NTFY_TOPIC = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # ntfy's own rule for topic names
 
@@ -453,7 +444,7 @@ def _hook(hook: dict[str, Any], index: int, kw: dict[str, Any]) -> Hook:
     """One `[[hook]]`: kind "json" (a command and/or a URL get the event as JSON) or "ntfy" (a
     phone notification whose Allow/Deny buttons call the web prompt back)."""
     where = f"hook[{index}]"
-    _check_keys(hook, _HOOK_KEYS | _NTFY_KEYS, where)
+    _check_keys(hook, schema.names("hook"), where, "hook")
     kind = _choice(hook, "kind", where, ("json", "ntfy"), "json")
     events = (_strings(hook, "events", where) if "events" in hook
               else ("upload-held", "upload-decided"))
@@ -519,14 +510,12 @@ def _http_url(value: str, where: str) -> str:
     return value
 
 
-_MQTT_KEYS = {"host", "port", "username", "password", "tls", "ca_file", "client_id",
-              "discovery_prefix", "base_topic", "keepalive_s", "mute_for_s"}
 _MQTT_TOPIC = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 
 
 def _mqtt(table: dict[str, Any]) -> MqttConfig:
     where = "mqtt"
-    _check_keys(table, _MQTT_KEYS, where)
+    _check_keys(table, schema.names("mqtt"), where, "mqtt")
     if "host" not in table:
         raise ConfigError("mqtt.host: the broker's address is needed (e.g. \"192.168.1.2\")")
     host = _string(table, "host", where)

@@ -947,6 +947,19 @@ def config_from_uci(input_path: str, output_path: str | None, fw4_path: str | No
         fail(f"{input_path}: {exc.strerror}")
 
 
+@config_group.command("keys")
+@click.option("--markdown", is_flag=True, help="As docs/config.md (a table per section).")
+def config_keys(markdown: bool) -> None:
+    """Every configuration key: section, type, default, meaning (from guard/core/schema.py)."""
+    from guard.core import schema
+
+    if markdown:
+        click.echo(schema.markdown())
+        return
+    rows = [[f"[{k.section}]", k.name, k.kind, k.default, k.doc] for k in schema.KEYS]
+    click.echo(table(["SECTION", "KEY", "TYPE", "DEFAULT", "MEANING"], rows))
+
+
 # ------------------------------------------------------------------------------------ firewall
 
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from guard.core import schema
 from guard.core.config import ConfigError, GuardConfig, normalize_mac, parse_config
 
 __all__ = [
@@ -304,66 +305,28 @@ def parse_uci(text: str, package: str = "hushgate") -> list[UciSection]:
 
 # --------------------------------------------------------------------------- UCI -> TOML dict
 
-_GUARD_INT = {
-    "queue_count", "window_segments", "max_held_packets_per_upload",
-    "max_held_bytes_per_upload", "max_held_packets_total", "max_held_bytes_total",
-    "audit_max_rows", "audit_max_bytes",
-}
-_GUARD_FLOAT = {"hold_timeout_s", "max_turn_s", "followup_window_s", "audit_max_age_s"}
-_GUARD_STR = {"fail", "quic", "socket", "socket_group", "state_db", "rules_dir", "backend",
-              "mark_mask"}
-_GUARD_KEYS = _GUARD_INT | _GUARD_FLOAT | _GUARD_STR | {"queue"}
+# Every option comes from the one declaration of the config (guard/core/schema.py): a TOML key is
+# a UCI option of the same name (plus UCI's singular list names, e.g. `list category`).
+_UCI_KINDS = {"int": "int", "float": "float", "bool": "bool", "strings": "list", "argv": "argv",
+              "categories": "categories", "mark": "mark"}
+# special keys (parsed by their own code in config.py) as UCI carries them
+_UCI_SPECIAL = {("guard", "queue"): "queue", ("guard", "relay_table"): "int",
+                ("device", "address6"): "list"}
 
-# (uci name -> (toml key, kind)); kinds: str, int, mark, float, bool, list, argv
+
+def _uci_kind(k: schema.Key) -> str:
+    return _UCI_SPECIAL.get((k.section, k.name)) or _UCI_KINDS.get(k.kind, "str")
+
+
+_GUARD_KINDS: dict[str, str] = {k.name: _uci_kind(k) for k in schema.KEYS if k.section == "guard"}
+_GUARD_KEYS = frozenset(_GUARD_KINDS)
+
+# (uci name -> (toml key, kind)); kinds: str, int, mark, float, bool, list, argv, categories
 _SECTION_SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
-    "metrics": {"listen": ("listen", "str")},
-    "web": {
-        "listen": ("listen", "str"),
-        "password_hash": ("password_hash", "str"),
-        "tls": ("tls", "bool"),
-        "host": ("hosts", "list"),
-        "hosts": ("hosts", "list"),
-    },
-    "hook": {
-        "event": ("events", "list"),
-        "events": ("events", "list"),
-        "command": ("command", "argv"),
-        "url": ("url", "str"),
-        "timeout_s": ("timeout_s", "float"),
-        "kind": ("kind", "str"),
-        "topic": ("topic", "str"),
-        "token": ("token", "str"),
-        "username": ("username", "str"),
-        "password": ("password", "str"),
-        "priority": ("priority", "int"),
-        "action_url": ("action_url", "str"),
-    },
-    "mqtt": {
-        "host": ("host", "str"),
-        "port": ("port", "int"),
-        "username": ("username", "str"),
-        "password": ("password", "str"),
-        "tls": ("tls", "bool"),
-        "ca_file": ("ca_file", "str"),
-        "client_id": ("client_id", "str"),
-        "discovery_prefix": ("discovery_prefix", "str"),
-        "base_topic": ("base_topic", "str"),
-        "keepalive_s": ("keepalive_s", "int"),
-        "mute_for_s": ("mute_for_s", "float"),
-    },
-    "device": {
-        "name": ("name", "str"),
-        "mac": ("mac", "str"),
-        "address": ("address", "str"),
-        "address6": ("address6", "list"),
-        "mode": ("mode", "str"),
-        "quic": ("quic", "str"),
-        "route_mark": ("route_mark", "mark"),
-        "category": ("categories", "categories"),
-        "categories": ("categories", "categories"),
-        "enabled": ("enabled", "bool"),
-    },
+    section: {name: (k.name, _uci_kind(k)) for name, k in schema.uci_options(section).items()}
+    for section in ("metrics", "web", "hook", "mqtt", "device")
 }
+_SECTION_SCHEMA["device"]["enabled"] = ("enabled", "bool")  # UCI's own: '0' skips the device
 _SINGLETONS = ("guard", "metrics", "web", "mqtt")
 
 
@@ -389,6 +352,15 @@ def _number(opt: UciOption, integer: bool) -> int | float:
     if not math.isfinite(value):
         raise UciError(f"option {opt.name} {opt.value!r}: expected a finite number", opt.line)
     return int(value) if value.is_integer() and _INT_RE.match(text) else value
+
+
+def _mark(opt: UciOption) -> int:
+    """A mark as fw4 and pbr write them: 0x100 or 256."""
+    try:
+        return int(opt.value.strip(), 0)
+    except ValueError:
+        raise UciError(f"option {opt.name} {opt.value!r}: expected a mark like 0x100",
+                       opt.line) from None
 
 
 def _scalar(opt: UciOption) -> None:
@@ -421,16 +393,19 @@ def _guard_table(section: UciSection, out: dict[str, Any], lines: _Lines) -> Non
             raise UciError(f"unknown option {opt.name!r} in config guard", opt.line)
         _scalar(opt)
         lines.keys[("guard", 0, opt.name)] = opt.line
-        if opt.name == "queue":
+        kind = _GUARD_KINDS[opt.name]
+        if kind == "queue":
             text = opt.value.strip()
             if _QUEUE_RANGE_RE.match(text):
                 out["queue"] = text
             else:
                 out["queue"] = _number(opt, integer=True)
-        elif opt.name in _GUARD_INT:
-            out[opt.name] = _number(opt, integer=True)
-        elif opt.name in _GUARD_FLOAT:
-            out[opt.name] = _number(opt, integer=False)
+        elif kind in ("int", "float"):
+            out[opt.name] = _number(opt, integer=kind == "int")
+        elif kind == "bool":
+            out[opt.name] = _bool(opt)
+        elif kind == "mark":
+            out[opt.name] = _mark(opt)
         else:
             out[opt.name] = opt.value
 
@@ -472,12 +447,8 @@ def _table(section: UciSection, index: int, lines: _Lines) -> dict[str, Any]:
             out[key] = _number(opt, integer=False)
         elif kind == "int":
             out[key] = _number(opt, integer=True)
-        elif kind == "mark":  # as fw4 and pbr write marks: 0x100 or 256
-            try:
-                out[key] = int(opt.value.strip(), 0)
-            except ValueError:
-                raise UciError(f"option {opt.name} {opt.value!r}: expected a mark like 0x100",
-                               opt.line) from None
+        elif kind == "mark":
+            out[key] = _mark(opt)
         else:
             out[key] = opt.value
     return out
