@@ -71,3 +71,32 @@ def test_the_contract_can_fail(tmp_path: Path, source: str, layer: str, expected
     finally:
         bad.unlink()
     assert any(expected in v for v in found), found
+
+
+# The engine's state the shell must not reach into: it asks typed queries (engine.upload(id),
+# engine.device(name), engine.find_device, engine.has_actions, ...) instead (issue 14 point 4).
+ENGINE_STATE = {"uploads", "flows", "actions", "rules", "counters", "devices", "last_stream",
+                "streams", "windows", "standing", "timers", "now"}
+
+
+def engine_reads(path: Path) -> list[str]:
+    """`self.engine.X` / `engine.X` attribute reads of engine state in `path`."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr in ENGINE_STATE:
+            base = node.value
+            name = base.attr if isinstance(base, ast.Attribute) else getattr(base, "id", None)
+            if name == "engine":
+                found.append(f"{path.name}:{node.lineno} engine.{node.attr}")
+    return found
+
+
+def test_the_shell_reads_no_engine_state() -> None:
+    reads = [r for path in sorted((GUARD / "shell").glob("*.py")) for r in engine_reads(path)]
+    assert reads == []
+
+
+def test_the_engine_state_check_can_fail(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f(self):\n    return self.engine.uploads.get(1)\n")
+    assert engine_reads(probe) == ["probe.py:2 engine.uploads"]

@@ -1793,6 +1793,60 @@ class Engine:
     def held(self) -> tuple[int, int]:
         return self.held_packets, self.held_bytes
 
+    # -- typed queries and settings for the shell (it reads no attribute of the engine) ---------
+
+    def upload(self, upload_id: int) -> Upload | None:
+        return self.uploads.get(upload_id)
+
+    def flow(self, key: FlowKey) -> Flow | None:
+        return self.flows.get(key)
+
+    def device(self, name: str) -> DeviceConfig | None:
+        return self.devices.by_name.get(name)
+
+    def device_list(self) -> list[DeviceConfig]:
+        return list(self.devices.by_name.values())
+
+    def find_device(self, address: str, mac: str | None) -> DeviceConfig | None:
+        """The device behind a relayed connection or a queued SYN (by MAC, else address)."""
+        return self.devices.find(address, mac)
+
+    def has_actions(self) -> bool:
+        return bool(self.actions)
+
+    def counter_values(self) -> dict[str, int]:
+        return dict(self.counters)
+
+    def last_stream_at(self, device: str) -> float | None:
+        """When `device` last opened a relayed TCP connection (None: never)."""
+        return self.last_stream.get(device)
+
+    def set_rules(self, rules: RuleSet) -> None:
+        self.rules = rules
+
+    def set_mac_gate(self, gate: Callable[[str, str], bool] | None) -> None:
+        """The shell's check that a MAC seen from a device's address is that one host's."""
+        self.devices.mac_gate = gate
+
+    def unlearn_mac(self, name: str) -> None:
+        """Match `name` by its address alone again (its MAC turned out to be shared): the
+        device table, the addresses learned for it and its flows."""
+        table = self.devices
+        device = table.by_name.get(name)
+        if device is None or device.mac is None:
+            return
+        plain = replace(device, mac=None)
+        held = table.by_mac.get(device.mac)
+        if held is not None and held.name == name:
+            del table.by_mac[device.mac]
+        table.replace(plain)
+        for addr, dev in list(table.learned.items()):
+            if dev.name == name:
+                del table.learned[addr]
+        for flow in self.flows.values():
+            if flow.device.name == name:
+                flow.device = plain
+
 
 def _packets(held: Held) -> int:
     """What a held item counts against the packet caps: a queued packet 1, stream bytes 0."""

@@ -190,7 +190,7 @@ class Daemon:
     def _route_mark(self, address: str, mac: str | None) -> int:
         """The routing mark a device's relayed upstream leg carries besides the relay's bit
         (`route_mark` in its [[device]] table; design.md 5a.2): 0 when none is set."""
-        device = self.engine.devices.find(address, mac)
+        device = self.engine.find_device(address, mac)
         return device.route_mark or 0 if device is not None else 0
 
     # -- start-up ---------------------------------------------------------------------------
@@ -364,7 +364,7 @@ class Daemon:
         return self.engine.receive(pkt, now, token)
 
     def _relayed_source(self, pkt: Any) -> bool:
-        device = self.engine.devices.find(pkt.src, pkt.src_mac)
+        device = self.engine.find_device(pkt.src, pkt.src_mac)
         return device is not None and device.name in self.spec.relay_devices
 
     def _gauges(self) -> dict[str, Any]:
@@ -492,7 +492,7 @@ class Daemon:
         by that MAC from then on). Only a MAC the neighbour table holds for that one address is
         learned: one it holds for several addresses stands for several hosts, and the device
         stays known by its address alone (warned once)."""
-        self.engine.devices.mac_gate = self._mac_unique
+        self.engine.set_mac_gate(self._mac_unique)
 
     def _mac_unique(self, name: str, mac: str) -> bool:
         """Whether `mac` is, in the last neighbour table read, `name`'s address's and no other
@@ -548,21 +548,7 @@ class Daemon:
         devices = tuple(replace(d, mac=None) if d.name == name and d.mac == mac else d
                         for d in self.config.devices)
         self.config = replace(self.config, devices=devices)
-        table = self.engine.devices
-        device = table.by_name.get(name)
-        if device is not None and device.mac is not None:
-            plain = replace(device, mac=None)
-            if table.by_mac.get(device.mac) is device or (
-                    table.by_mac.get(device.mac) is not None
-                    and table.by_mac[device.mac].name == name):
-                del table.by_mac[device.mac]
-            table.replace(plain)
-            for addr, dev in list(table.learned.items()):
-                if dev.name == name:
-                    del table.learned[addr]
-            for flow in self.engine.flows.values():
-                if flow.device.name == name:
-                    flow.device = plain
+        self.engine.unlearn_mac(name)
         self._reinstall(f"{name} is matched by its address alone again (MAC {mac} is shared)")
 
     def _reinstall(self, what: str) -> None:
@@ -590,7 +576,8 @@ class Daemon:
         for name, count in refused.items():
             state = self.quic.setdefault(name, {"refused": 0, "no_tcp_fallback": False})
             trying = count > state["refused"]
-            tcp = self.engine.last_stream.get(name, float("-inf")) >= now - QUIC_FALLBACK_S
+            last = self.engine.last_stream_at(name)
+            tcp = last is not None and last >= now - QUIC_FALLBACK_S
             was = state["no_tcp_fallback"]
             state["refused"] = count
             state["no_tcp_fallback"] = (trying and not tcp) or (was and not tcp)
@@ -624,7 +611,7 @@ class Daemon:
             return False
         with self.lock:
             self.rules = rules
-            self.engine.rules = rules
+            self.engine.set_rules(rules)
         log("rules reloaded")
         return True
 
@@ -679,7 +666,7 @@ class Daemon:
 
     def _after_packet(self, nfpkt: Any) -> int | None:
         """Carry out the actions the current packet caused; the mark for its own verdict."""
-        if not self.engine.actions:
+        if not self.engine.has_actions():
             return None  # most packets cause none: skip the list swap
         mark = None
         for action in self.engine.take_actions():
@@ -948,9 +935,9 @@ class Daemon:
             self.errors["conntrack"] += 1
 
     def _persist_pending(self, upload: dict[str, Any]) -> None:
-        flow = self.engine.flows.get(self.engine.uploads[upload["id"]].key) \
-            if upload["id"] in self.engine.uploads else None
-        key = self.engine.uploads[upload["id"]].key if upload["id"] in self.engine.uploads else None
+        held = self.engine.upload(upload["id"])
+        key = held.key if held is not None else None
+        flow = self.engine.flow(key) if key is not None else None
         if key is None:
             return
         try:
@@ -1020,7 +1007,7 @@ class Daemon:
                          "quic_refused": self.quic.get(d.name, {}).get("refused", 0),
                          "quic_no_tcp_fallback": self.quic.get(d.name, {}).get(
                              "no_tcp_fallback", False)}
-                        for d in self.engine.devices.by_name.values()],
+                        for d in self.engine.device_list()],
             "pending": len(self.engine.pending()),
             "held_bytes": held,
             "held_packets": packets,
@@ -1029,7 +1016,7 @@ class Daemon:
             "backend": self.firewall.backend_name(),
             "packets": stats.packets if stats else 0,
             "errors": {**self.errors, "packet": stats.errors if stats else 0},
-            "counters": dict(self.engine.counters),
+            "counters": self.engine.counter_values(),
             "hooks": self.hooks.stats(),
             "actions": self.hooks.action_stats(),  # the ntfy buttons' tokens
             "mqtt": self.mqtt.stats() if self.mqtt is not None else None,
@@ -1056,7 +1043,7 @@ class Daemon:
         scope = Scope(request.get("scope") or "once")
         by = _by(request, peer)
         now = time.time()
-        upload = self.engine.uploads.get(upload_id)
+        upload = self.engine.upload(upload_id)
         if upload is None or upload.state is not UploadState.PENDING:
             raise UnknownUpload(upload_id)
         duration = text = None
@@ -1091,7 +1078,7 @@ class Daemon:
 
     def _device(self, request: dict[str, Any]) -> str:
         device = request.get("device")
-        if not isinstance(device, str) or device not in self.engine.devices.by_name:
+        if not isinstance(device, str) or self.engine.device(device) is None:
             raise RequestError(f"no device named {str(device)[:64]!r}")
         return device
 
@@ -1186,8 +1173,8 @@ class Daemon:
 
     def _mode_fields(self, name: str) -> dict[str, Any]:
         configured = self._configured_mode(name)
-        current = self.engine.devices.by_name[name].mode if name in self.engine.devices.by_name \
-            else configured
+        device = self.engine.device(name)
+        current = device.mode if device is not None else configured
         return {"configured_mode": configured.value, "mode_overridden": current is not configured}
 
     def _cmd_devices(self, request: dict[str, Any], peer: Any) -> list[dict[str, Any]]:
@@ -1203,7 +1190,7 @@ class Daemon:
         windows = self.store.active_windows(now)
         rules = self.store.rules()
         out = []
-        for d in self.engine.devices.by_name.values():
+        for d in self.engine.device_list():
             fig = figures.get(d.name, {"uploads": 0, "last_upload": None, "counts": {}})
             mutes = [w.until for w in windows if w.device == d.name
                      and w.kind is WindowKind.QUIET and w.category is None]
