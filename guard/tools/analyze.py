@@ -191,13 +191,19 @@ def lan_to_lan(device: str | None, remote: str) -> bool:
     return bool(device) and _lan(str(device)) and _lan(_host_of(remote))
 
 
+# Addresses a home LAN uses (RFC 1918, link-local, ULA). Not every "private" range: 198.18.0.0/15
+# (benchmarking) is a WAN here, as in the relay's bypass list (guard/shell/firewall.py), and the
+# test topologies and synthetic captures put the cloud there.
+_LAN_NETS = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "fc00::/7", "fe80::/10"))
+
+
 def _lan(addr: str) -> bool:
     try:
         ip = ipaddress.ip_address(addr)
     except ValueError:
         return False
-    return (ip.is_private or ip.is_link_local) and not ip.is_multicast and not ip.is_loopback \
-        and not ip.is_unspecified
+    return any(ip.version == net.version and ip in net for net in _LAN_NETS)
 
 
 def _upload_json(upload: Upload) -> dict[str, Any]:
@@ -525,15 +531,15 @@ def format_table(result: dict[str, Any]) -> str:
             "",
             "START   clock time of the upload's first packet (UTC, from the capture)",
             "DUR     seconds from its first to its last upstream packet",
-            "DEVICE  the speaker; TO: the remote's name (TLS SNI or DNS), else address:port",
-            "WHAT    the remote's category in the rules (unknown: no rule; judged by shape)",
+            "DEVICE  the speaker. TO: the remote's name (TLS SNI or DNS), else address:port",
+            "WHAT    the remote's category in the rules (unknown: no rule, judged by shape)",
             "KB      upstream bytes of the upload, in kB (1000 bytes)",
-            "ACTION  hold: held for a person (nobody answers here: it expires, denied);",
-            "        pass: passed by the mode (followups: a first turn); monitor: logged only;",
+            "ACTION  hold: held for a person (nobody answers here: it expires, denied),",
+            "        pass: passed by the mode (followups: a first turn), monitor: logged only,",
             "        block: refused (a blocked category)",
             "LEAK    bytes that passed before the hold within the upload's activity (upstream",
             "        with no gap of 1 s), bursts released as not audio included",
-            f"TURN    1: the device's first upload in {window:g} s; 2, 3...: a follow-up turn of",
+            f"TURN    1: the device's first upload in {window:g} s. 2, 3...: a follow-up turn of",
             f"        the same conversation (started within {window:g} s of the previous upload's "
             "end)",
             f"DECIDED time from START to {decided}",
@@ -542,7 +548,7 @@ def format_table(result: dict[str, Any]) -> str:
     if blocked:
         lines.append("")
         for f in blocked:
-            lines.append(f"blocked (messaging): {f['device']} -> {f['host'] or f['remote']}, "
+            lines.append(f"blocked (messaging): {f['device']} to {f['host'] or f['remote']}, "
                          f"{f['packets_up']} packet(s) refused")
     if wan_releases and not monitor:
         delays = sorted(r["delay_s"] for r in wan_releases)
@@ -553,6 +559,6 @@ def format_table(result: dict[str, Any]) -> str:
                      "(how long each was held before it went on)")
     elif wan_releases:
         lines.append("")
-        lines.append(f"not audio: {len(wan_releases)} burst(s); in strict or followups mode each "
+        lines.append(f"not audio: {len(wan_releases)} burst(s), in strict or followups mode each "
                      "would be held until judged, then released")
     return "\n".join(lines)
