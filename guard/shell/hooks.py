@@ -46,6 +46,10 @@ EVENTS: dict[str, str] = {
     "upload-held": "upload",  # an upload is waiting for a decision
     "upload-decided": "upload",  # ... and was decided (the upload carries its outcome)
     "flow-blocked": "flow",  # a flow of a blocked category (e.g. messaging) was refused
+    "window-opened": "entry",  # an allow window or a mute (`rules list` shape)
+    "rule-added": "entry",  # an always-rule
+    "standing-revoked": "entry",  # a window, mute or always-rule was revoked
+    "mode-changed": "device",  # a device's mode changed at run time
 }
 _RESPONSE_CAP_BYTES = 65536  # what we read of a URL hook's answer before closing it
 _STOP = object()
