@@ -378,6 +378,8 @@ def test_home_assistant_sees_the_entities_and_its_commands_reach_the_guard(
         assert guard.asked("window")[0] == {"cmd": "window", "device": "echo", "kind": "quiet",
                                             "duration_s": 600.0, "by": "mqtt"}
         ha.publish("hushgate/device/echo/mute/set", "OFF")
+        # the state topic said OFF before the mute too: wait for the command itself
+        wait_for(lambda: guard.asked("unmute"), what="unmute")
         ha.wait("hushgate/device/echo/mute", lambda b: b == b"OFF")
         assert guard.asked("unmute") == [{"cmd": "unmute", "device": "echo", "by": "mqtt"}]
         ha.publish("hushgate/device/echo/mode/set", "monitor")

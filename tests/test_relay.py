@@ -490,3 +490,34 @@ def test_held_syns_count_against_the_per_device_cap_and_a_silent_path_times_out(
         for f in fillers:
             f.close()
         full.close()
+
+
+def test_a_connection_refused_at_open_resets_the_leg_its_syn_connected() -> None:
+    """Messaging named only by its ClientHello: the SYN hold connected upstream, the relay then
+    refuses the stream; the connected leg is reset at once, not left open until its TTL."""
+    cloud = socket.create_server(("127.0.0.1", 0))
+    relay, sel, answers = _syn_relay(FakeEngine(open_verdict=Verdict.REJECT))
+    lst = socket.create_server(("127.0.0.1", 0))
+    device = socket.create_connection(lst.getsockname())
+    leg, peer = lst.accept()
+    lst.close()
+    try:
+        now = time.time()
+        remote = cloud.getsockname()
+        relay.syn(peer[0], peer[1], remote[0], remote[1], None, "t", now)
+        _pump_syns(relay, sel, lambda: bool(answers))
+        assert answers == [("t", SynOutcome.PASS)] and relay.preconnected
+        upstream, _ = cloud.accept()
+        device.sendall(tls(22, b"h" * 40))
+        relay.adopt(leg, peer, remote, now)
+        assert not relay.preconnected and relay.syn_per_device == {}
+        upstream.settimeout(2.0)
+        with pytest.raises(ConnectionResetError):
+            while upstream.recv(100):
+                pass
+        upstream.close()
+    finally:
+        relay.close()
+        device.close()
+        cloud.close()
+        sel.close()

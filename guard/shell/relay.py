@@ -1291,6 +1291,12 @@ class Relay:
 
     def _forget(self, conn: _Conn, now: float, reset: bool) -> None:
         conn.phase = DONE
+        if self.preconnected:  # refused before it took the leg its SYN connected: reset that too
+            ready = self.preconnected.pop(
+                (conn.device_addr, conn.device_port, conn.remote_addr, conn.remote_port), None)
+            if ready is not None:
+                self._syn_count(ready[2], -1)
+                _close_abort(ready[0])
         self.conns.pop(conn.id, None)
         if conn.key is not None and self.by_key.get(conn.key) == conn.id:
             del self.by_key[conn.key]

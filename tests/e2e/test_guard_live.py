@@ -29,6 +29,7 @@ from tests.e2e.guardkit import (
     cloud_bytes_stay,
     cloud_conn,
     cloud_conn_by_id,
+    cloud_conn_since,
     device,
     hushgate_rules,
     queue_counters,
@@ -77,10 +78,12 @@ def _connected_speaker(
     g: Guard, host: str, *args: str, remote_host: str = VOICE
 ) -> tuple[SpeakerRun, dict[str, Any]]:
     """A speaker that connects, then waits for `go()`; (the run, the cloud's record of its
-    connection at setup, when the cloud has received no application byte yet)."""
+    connection at setup, when the cloud has received no application byte yet). Found by host
+    and opening time, which also holds through the relay (the cloud sees the router's socket)."""
+    since = time.time()
     sp = g.speaker(host, *args, wait_file=True)
-    info = sp.ready(timeout_s=10.0)
-    conn = cloud_conn(g.topo, info["local"], remote_host, handshake=True)
+    sp.ready(timeout_s=10.0)
+    conn = cloud_conn_since(g.topo, remote_host, since, handshake=True)
     assert conn["handshake_done"] and conn["app_bytes"] == 0, conn
     return sp, conn
 
@@ -462,10 +465,11 @@ def test_messaging_connection_is_rejected_at_once(topology: Topology, guards: Ma
     assert g.pending() == []
 
 
+@pytest.mark.parametrize("tcp_hold", ["relay", "packet"])
 def test_followups_mode_passes_a_first_turn_and_holds_a_follow_up(
-    topology: Topology, guards: MakeGuard
+    topology: Topology, guards: MakeGuard, tcp_hold: str
 ) -> None:
-    g = guards([device(topology, "echo", mode="followups")])
+    g = guards([device(topology, "echo", mode="followups")], tcp_hold=tcp_hold)
     sp, conn = _connected_speaker(
         g, "echo", "--host", VOICE, "-4", "--hold-open", "20", "--max-seconds", "40", "upload",
         "--profile", "echo-opus-118", "--count", "2", "--gap", "3",

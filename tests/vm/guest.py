@@ -998,10 +998,14 @@ def relay_deny_resets(ctx: Ctx) -> str:
 def relay_fail_closed_after_kill9(ctx: Ctx) -> str:
     """`hushgate run` killed with SIGKILL (its rules stay, the relay's listener is gone): the
     speaker's new TCP connection for an upload gets nothing through, 0 bytes at the cloud (the
-    explicit drop after nft `tproxy`, FORWARD's reset behind it)."""
+    SYN hold's queue with no reader, the explicit drop after nft `tproxy`, FORWARD's reset
+    behind them). In the sabotaged pass the killed guard's queue rules are the sabotaged ones
+    (`bypass`), so each layer is seen to matter."""
     started = ctx.ensure_guard()
     pid = ctx.guard.pid if ctx.guard else None
     ctx.kill9_guard()
+    if ctx.sabotaged:
+        nft(f"-f {ctx.file('dynamic-install.nft')}")
     drop0 = ctx.counter("relay")
     since = time.time()
     sp = Speaker(ctx, VOICE, ["--max-seconds", str(ctx.t(0.5))],
