@@ -662,12 +662,39 @@ def _flow_key(proto: int, device_addr: str, device_port: int, remote_addr: str,
     return key
 
 
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    """The slice of the configuration the engine reads (issue 14: the core takes what it needs;
+    the rest of GuardConfig is the shell's: sockets, kernel marks, the web page, hooks)."""
+
+    devices: tuple[DeviceConfig, ...]
+    hold_timeout_s: float
+    max_turn_s: float
+    followup_window_s: float
+    window_segments: int
+    quic: str
+    max_held_packets_per_upload: int
+    max_held_bytes_per_upload: int
+    max_held_packets_total: int
+    max_held_bytes_total: int
+
+    @classmethod
+    def of(cls, config: GuardConfig | EngineSettings) -> EngineSettings:
+        if isinstance(config, EngineSettings):
+            return config
+        return cls(**{f: getattr(config, f) for f in cls.__slots__})  # type: ignore[arg-type]
+
+    def quic_for(self, device: DeviceConfig) -> str:
+        """What a device's QUIC gets: its own setting, else the guard's."""
+        return device.quic or self.quic
+
+
 class Engine:
     """The facade of the core. One instance per guard (or per `analyze` run)."""
 
     def __init__(
         self,
-        config: GuardConfig,
+        config: GuardConfig | EngineSettings,
         rules: RuleSet,
         *,
         windows: Iterable[Window] = (),
@@ -680,7 +707,7 @@ class Engine:
         forget_closed: bool = False,
         id_block: int | None = None,
     ) -> None:
-        self.config = config
+        self.config = EngineSettings.of(config)
         self.rules = rules
         self.devices = Devices(config.devices)
         self.detector = detector or DetectorConfig(window_segments=config.window_segments)
