@@ -482,3 +482,24 @@ def test_a_schema_1_database_is_migrated(tmp_path: Path) -> None:
         assert s.rules()[0].host == COMMS
         s.record_blocked("kitchen-echo", COMMS, "198.19.0.10:443", "messaging", "blocked", 2000.0)
         assert s.blocked()[0].attempts == 1
+
+
+def test_stop_wakes_the_loop_at_once_instead_of_at_its_select_timeout(
+        guard: daemon.Daemon) -> None:
+    """A signal's stop (and a reload) writes to the loop's wake socket, which the loop's select
+    watches: the guard stops within a turn, not up to 0.5 s later (Python retries an interrupted
+    select). Without the wake the loop sleeps out its timeout."""
+    import selectors
+    import threading
+
+    sel = selectors.DefaultSelector()
+    sel.register(guard._wake_r, selectors.EVENT_READ)
+    try:
+        assert sel.select(0) == []
+        threading.Timer(0.05, guard.stop).start()
+        t0 = time.monotonic()
+        ready = sel.select(2.0)
+        assert ready and guard.stopping.is_set()
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        sel.close()

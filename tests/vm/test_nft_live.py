@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests.ci import IN_CI, IS_ROOT, missing_or_fail, need_root
-from tests.vm import guest, harness
+from tests.vm import early, guest, harness
 
 if not IS_ROOT and not IN_CI:
     pytest.skip("the VM suite needs root (it runs, and must pass, in CI)",
@@ -63,10 +63,22 @@ def _explain(run: harness.VmRun) -> str:
             f"\n--- guest.log (tail)\n{run.guest_log[-2000:]}\n(files in {run.out})")
 
 
+def _early_or_boot(request: pytest.FixtureRequest) -> harness.VmRun:
+    """The boot tests/conftest.py started in the background (tests/vm/early.py), else one now."""
+    if not early.started():
+        return _boot(request, sabotage_pass=tuple(harness.SABOTAGE))
+    run, error, lines = early.result(harness.DEFAULT_TIMEOUT_S + 60)
+    _report(request, "\n".join(["(booted in the background, beside the unit tests)", *lines]))
+    if error is not None or run is None:
+        pytest.fail(f"the VM could not start: {error}")
+    _report(request, harness.summary(run))
+    return run
+
+
 @pytest.fixture(scope="module")
 def vm(request: pytest.FixtureRequest):
     t0 = time.monotonic()
-    run = _boot(request, sabotage_pass=tuple(harness.SABOTAGE))
+    run = _early_or_boot(request)
     kept = harness.REPO / "artifacts" / "vm"
     kept.mkdir(parents=True, exist_ok=True)
     for name in KEPT:
