@@ -23,6 +23,7 @@ import pytest
 from hushsim import profiles, quic
 from hushsim.topology import GW_LAN_V4, Topology
 from tests.e2e.guardkit import (
+    POLL_S,
     Guard,
     MakeGuard,
     SpeakerRun,
@@ -303,6 +304,7 @@ def test_event_burst_on_the_voice_connection_passes_without_prompt(
         assert g.pending() == [], "a non-audio event burst raised a prompt"
         if sp.done or time.monotonic() >= deadline:
             break
+        time.sleep(POLL_S)  # a poll is a control request (ms): the deadline bounds the loop
     result = sp.result(timeout_s=5.0)
     assert result["error"] is None and not result["reset"], result
     assert result["acks"] == 2, result
@@ -487,6 +489,7 @@ def test_followups_mode_passes_a_first_turn_and_holds_a_follow_up(
         )
         if first["upload_frames"] >= 1 or time.monotonic() >= deadline:
             break
+        time.sleep(POLL_S)
     assert first["upload_frames"] == 1, "the first turn did not reach the cloud in 10 s"
     turn1_bytes = first["app_bytes"]
     # Turn 2, ~3 s later: held.
@@ -537,6 +540,7 @@ def test_kill_9_during_a_hold_leaks_nothing_and_restart_resets_it_as_lost(
         assert g.pending() == [], "the allow window was lost in the crash"
         if sp2.done or time.monotonic() >= deadline:
             break
+        time.sleep(POLL_S)
     r2 = sp2.result(timeout_s=5.0)
     assert r2["error"] is None and not r2["reset"] and r2["acks"] == 1, r2
     c2 = cloud_conn(topology, r2["local"], APPLE_VOICE)
@@ -777,6 +781,7 @@ def test_event_bursts_from_a_sender_with_a_small_window_pass_without_prompt(
             assert g.pending() == [], "a non-audio event burst raised a prompt"
             if sp.done or time.monotonic() >= deadline:
                 break
+            time.sleep(POLL_S)
         result = sp.result(timeout_s=5.0)
     assert result["error"] is None and not result["reset"], result
     conn = cloud_conn_by_id(topology, cloud_conn(topology, result["local"], VOICE)["id"])
