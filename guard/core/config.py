@@ -228,12 +228,15 @@ def _hint(name: str, section: str | None) -> str | None:
     return schema.did_you_mean(name, section)
 
 
-def _bounded(table: dict[str, Any], k: schema.Key, where: str) -> Any:
-    """A plain int or float key, within the bounds its declaration gives."""
+def _bounded(table: dict[str, Any], k: schema.Key, where: str, default: Any = None) -> Any:
+    """A plain int or float key, within the bounds its declaration gives (`default` when the
+    table does not set it)."""
+    if k.name not in table and default is not None:
+        return default
     value = _number(table, k.name, where, k.minimum if k.minimum is not None else -math.inf,
                     None, integer=k.kind == "int")
     if k.maximum is not None and value > k.maximum:
-        raise ConfigError(f"{where}.{k.name}: at most {k.maximum:g}, got {value!r}")
+        raise ConfigError(f"{where}.{k.name}: at most {k.maximum:.10g}, got {value!r}")
     return value if k.kind == "int" else float(value)
 
 
@@ -448,7 +451,7 @@ def _hook(hook: dict[str, Any], index: int, kw: dict[str, Any]) -> Hook:
     kind = _choice(hook, "kind", where, ("json", "ntfy"), "json")
     events = (_strings(hook, "events", where) if "events" in hook
               else ("upload-held", "upload-decided"))
-    timeout_s = float(_number(hook, "timeout_s", where, 0.1, 5.0))
+    timeout_s = float(_bounded(hook, schema.key("hook", "timeout_s"), where, 5.0))
     if kind == "json":
         extra = sorted(set(hook) & _NTFY_KEYS)
         if extra:
@@ -481,9 +484,7 @@ def _hook(hook: dict[str, Any], index: int, kw: dict[str, Any]) -> Hook:
         raise ConfigError(f"{where}: token or username/password, not both")
     if (username is None) != (password is None):
         raise ConfigError(f"{where}: username and password go together")
-    priority = _number(hook, "priority", where, 1, 4, integer=True)
-    if priority > 5:
-        raise ConfigError(f"{where}.priority: 1 (min) to 5 (max), got {priority}")
+    priority = _bounded(hook, schema.key("hook", "priority"), where, 4)
     if not kw.get("web_listen"):
         raise ConfigError(f"{where}: the Allow/Deny buttons of an ntfy hook call the web "
                           "prompt back: set [web] listen")
@@ -529,10 +530,8 @@ def _mqtt(table: dict[str, Any]) -> MqttConfig:
         if not kw.get("tls", True):
             raise ConfigError("mqtt.ca_file: only with tls = true")
         kw["tls"] = True
-    kw["port"] = _number(table, "port", where, 1, 8883 if kw.get("tls") else 1883,
-                         integer=True)
-    if kw["port"] > 65535:
-        raise ConfigError("mqtt.port: a TCP port goes up to 65535")
+    kw["port"] = _bounded(table, schema.key("mqtt", "port"), where,
+                          8883 if kw.get("tls") else 1883)
     for key in ("username", "password"):
         if key in table:
             kw[key] = _string(table, key, where)
@@ -548,12 +547,9 @@ def _mqtt(table: dict[str, Any]) -> MqttConfig:
             if not _MQTT_TOPIC.match(kw[key]):
                 raise ConfigError(f"mqtt.{key}: a topic like \"homeassistant\" or \"home/hushgate\" "
                                   f"(no wildcards, no leading or trailing /), got {kw[key]!r}")
-    if "keepalive_s" in table:
-        kw["keepalive_s"] = _number(table, "keepalive_s", where, 5, 60, integer=True)
-    if "mute_for_s" in table:
-        kw["mute_for_s"] = float(_number(table, "mute_for_s", where, 1, 3600.0))
-        if kw["mute_for_s"] > 30 * 86400:
-            raise ConfigError("mqtt.mute_for_s: at most 30 days (2592000)")
+    for key in ("keepalive_s", "mute_for_s"):
+        if key in table:
+            kw[key] = _bounded(table, schema.key("mqtt", key), where)
     return MqttConfig(**kw)
 
 

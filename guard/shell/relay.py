@@ -788,11 +788,9 @@ class Relay:
         router's NAT applies). The device's SYN was already answered by the router's kernel;
         holding it until this connect succeeds (design.md 5a.3) is not done yet. The first
         send is tried at once: on a fast path the handshake is done by then."""
-        ready = self.preconnected.pop(
-            (conn.device_addr, conn.device_port, conn.remote_addr, conn.remote_port), None)
+        ready = self._take_preconnected(conn)
         if ready is not None:  # connected while the device's SYN waited (design.md 5a.3)
-            self._syn_count(ready[2], -1)
-            conn.up = ready[0]
+            conn.up = ready
             conn.phase = OPEN
             self.counters["preconnected_used"] += 1
             return
@@ -848,12 +846,13 @@ class Relay:
         if mac is None:
             mac = self._mac(device_addr, now)
         device_id = mac or device_addr
-        if (len(self.syns) + len(self.conns) >= self.max_total
+        total = len(self.syns) + len(self.conns)
+        if (total >= self.max_total
                 or self.per_device.get(device_id, 0) + self.syn_per_device.get(device_id, 0)
                 >= self.max_per_device):
             self.counters["over_cap"] += 1
-            self._limited(device_id, "over_cap_device" if len(self.syns) + len(self.conns)
-                          < self.max_total else "over_cap_total")
+            self._limited(device_id, "over_cap_total" if total >= self.max_total
+                          else "over_cap_device")
             verdict(token, SynOutcome.REFUSED)
             return
         try:
@@ -889,6 +888,16 @@ class Relay:
             heapq.heappush(self._syn_timers, (syn.deadline, sid))
         else:
             self._syn_done(syn, _syn_outcome(err))
+
+    def _take_preconnected(self, conn: _Conn) -> socket.socket | None:
+        """The upstream leg connected for `conn`'s SYN, out of the waiting set (and the
+        device's count), or None."""
+        ready = self.preconnected.pop(
+            (conn.device_addr, conn.device_port, conn.remote_addr, conn.remote_port), None)
+        if ready is None:
+            return None
+        self._syn_count(ready[2], -1)
+        return ready[0]
 
     def _syn_count(self, device_id: str, delta: int) -> None:
         left = self.syn_per_device.get(device_id, 0) + delta
@@ -1292,11 +1301,9 @@ class Relay:
     def _forget(self, conn: _Conn, now: float, reset: bool) -> None:
         conn.phase = DONE
         if self.preconnected:  # refused before it took the leg its SYN connected: reset that too
-            ready = self.preconnected.pop(
-                (conn.device_addr, conn.device_port, conn.remote_addr, conn.remote_port), None)
+            ready = self._take_preconnected(conn)
             if ready is not None:
-                self._syn_count(ready[2], -1)
-                _close_abort(ready[0])
+                _close_abort(ready)
         self.conns.pop(conn.id, None)
         if conn.key is not None and self.by_key.get(conn.key) == conn.id:
             del self.by_key[conn.key]
