@@ -621,7 +621,9 @@ def test_nft_relay_ruleset_passes_nft_check() -> None:
     import shutil
 
     if shutil.which("nft") is None:
-        pytest.skip("nft not installed")
+        from tests.ci import missing_or_fail
+
+        missing_or_fail("nft not installed (scripts/bootstrap.sh installs nftables)")
     for fail_open in (False, True):
         check = NftablesBackend(spec(relay_devices=("kitchen-echo", "nest"),
                                      fail_open=fail_open)).check()
