@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from guard.core.config import DeviceConfig, GuardConfig, normalize_mac
 from guard.core.detector import (
@@ -201,9 +201,10 @@ class UnknownUpload(KeyError):
 # Values
 
 
-@dataclass(frozen=True, slots=True)
-class FlowKey:
-    """A flow seen from its device: (proto, device address/port, remote address/port)."""
+class FlowKey(NamedTuple):
+    """A flow seen from its device: (proto, device address/port, remote address/port). A
+    named tuple, not a frozen dataclass: the flow and stream tables hash it several times per
+    packet and connection, and a tuple's hash and equality run in C."""
 
     proto: int
     device_addr: str
@@ -644,9 +645,8 @@ def _clean_host(name: str | None) -> str | None:
 _COUNTER_OF = {Verdict.ACCEPT: "accepted", Verdict.DROP: "dropped", Verdict.REJECT: "rejected",
                Verdict.HOLD: "held"}
 
-# FlowKey is a frozen dataclass: building one per packet costs more than the rest of a pure
-# ACK's bookkeeping. Keys are values, so equal tuples can share one instance (a bounded memo, as
-# guard.core.packet does for address text); the flow table is still keyed by FlowKey.
+# Keys are values, so equal tuples share one FlowKey (a bounded memo, as guard.core.packet does
+# for address text): one dict lookup per packet instead of building a key.
 _FLOW_KEYS: dict[tuple[int, str, int, str, int], FlowKey] = {}
 _MAX_FLOW_KEYS = 4 * MAX_FLOWS
 
@@ -956,9 +956,7 @@ class Engine:
             return flow
         if len(self.flows) >= MAX_FLOWS:
             self._evict(now)
-        lost = self._lost.pop(
-            (key.proto, key.device_addr, key.device_port, key.remote_addr, key.remote_port), None
-        )
+        lost = self._lost.pop(key, None)  # a FlowKey is the tuple it was stored under
         # a relayed connection is a new one: nothing of the lost one's bytes is in it
         flow = Flow(key, device, now, now,
                     state=FlowState.LOST if lost is not None and not stream else FlowState.IDLE)
@@ -974,7 +972,8 @@ class Engine:
         self.flows[key] = flow
         return flow
 
-    def _name_flow(self, flow: Flow, name: str) -> None:
+    def _named_of(self, name: str) -> tuple[str, str]:
+        """(cleaned host, category) of a name, memoised; ("", "") when nothing is left of it."""
         if self._named_rules is not self.rules:  # a reload: categories may have changed
             self._named.clear()
             self._named_rules = self.rules
@@ -985,6 +984,10 @@ class Engine:
             if len(self._named) >= _MAX_NAMED:
                 self._named.clear()
             self._named[name] = named
+        return named
+
+    def _name_flow(self, flow: Flow, name: str) -> None:
+        named = self._named_of(name)
         if named[0]:
             flow.host, flow.category = named
         else:
@@ -1111,11 +1114,10 @@ class Engine:
         if device.mode is Mode.OFF:
             return True
         name = self.names.lookup(_canon(remote_addr), now)
-        host = _clean_host(name) if name else None
-        if not host:
+        if not name:
             return True
-        category = self.rules.category_for_host(host).value
-        return device.category_action(category) is not CategoryAction.BLOCK
+        host, category = self._named_of(name)
+        return not host or device.category_action(category) is not CategoryAction.BLOCK
 
     def stream_open(self, conn: int, device_addr: str, device_port: int, remote_addr: str,
                     remote_port: int, device_mac: str | None, host: str | None, now: float
