@@ -5,7 +5,7 @@ Rules of this module:
   reject) is the engine's (`stream_open`, `stream_data`, late `Release`/`Discard`/`Reset`).
   Nothing is decrypted: TLS records are framed by their 5-byte headers (guard/core/records.py, the
   framer `analyze` uses) and moved as opaque bytes.
-- Single thread, no asyncio: it lives in the daemon's `selectors` loop, and every call into it
+- Single thread, no asyncio: it lives in the daemon's epoll loop (guard/shell/poller.py), and every call into it
   (socket events, timers, late actions) is made under the daemon's lock. No exception leaves it:
   a connection whose socket fails is aborted (RST on both legs) and counted.
 - Upstream bytes of a held flow are kept from their first byte and leave only in stream order,
@@ -135,7 +135,19 @@ class Phase(str, Enum):
 
 
 HEAD, CONNECTING, OPEN, DONE = Phase.HEAD, Phase.CONNECTING, Phase.OPEN, Phase.DONE
+_AF4, _AF6 = int(socket.AF_INET), int(socket.AF_INET6)
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+
+
+class Selector(Protocol):
+    """What the relay asks of its loop's poller: guard.shell.poller.Poller, or a `selectors`
+    selector (the tests')."""
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> Any: ...
+
+    def modify(self, fileobj: Any, events: int, data: Any = None) -> Any: ...
+
+    def unregister(self, fileobj: Any) -> Any: ...
 _T_PHASE, _T_RECORD = 0, 1  # timer kinds: the phase's deadline, an unfinished held record
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _F_SETPIPE_SZ = 1031  # linux/fcntl.h
@@ -177,6 +189,21 @@ class _Syn:
     device_id: str
     deadline: float
     tokens: list[Any] = field(default_factory=list)
+    waiting: bool = False  # registered with the selector for its connect's end
+
+
+_TCP_ESTABLISHED, _TCP_CLOSE = 1, 7  # include/net/tcp_states.h
+
+
+def _connect_state(sock: socket.socket) -> int | None:
+    """A non-blocking connect's result without waiting: 0 when connected, the error when it
+    failed, None while it is still in progress (the first byte of TCP_INFO is the state)."""
+    state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    if state == _TCP_ESTABLISHED:
+        return 0
+    if state == _TCP_CLOSE:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED
+    return None
 
 
 def _syn_outcome(err: int) -> SynOutcome:
@@ -336,8 +363,9 @@ class Relay:
         self.half_closed_idle_s = (HALF_CLOSED_IDLE_S if half_closed_idle_s is None
                                    else half_closed_idle_s)
         self.silent_idle_s = SILENT_IDLE_S if silent_idle_s is None else silent_idle_s
-        self.selector: selectors.BaseSelector | None = None
+        self.selector: Selector | None = None
         self.listeners: list[socket.socket] = []
+        self._listener_of: dict[int, socket.socket] = {}  # address family -> listener
         self.conns: dict[int, _Conn] = {}
         self.by_key: dict[Any, int] = {}
         self.per_device: dict[str, int] = {}
@@ -362,7 +390,7 @@ class Relay:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    def start(self, selector: selectors.BaseSelector) -> None:
+    def start(self, selector: Selector) -> None:
         """Open the transparent listeners (needs CAP_NET_ADMIN) and register them. A family
         whose listener cannot be opened raises OSError: the daemon refuses to start."""
         self.selector = selector
@@ -385,6 +413,7 @@ class Relay:
                 sock.close()
                 raise
             self.listeners.append(sock)
+            self._listener_of[int(fam)] = sock
             selector.register(sock, _READ, _LISTEN_TAG)
 
     def close(self) -> None:
@@ -406,6 +435,7 @@ class Relay:
                     pass
             sock.close()
         self.listeners = []
+        self._listener_of = {}
 
     def stats(self) -> dict[str, Any]:
         devices: dict[str, dict[str, int]] = {}
@@ -601,16 +631,19 @@ class Relay:
         except Exception as exc:  # noqa: BLE001 - one connection fails, the relay goes on
             self._fail(conn, exc)
 
-    def _accept(self, listener: socket.socket, now: float) -> None:
-        for _ in range(64):  # bounded per turn: other sockets get their turn too
+    def _accept(self, listener: socket.socket, now: float, limit: int = 64) -> None:
+        family = _AF6 if listener is self._listener_of.get(_AF6) else _AF4
+        for _ in range(limit):  # bounded per turn: other sockets get their turn too
             try:
-                sock, peer = listener.accept()
+                # socket.accept() less its per-call family and type lookups (enum conversions)
+                fd, peer = listener._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE, ENOBUFS: counted, the listener stays
                 self.counters["errors"] += 1
                 self.log(f"relay: accept failed: {exc}")
                 return
+            sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
             try:
                 local = sock.getsockname()
             except OSError:
@@ -880,14 +913,17 @@ class Relay:
         self._syn_count(device_id, 1)
         self.counters["syn_held"] += 1
         err = up.connect_ex((remote_addr, remote_port))
-        if err == 0:
-            self._syn_done(syn, SynOutcome.PASS)
-        elif err in (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK):
-            assert self.selector is not None
-            self.selector.register(up, _WRITE, RelayTag(sid, "syn"))
-            heapq.heappush(self._syn_timers, (syn.deadline, sid))
-        else:
-            self._syn_done(syn, _syn_outcome(err))
+        if err in (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK):
+            # A path inside the router's reach (another LAN, a local cloud) answers within the
+            # connect call itself: ask the socket once instead of waiting for a loop turn.
+            err = _connect_state(up)
+            if err is None:
+                assert self.selector is not None
+                self.selector.register(up, _WRITE, RelayTag(sid, "syn"))
+                syn.waiting = True
+                heapq.heappush(self._syn_timers, (syn.deadline, sid))
+                return
+        self._syn_done(syn, SynOutcome.PASS if err == 0 else _syn_outcome(err))
 
     def _take_preconnected(self, conn: _Conn) -> socket.socket | None:
         """The upstream leg connected for `conn`'s SYN, out of the waiting set (and the
@@ -912,7 +948,8 @@ class Relay:
             del self.syn_by_key[syn.key]
         if outcome is not SynOutcome.PASS:  # a connected leg counts on until its accept
             self._syn_count(syn.device_id, -1)
-        if self.selector is not None:
+        if syn.waiting and self.selector is not None:
+            syn.waiting = False
             try:
                 self.selector.unregister(syn.sock)
             except (KeyError, ValueError):
@@ -934,6 +971,12 @@ class Relay:
             for token in syn.tokens:
                 verdict(token, outcome)
         syn.tokens = []
+        if outcome is SynOutcome.PASS and verdict is not None:
+            # A device next door completes its handshake within the verdict call: take its
+            # connection now rather than a loop turn later (nothing waiting costs one accept).
+            listener = self._listener_of.get(_AF6 if ":" in syn.key[0] else _AF4)
+            if listener is not None:
+                self._accept(listener, self.clock(), limit=1)
 
     def _syn_tick(self, now: float) -> None:
         timers = self._syn_timers
