@@ -14,7 +14,6 @@ import errno
 import fcntl
 import os
 import re
-import selectors
 import signal
 import socket
 import subprocess
@@ -78,6 +77,7 @@ from guard.shell.hooks import Hooks
 from guard.shell.inject import Injector
 from guard.shell.metrics import GuardCollector, Metrics, serve_metrics
 from guard.shell.nfqueue import COPY_RANGE, QueueHandler, late_reject, late_verdict
+from guard.shell.poller import EVENT_READ, Poller
 from guard.shell.relay import Relay, RelayTag, SynOutcome
 from guard.shell.store import AlwaysRule, PendingUpload, Store, StoreCorrupt, StoreError
 from guard.shell.store import Window as StoredWindow
@@ -154,7 +154,7 @@ class Daemon:
         self.web: Any = None
         self.hooks = Hooks.from_config(config)  # an ntfy hook's buttons call the web prompt
         self.mqtt: Any = None  # Home Assistant (guard/shell/mqtt.py), started in start()
-        self.selector: selectors.BaseSelector = selectors.DefaultSelector()
+        self.selector = Poller()
         # The stream hold (design.md 5): relayed devices' TCP, when the rules intercept any.
         self.relay: Relay | None = None
         if self.spec.relay:
@@ -399,9 +399,9 @@ class Daemon:
         # the kernel drops them when the queue is full).
         batches = [_QueueBatch(q.get_fd()) for q in self.queues] if len(self.queues) > 1 else []
         for i, queue in enumerate(self.queues):
-            selector.register(queue.get_fd(), selectors.EVENT_READ,
+            selector.register(queue.get_fd(), EVENT_READ,
                               (queue, batches[i] if batches else None))
-        selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
+        selector.register(self._wake_r, EVENT_READ, _WAKE)
         try:
             self._serve(selector)
         finally:
@@ -409,7 +409,7 @@ class Daemon:
             for batch in batches:
                 batch.close()
 
-    def _serve(self, selector: selectors.BaseSelector) -> None:
+    def _serve(self, selector: Poller) -> None:
         last_housekeeping = last_neighbours = time.time()
         while not self.stopping.is_set():
             # The liveness beat comes from this loop itself: a loop that hangs stops it, and the
@@ -428,17 +428,17 @@ class Daemon:
                         deadline = min(deadline or relay_deadline, relay_deadline)
             timeout = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.time()))
             relay_events: list[tuple[Any, Any, int]] = []
-            for key, mask in selector.select(timeout):
-                if isinstance(key.data, RelayTag):
-                    relay_events.append((key.data, key.fileobj, mask))
+            for data, fileobj, mask in selector.poll(timeout):
+                if data.__class__ is RelayTag:
+                    relay_events.append((data, fileobj, mask))
                     continue
-                if key.data is _WAKE:
+                if data is _WAKE:
                     try:
                         self._wake_r.recv(64)
                     except OSError:
                         pass
                     continue
-                queue, batch = key.data
+                queue, batch = data
                 try:
                     if batch is None:
                         queue.run(block=False)
