@@ -645,22 +645,6 @@ def _clean_host(name: str | None) -> str | None:
 _COUNTER_OF = {Verdict.ACCEPT: "accepted", Verdict.DROP: "dropped", Verdict.REJECT: "rejected",
                Verdict.HOLD: "held"}
 
-# Keys are values, so equal tuples share one FlowKey (a bounded memo, as guard.core.packet does
-# for address text): one dict lookup per packet instead of building a key.
-_FLOW_KEYS: dict[tuple[int, str, int, str, int], FlowKey] = {}
-_MAX_FLOW_KEYS = 4 * MAX_FLOWS
-
-
-def _flow_key(proto: int, device_addr: str, device_port: int, remote_addr: str,
-              remote_port: int) -> FlowKey:
-    t = (proto, device_addr, device_port, remote_addr, remote_port)
-    key = _FLOW_KEYS.get(t)
-    if key is None:
-        if len(_FLOW_KEYS) >= _MAX_FLOW_KEYS:
-            _FLOW_KEYS.clear()
-        key = _FLOW_KEYS[t] = FlowKey(proto, device_addr, device_port, remote_addr, remote_port)
-    return key
-
 
 @dataclass(frozen=True, slots=True)
 class EngineSettings:
@@ -1002,10 +986,10 @@ class Engine:
         sport, dport = pkt.sport, pkt.dport
         if proto == UDP and (dport in INFRA_UDP_PORTS or sport in INFRA_UDP_PORTS):
             return Verdict.ACCEPT
-        key = _flow_key(proto, pkt.src, sport, pkt.dst, dport)
-        flow = self.flows.get(key)
+        # a plain tuple finds the flow (a FlowKey is one); the key is built for a new flow only
+        flow = self.flows.get((proto, pkt.src, sport, pkt.dst, dport))
         if flow is None:
-            flow = self._flow(key, device, now)
+            flow = self._flow(FlowKey(proto, pkt.src, sport, pkt.dst, dport), device, now)
         flow.device = device
         flow.last = now
         flow.packets_up += 1
@@ -1127,7 +1111,7 @@ class Engine:
         no guarded device sent it) before any byte leaves; HOLD: inspect its upstream, fed
         record by record to `stream_data` (downstream is always relayed at once)."""
         now = self._tick(now)
-        key = _flow_key(TCP, device_addr, device_port, remote_addr, remote_port)
+        key = FlowKey(TCP, device_addr, device_port, remote_addr, remote_port)
         device = self.devices.find(key.device_addr, device_mac)
         if device is None:
             self.counters["not_ours"] += 1
@@ -1268,10 +1252,9 @@ class Engine:
         sport, dport = pkt.sport, pkt.dport
         if proto == UDP and (sport in INFRA_UDP_PORTS or dport in INFRA_UDP_PORTS):
             return Verdict.ACCEPT
-        key = _flow_key(proto, pkt.dst, dport, pkt.src, sport)
-        flow = self.flows.get(key)
+        flow = self.flows.get((proto, pkt.dst, dport, pkt.src, sport))
         if flow is None:
-            flow = self._flow(key, device, now)
+            flow = self._flow(FlowKey(proto, pkt.dst, dport, pkt.src, sport), device, now)
         flow.last = now
         flow.packets_down += 1
         flow.bytes_down += pkt.payload_len
