@@ -26,8 +26,9 @@ by the guard from the DNS answer, category allowed: relayed at once) unless said
 
 Figures (issue 13, "Benchmarks"; design.md 5a.3 and 5a.7):
   1. new connection: connect() start to the first byte of the echo of a 64-B request (the
-     upstream connect is in it: the relay connects when the first bytes arrive), p50/p95 of
-     `--conns` sequential connections per round. Target: relay - kernel <= +0.1 ms p50.
+     upstream connect is in it: the relay connects while the speaker's SYN waits in the
+     guard's queue, design.md 5a.3), p50/p95 of `--conns` sequential connections per round.
+     Target: relay - kernel <= +0.1 ms p50.
   2. request/response on an open connection: 64-B ping-pong, `--rounds` per round (50 warm-up).
      Target: relay - kernel <= +50 us p50.
   3. new connections per second: `--rate-procs` clients x `--rate-conc` connections in flight,

@@ -411,6 +411,8 @@ class Daemon:
 
     def _serve(self, selector: Poller) -> None:
         last_housekeeping = last_neighbours = time.time()
+        with self.lock:
+            deadline = self._next_deadline()
         while not self.stopping.is_set():
             # The liveness beat comes from this loop itself: a loop that hangs stops it, and the
             # service manager restarts the guard (systemd WatchdogSec; `hushgate health` on
@@ -420,12 +422,8 @@ class Daemon:
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
-            with self.lock:
-                deadline = self.engine.next_timer()
-                if self.relay is not None:
-                    relay_deadline = self.relay.next_deadline()
-                    if relay_deadline is not None:
-                        deadline = min(deadline or relay_deadline, relay_deadline)
+                with self.lock:
+                    deadline = self._next_deadline()
             timeout = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.time()))
             relay_events: list[tuple[Any, Any, int]] = []
             for data, fileobj, mask in selector.poll(timeout):
@@ -441,16 +439,19 @@ class Daemon:
                 queue, batch = data
                 try:
                     if batch is None:
-                        queue.run(block=False)
+                        queue.run(block=False)  # each packet's callback takes the lock
                     else:
                         queue.run_socket(batch.start())
                 except OSError as exc:  # ENOBUFS and friends: counted, survived
                     self.errors["queue"] = self.errors.get("queue", 0) + 1
                     log(f"queue read error: {exc}")
-            if relay_events:
-                self._relay_events(relay_events)
-            now = time.time()
+            # One lock for the rest of the turn: the relay's sockets, the timers, the actions
+            # they caused, and the next deadline (a request the control thread makes meanwhile
+            # wakes the loop through the wake socket).
             with self.lock:
+                if relay_events:
+                    self._relay_events(relay_events)
+                now = time.time()
                 self.engine.handle_timer(now)
                 if self.relay is not None:
                     self.relay.tick(now)
@@ -465,24 +466,29 @@ class Daemon:
                     self._housekeeping(now)
                 if now - self.quic_checked >= QUIC_CHECK_S:
                     self._check_quic(now)
+                deadline = self._next_deadline()
 
-    def _relay_event(self, tag: RelayTag, sock: Any, mask: int) -> None:
-        """One relay socket is ready (see _relay_events)."""
-        self._relay_events([(tag, sock, mask)])
+    def _next_deadline(self) -> float | None:
+        """The earliest timer of the engine and the relay (under the lock)."""
+        deadline = self.engine.next_timer()
+        if self.relay is not None:
+            relay_deadline = self.relay.next_deadline()
+            if relay_deadline is not None:
+                deadline = min(deadline or relay_deadline, relay_deadline)
+        return deadline
 
     def _relay_events(self, events: list[tuple[Any, Any, int]]) -> None:
-        """The relay sockets one select found ready, under one lock: the relay moves bytes and
+        """The relay sockets one poll found ready (under the lock): the relay moves bytes and
         asks the engine; the actions that caused are carried out before the lock is released."""
         relay = self.relay
         assert relay is not None
-        with self.lock:
-            for tag, sock, mask in events:
-                try:
-                    relay.on_event(tag, sock, mask)
-                except Exception as exc:  # noqa: BLE001 - the relay catches per connection
-                    self.errors["relay"] = self.errors.get("relay", 0) + 1
-                    log(f"relay: {exc!r}")
-            self._drain()
+        for tag, sock, mask in events:
+            try:
+                relay.on_event(tag, sock, mask)
+            except Exception as exc:  # noqa: BLE001 - the relay catches per connection
+                self.errors["relay"] = self.errors.get("relay", 0) + 1
+                log(f"relay: {exc!r}")
+        self._drain()
 
     def _drain(self) -> None:
         """Carry out the engine's actions, and those they cause (a release that completes a
