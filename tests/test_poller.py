@@ -64,11 +64,20 @@ def test_a_hang_up_wakes_every_registered_event_and_a_closed_file_is_forgotten(p
         a.shutdown(socket.SHUT_WR)
         b.close()  # the peer is gone: EPOLLHUP, reported as the event registered
         assert p.poll(1.0) == [("w", a, EVENT_WRITE)]
-        fd = a.fileno()
         a.close()  # epoll drops a closed file by itself
         assert p.poll(0) == []
-        p.unregister(fd)  # no OSError for what the kernel already forgot
+        p.unregister(a)  # found by the object (its fileno() is -1 now): no error
         assert len(p) == 0
+        with pytest.raises(KeyError):
+            p.unregister(a)
+        c, d = socket.socketpair()  # may reuse a's number: registering it works
+        try:
+            p.register(c, EVENT_READ, "c")
+            d.send(b"x")
+            assert p.poll(1.0) == [("c", c, EVENT_READ)]
+        finally:
+            c.close()
+            d.close()
     finally:
         p.close()
 

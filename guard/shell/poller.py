@@ -6,8 +6,8 @@ times, and those objects were a measurable part of its CPU (bench/relay.py). Thi
 `selectors` interface the relay uses (`register`, `modify`, `unregister`, the EVENT_READ and
 EVENT_WRITE masks, KeyError for what is not registered) and hands events out as plain tuples.
 Rules of this module: an error or hang-up on a socket is reported as every event it is registered
-for (as `selectors` does: the handler's next call sees the error); a closed file's registration
-is forgotten without an error.
+for (as `selectors` does: the handler's next call sees the error); a file closed before it was
+unregistered is still unregistered by its object, so its number can be registered again.
 """
 
 from __future__ import annotations
@@ -51,7 +51,10 @@ class Poller:
         self._fds[fd] = (fileobj, data, events)
 
     def unregister(self, fileobj: Any) -> None:
-        fd = _fd(fileobj)
+        try:
+            fd = _fd(fileobj)
+        except ValueError:  # closed before it was unregistered: found by the object itself
+            fd = next((f for f, entry in self._fds.items() if entry[0] is fileobj), -1)
         del self._fds[fd]  # KeyError when it is not registered
         try:
             self._epoll.unregister(fd)
