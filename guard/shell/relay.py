@@ -5,9 +5,9 @@ Rules of this module:
   reject) is the engine's (`stream_open`, `stream_data`, late `Release`/`Discard`/`Reset`).
   Nothing is decrypted: TLS records are framed by their 5-byte headers (guard/core/records.py, the
   framer `analyze` uses) and moved as opaque bytes.
-- Single thread, no asyncio: it lives in the daemon's epoll loop (guard/shell/poller.py), and every call into it
-  (socket events, timers, late actions) is made under the daemon's lock. No exception leaves it:
-  a connection whose socket fails is aborted (RST on both legs) and counted.
+- Single thread, no asyncio: it lives in the daemon's epoll loop (guard/shell/poller.py), and
+  every call into it (socket events, timers, late actions) is made under the daemon's lock. No
+  exception leaves it: a connection whose socket fails is aborted (RST on both legs) and counted.
 - Upstream bytes of a held flow are kept from their first byte and leave only in stream order,
   when the engine releases them; downstream is relayed at once, always. Every buffer is bounded
   (backpressure by reading less); both legs carry SO_LINGER {1, 0}, so an abort, a crash or a
@@ -137,6 +137,15 @@ class Phase(str, Enum):
 HEAD, CONNECTING, OPEN, DONE = Phase.HEAD, Phase.CONNECTING, Phase.OPEN, Phase.DONE
 _AF4, _AF6 = int(socket.AF_INET), int(socket.AF_INET6)
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+_T_PHASE, _T_RECORD = 0, 1  # timer kinds: the phase's deadline, an unfinished held record
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_F_SETPIPE_SZ = 1031  # linux/fcntl.h
+_PEER_GONE = frozenset({errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                        errno.ECONNRESET, errno.EPIPE})
+# What the relay counts per device (stats()["devices"]) and as hushgate_relay_limited_total.
+LIMITS = ("over_cap_device", "over_cap_total", "head_timeout", "record_timeout",
+          "idle_half_closed", "idle_silent", "kept_device_cap")
+MAX_DEVICE_ROWS = 256  # per-device rows kept; devices beyond are counted under "other"
 
 
 class Selector(Protocol):
@@ -148,15 +157,6 @@ class Selector(Protocol):
     def modify(self, fileobj: Any, events: int, data: Any = None) -> Any: ...
 
     def unregister(self, fileobj: Any) -> Any: ...
-_T_PHASE, _T_RECORD = 0, 1  # timer kinds: the phase's deadline, an unfinished held record
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
-_F_SETPIPE_SZ = 1031  # linux/fcntl.h
-_PEER_GONE = frozenset({errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH,
-                        errno.ECONNRESET, errno.EPIPE})
-# What the relay counts per device (stats()["devices"]) and as hushgate_relay_limited_total.
-LIMITS = ("over_cap_device", "over_cap_total", "head_timeout", "record_timeout",
-          "idle_half_closed", "idle_silent", "kept_device_cap")
-MAX_DEVICE_ROWS = 256  # per-device rows kept; devices beyond are counted under "other"
 
 
 @dataclass(frozen=True, slots=True)
