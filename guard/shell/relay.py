@@ -364,8 +364,7 @@ class Relay:
                                    else half_closed_idle_s)
         self.silent_idle_s = SILENT_IDLE_S if silent_idle_s is None else silent_idle_s
         self.selector: Selector | None = None
-        self.listeners: list[socket.socket] = []
-        self._listener_of: dict[int, socket.socket] = {}  # address family -> listener
+        self.listeners: dict[int, socket.socket] = {}  # address family -> listener
         self.conns: dict[int, _Conn] = {}
         self.by_key: dict[Any, int] = {}
         self.per_device: dict[str, int] = {}
@@ -412,8 +411,7 @@ class Relay:
             except OSError:
                 sock.close()
                 raise
-            self.listeners.append(sock)
-            self._listener_of[int(fam)] = sock
+            self.listeners[int(fam)] = sock
             selector.register(sock, _READ, _LISTEN_TAG)
 
     def close(self) -> None:
@@ -427,15 +425,14 @@ class Relay:
         self.syn_per_device.clear()
         for conn in list(self.conns.values()):
             self._abort(conn, reset=True, count=False)
-        for sock in self.listeners:
+        for sock in self.listeners.values():
             if self.selector is not None:
                 try:
                     self.selector.unregister(sock)
                 except (KeyError, ValueError):
                     pass
             sock.close()
-        self.listeners = []
-        self._listener_of = {}
+        self.listeners = {}
 
     def stats(self) -> dict[str, Any]:
         devices: dict[str, dict[str, int]] = {}
@@ -632,7 +629,7 @@ class Relay:
             self._fail(conn, exc)
 
     def _accept(self, listener: socket.socket, now: float, limit: int = 64) -> None:
-        family = _AF6 if listener is self._listener_of.get(_AF6) else _AF4
+        family = _AF6 if listener is self.listeners.get(_AF6) else _AF4
         for _ in range(limit):  # bounded per turn: other sockets get their turn too
             try:
                 # socket.accept() less its per-call family and type lookups (enum conversions)
@@ -818,9 +815,10 @@ class Relay:
 
     def _connect(self, conn: _Conn) -> None:
         """The upstream leg: the router's own connection to the original destination (the
-        router's NAT applies). The device's SYN was already answered by the router's kernel;
-        holding it until this connect succeeds (design.md 5a.3) is not done yet. The first
-        send is tried at once: on a fast path the handshake is done by then."""
+        router's NAT applies). Usually connected already, while the device's SYN waited
+        (design.md 5a.3); one without such a leg (it expired, or the SYN passed unconnected)
+        connects here, and the first send is tried at once: on a fast path the handshake is
+        done by then."""
         ready = self._take_preconnected(conn)
         if ready is not None:  # connected while the device's SYN waited (design.md 5a.3)
             conn.up = ready
@@ -974,7 +972,7 @@ class Relay:
         if outcome is SynOutcome.PASS and verdict is not None:
             # A device next door completes its handshake within the verdict call: take its
             # connection now rather than a loop turn later (nothing waiting costs one accept).
-            listener = self._listener_of.get(_AF6 if ":" in syn.key[0] else _AF4)
+            listener = self.listeners.get(_AF6 if ":" in syn.key[0] else _AF4)
             if listener is not None:
                 self._accept(listener, self.clock(), limit=1)
 
