@@ -21,6 +21,10 @@ by the guard from the DNS answer, category allowed: relayed at once) unless said
               of at most `control_record_bytes` (80 B) with nothing held before it is released at
               once (the 64-B rows); `voice-200B` sends 200 B, a tiny message that is kept and
               released after the quiet gap (detector quiet_s, 0.2 s): a release delay by design
+  floor       `lan` to another wan address (FLOOR_ADDR): its SYN held in a queue and TPROXY, as
+              for the speaker, by FLOOR, the least Python that does the SYN hold and relays (no
+              engine, no rules, no bookkeeping; 64-B workloads only). What design.md 5a.3 costs
+              in Python here: relay - floor is what the relay's own code adds on top
   haproxy     `lan` -> haproxy (mode tcp, nbthread 1, no splice) on gw's LAN address -> wan
   socat       `lan` -> `socat -b 65536 TCP-LISTEN,fork` on gw's LAN address -> wan (bulk only)
 
@@ -68,6 +72,7 @@ if str(REPO) not in sys.path:
 
 from bench.forwarding import (  # noqa: E402
     SMART_HOME,
+    UNKNOWN2_V4,
     VOICE,
     TimeBound,
     World,
@@ -76,7 +81,7 @@ from bench.forwarding import (  # noqa: E402
     machine,
     median,
 )
-from hushsim.topology import GW_LAN_V4  # noqa: E402
+from hushsim.topology import GW_LAN_V4, UNGUARDED_V4  # noqa: E402
 
 RELAY_PORT = 7421
 # once ports: echo REQUEST bytes, then close (the server closes first, as an HTTP server does, so
@@ -320,6 +325,91 @@ elif mode == "hold":
         s.close()
 """
 
+# ---------------------------------------------------------------------------------------------
+# the floor: the least Python that does design.md 5a.3's SYN hold and relays, on gw. No engine,
+# no rules, no counters, no timers, no caps, no backpressure (64-B messages only: the newconn, rr
+# and rate workloads). What this design costs in Python on this machine, measured beside the relay:
+# the part of the relay's added latency its own code could still save is relay - floor.
+
+FLOOR = r"""
+import errno, os, select, socket, struct, sys, threading
+from netfilterqueue import NetfilterQueue, COPY_PACKET
+queue, port, passed, max_s = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3], 0), int(sys.argv[4])
+threading.Timer(max_s, os._exit, args=(0,)).start()
+ep = select.epoll()
+ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1); ls.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+ls.bind(("0.0.0.0", port)); ls.listen(4096); ls.setblocking(False)
+ep.register(ls.fileno(), select.EPOLLIN)
+ready = {}    # (device addr, port) -> the upstream leg its SYN connected
+waiting = {}  # fd -> (upstream leg, held SYN, device)
+peer = {}     # fd -> [socket, the other socket, eof seen]
+def answer(pkt, up, dev):
+    ready[dev] = up; pkt.set_mark(pkt.get_mark() | passed); pkt.repeat(); accept()
+def on_syn(pkt):
+    p = pkt.get_payload(); ihl = (p[0] & 15) * 4
+    sport, dport = struct.unpack_from("!HH", p, ihl)
+    up = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    err = up.connect_ex((socket.inet_ntoa(p[16:20]), dport))
+    dev = (socket.inet_ntoa(p[12:16]), sport)
+    if err == errno.EINPROGRESS and up.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == 1:
+        err = 0  # connected within connect(): the state is ESTABLISHED
+    if err == 0:
+        answer(pkt, up, dev)
+    elif err == errno.EINPROGRESS:
+        waiting[up.fileno()] = (up, pkt, dev); ep.register(up.fileno(), select.EPOLLOUT)
+    else:
+        up.close(); pkt.drop()
+def accept():
+    while True:
+        try:
+            c, addr = ls.accept()
+        except BlockingIOError:
+            return
+        up = ready.pop(addr, None)
+        if up is None:
+            c.close(); continue
+        c.setblocking(False)
+        for a, b in ((c, up), (up, c)):
+            peer[a.fileno()] = [a, b, False]; ep.register(a.fileno(), select.EPOLLIN)
+def readable(fd):
+    st = peer[fd]; s, o = st[0], st[1]
+    try:
+        d = s.recv(65536)
+    except OSError:
+        d = b""
+    if d:
+        o.send(d); return
+    st[2] = True; ep.unregister(fd)
+    try:
+        o.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    if peer[o.fileno()][2]:
+        del peer[fd], peer[o.fileno()]; s.close(); o.close()
+nfq = NetfilterQueue(); nfq.bind(queue, on_syn, max_len=4096, mode=COPY_PACKET)
+qfd = nfq.get_fd(); ep.register(qfd, select.EPOLLIN)
+print("ready", flush=True)
+while True:
+    for fd, ev in ep.poll(1.0):
+        if fd == qfd:
+            nfq.run(block=False)
+        elif fd == ls.fileno():
+            accept()
+        elif fd in waiting:
+            up, pkt, dev = waiting.pop(fd); ep.unregister(fd)
+            if up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                up.close(); pkt.drop()
+            else:
+                answer(pkt, up, dev)
+        elif fd in peer and not peer[fd][2]:
+            readable(fd)
+"""
+FLOOR_QUEUE, FLOOR_PORT, FLOOR_TABLE = 25, 7431, 7431
+FLOOR_TPROXY_MARK, FLOOR_PASSED_MARK = 0x04000000, 0x08000000  # outside the guard's marks
+FLOOR_ADDR = UNKNOWN2_V4  # a wan address the wan server answers on; only the floor's rules match it
+
 HAPROXY_CFG = """global
     maxconn 8000
     nbthread 1
@@ -441,11 +531,39 @@ class Bench:
             "haproxy": Route("haproxy", "lan", GW_LAN_V4, dict(HAPROXY_PORTS)),
             "socat": Route("socat", "lan", GW_LAN_V4, dict(SOCAT_PORTS)),
         }
+        if "floor" not in self.pids:  # once per run: it outlives the guards of --profile
+            self.start_floor()
+        self.paths["floor"] = Route("floor", "lan", FLOOR_ADDR,
+                                    {"echo": ECHO_PORT, "source": SOURCE_PORT, "sink": SINK_PORT})
         if not shutil.which("haproxy"):
             del self.paths["haproxy"]
         if not shutil.which("socat"):
             del self.paths["socat"]
         return g
+
+    def start_floor(self) -> None:
+        """The floor (FLOOR) on gw, for `lan`'s TCP to FLOOR_ADDR: its SYN to the floor's queue,
+        back with the passed mark to TPROXY, as firewall.relay_rules does for a guarded device."""
+        topo = self.topo
+        match = f"-s {UNGUARDED_V4} -d {FLOOR_ADDR} -p tcp"
+        m, b = FLOOR_TPROXY_MARK, FLOOR_PASSED_MARK
+        for i, rule in enumerate((
+                f"{match} --tcp-flags FIN,SYN,RST,ACK SYN -m mark ! --mark {b:#x}/{b:#x} "
+                f"-j NFQUEUE --queue-num {FLOOR_QUEUE}",
+                f"{match} -j TPROXY --on-port {FLOOR_PORT} --on-ip 0.0.0.0 "
+                f"--tproxy-mark {m:#x}/{m:#x}")):
+            topo.run("gw", "iptables", "-t", "mangle", "-I", "PREROUTING", str(i + 1),
+                     *rule.split())
+        topo.run("gw", "ip", "rule", "add", "fwmark", f"{m:#x}/{m:#x}", "lookup",
+                 str(FLOOR_TABLE), "priority", "899")
+        topo.run("gw", "ip", "route", "add", "local", "default", "dev", "lo", "table",
+                 str(FLOOR_TABLE))
+        floor = topo.popen("gw", sys.executable, "-c", FLOOR, str(FLOOR_QUEUE), str(FLOOR_PORT),
+                           hex(b), str(int(self.args.max_seconds)))
+        assert floor.stdout is not None
+        if floor.stdout.readline().strip() != "ready":
+            raise RuntimeError("the floor relay did not start")
+        self.pids["floor"] = floor.pid
 
     # -- clients ----------------------------------------------------------------------------
 
@@ -525,9 +643,9 @@ class Bench:
 # ---------------------------------------------------------------------------------------------
 
 
-NEWCONN_PATHS = ("kernel", "relay", "voice", "haproxy")
-RR_PATHS = ("kernel", "relay", "voice", "haproxy")
-RATE_PATHS = ("kernel", "relay", "haproxy")
+NEWCONN_PATHS = ("kernel", "relay", "floor", "voice", "haproxy")
+RR_PATHS = ("kernel", "relay", "floor", "voice", "haproxy")
+RATE_PATHS = ("kernel", "relay", "floor", "haproxy")
 BULK_PATHS = ("kernel", "relay", "haproxy", "socat")
 
 
@@ -834,6 +952,11 @@ def print_report(rep: dict[str, Any], args: argparse.Namespace) -> None:
         rows.append(("new conn +p50 relay - kernel", f"{add:+.0f} us", "<= +100 us", add <= 100))
         rows.append(("new conn p50 relay / kernel", f"{nc['relay']['p50'] / k_nc['p50']:.2f}",
                      "", None))
+        if "floor" in nc:
+            add = nc["floor"]["p50"] - k_nc["p50"]
+            rows.append(("new conn +p50 floor - kernel", f"{add:+.0f} us", "", None))
+            add = nc["relay"]["p50"] - nc["floor"]["p50"]
+            rows.append(("new conn p50 relay - floor", f"{add:+.0f} us", "", None))
         if "haproxy" in nc:
             rows.append(("new conn p50 relay / haproxy",
                          f"{nc['relay']['p50'] / nc['haproxy']['p50']:.2f}", "", None))
@@ -849,6 +972,9 @@ def print_report(rep: dict[str, Any], args: argparse.Namespace) -> None:
         rows.append(("req/resp +p50 relay - kernel", f"{add:+.0f} us", "<= +50 us", add <= 50))
         rows.append(("req/resp p50 relay / kernel", f"{rr['relay']['p50'] / k_rr['p50']:.2f}",
                      "", None))
+        if "floor" in rr:
+            add = rr["floor"]["p50"] - k_rr["p50"]
+            rows.append(("req/resp +p50 floor - kernel", f"{add:+.0f} us", "", None))
         if "haproxy" in rr:
             rows.append(("req/resp p50 relay / haproxy",
                          f"{rr['relay']['p50'] / rr['haproxy']['p50']:.2f}", "", None))
@@ -858,6 +984,8 @@ def print_report(rep: dict[str, Any], args: argparse.Namespace) -> None:
         rows.append(("conn/s relay", f"{v:.0f}", ">= 5000", v >= 5000))
         if k_rate:
             rows.append(("conn/s relay / kernel", f"{v / k_rate:.2f}", "", None))
+        if "floor" in rate:
+            rows.append(("conn/s floor", f"{rate['floor']['per_s']:.0f}", "", None))
         if "haproxy" in rate:
             rows.append(("conn/s relay / haproxy", f"{v / rate['haproxy']['per_s']:.2f}", "",
                          None))
