@@ -871,7 +871,8 @@ def verdict(ok: bool | None) -> str:
 def print_report(rep: dict[str, Any], args: argparse.Namespace) -> None:
     m = rep["machine"]
     s = rep["summary"]
-    print(f"machine: {m['nproc']} vCPU, {m['cpu']}, kernel {m['kernel']}, Python {m['python']}")
+    print(f"machine: {m['nproc']} vCPU, {m['cpu']}, kernel {m['kernel']}, Python {m['python']}"
+          + (f"; everything on CPU {args.cpu} (--cpu)" if args.cpu is not None else ""))
     ld = rep["load"]
     print(f"1-min load: {rep['load_start']:.2f} at start, {rep['load_end']:.2f} at end "
           f"(rounds: median {ld['median']:.2f}, max {ld['max']:.2f}); {args.runs} round(s), "
@@ -1033,11 +1034,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-top", type=int, default=22)
     ap.add_argument("--profile-dir", default="",
                     help="keep the .prof files there (default: deleted with the run)")
+    ap.add_argument("--cpu", type=int, default=None,
+                    help="run everything (clients, servers, guard, relays) on this one CPU, as on "
+                         "a single-core router: no wake-up crosses cores")
     ap.add_argument("--max-seconds", type=float, default=900.0, help="hard bound on the run")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
         args.runs, args.rate_seconds, args.bulk_mb, args.voice_big_conns = 1, 3.0, 150.0, 10
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})  # every process started from here inherits it
     if os.geteuid() != 0:
         print("relay.py needs root (network namespaces, iptables, TPROXY)", file=sys.stderr)
         return 1

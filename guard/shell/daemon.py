@@ -456,9 +456,10 @@ class Daemon:
                 if self.relay is not None:
                     self.relay.tick(now)
                 self._drain()
-                if now - last_neighbours >= NEIGHBOUR_POLL_S and self._macless():
-                    last_neighbours = now
-                    self._poll_neighbours()
+                if now - last_neighbours >= NEIGHBOUR_POLL_S:
+                    last_neighbours = now  # with every device known by MAC too: not every turn
+                    if self._macless():
+                        self._poll_neighbours()
                 if now - last_housekeeping >= 60:
                     last_housekeeping = now
                     self._note_flows()  # before idle flows are forgotten

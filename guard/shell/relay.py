@@ -264,10 +264,16 @@ class _Abort(Exception):
 
 
 def _tune(sock: socket.socket) -> None:
-    """Both legs: abort on close (design.md 5a.5), keepalive with a user timeout, no Nagle
-    (records are relayed as they come; a held burst leaves in one go anyway). The listeners
-    carry the same options, which accepted sockets inherit."""
+    """Both legs: non-blocking, and _tune_options. The listeners carry the same options, which
+    accepted sockets inherit."""
     sock.setblocking(False)
+    _tune_options(sock)
+
+
+def _tune_options(sock: socket.socket) -> None:
+    """Abort on close (design.md 5a.5), keepalive with a user timeout, no Nagle (records are
+    relayed as they come; a held burst leaves in one go anyway). None of them changes a
+    connect: a held SYN's upstream leg gets them after its verdict, off the SYN's path."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPIDLE_S)
@@ -833,14 +839,15 @@ class Relay:
             raise _Abort()
         conn.phase = OPEN if err == 0 else CONNECTING
 
-    def _upstream_socket(self, device_addr: str, mac: str | None,
-                         remote_addr: str) -> socket.socket:
-        """A new upstream leg: non-blocking, tuned, marked with the relay's bit and the
-        device's route_mark (design.md 5a.2)."""
+    def _upstream_socket(self, device_addr: str, mac: str | None, remote_addr: str,
+                         tune: bool = True) -> socket.socket:
+        """A new upstream leg: non-blocking, marked with the relay's bit and the device's
+        route_mark (design.md 5a.2), and with _tune_options unless `tune` is false."""
         fam = socket.AF_INET6 if ":" in remote_addr else socket.AF_INET
         up = socket.socket(fam, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
-            _tune(up)
+            if tune:
+                _tune_options(up)
             mark = self.upstream_mark
             if self.route_mark is not None:
                 mark |= self.route_mark(device_addr, mac)
@@ -896,8 +903,8 @@ class Relay:
             self.counters["syn_unconnected"] += 1
             verdict(token, SynOutcome.PASS)
             return
-        try:
-            up = self._upstream_socket(device_addr, mac, remote_addr)
+        try:  # its options after the verdict (_syn_done): the SYN waits for the connect only
+            up = self._upstream_socket(device_addr, mac, remote_addr, tune=False)
         except OSError as exc:  # EMFILE: counted; the SYN is dropped and will be retried
             self.counters["errors"] += 1
             self.log(f"relay: no socket for a held SYN: {exc}")
@@ -969,6 +976,15 @@ class Relay:
             for token in syn.tokens:
                 verdict(token, outcome)
         syn.tokens = []
+        if outcome is SynOutcome.PASS:
+            try:
+                _tune_options(syn.sock)
+            except OSError as exc:  # the accept connects a fresh leg instead (_connect)
+                self.counters["errors"] += 1
+                self.log(f"relay: could not tune a connected leg: {exc}")
+                if self.preconnected.pop(syn.key, None) is not None:
+                    self._syn_count(syn.device_id, -1)
+                _close_abort(syn.sock)
         if outcome is SynOutcome.PASS and verdict is not None:
             # A device next door completes its handshake within the verdict call: take its
             # connection now rather than a loop turn later (nothing waiting costs one accept).
