@@ -5,7 +5,7 @@ Rules of this file: like bench/forwarding.py (namespaces it creates through its 
 PID, namespaces deleted on any exit, a hard time bound with `--max-seconds`). Every client loop is
 bounded by a count and a time. Paths are measured in the same run, interleaved round by round.
 
-    python bench/relay.py [--runs 3] [--json] [--quick] [--profile]
+    python bench/relay.py [--runs 3] [--json] [--quick] [--cpu N] [--profile]
 
 One `hushgate run` with `tcp_hold = "relay"` guards the speaker `echo` (strict, by MAC and
 address) for the whole run. A Python server in the wan namespace listens on every wan address:
