@@ -446,6 +446,31 @@ def test_a_syn_is_answered_only_once_the_upstream_connect_is_settled() -> None:
         sel.close()
 
 
+def test_the_leg_a_syn_connected_has_the_relays_options_once_the_syn_passed() -> None:
+    """The options come after the verdict (off the SYN's path), but before the leg is used:
+    abort on close (a crash resets the cloud, design.md 5a.5), keepalive, user timeout, no Nagle."""
+    from guard.shell.relay import KEEPIDLE_S, USER_TIMEOUT_MS
+
+    cloud = socket.create_server(("127.0.0.1", 0))
+    relay, sel, answers = _syn_relay(FakeEngine())
+    try:
+        key = ("127.0.0.1", 40000, "127.0.0.1", cloud.getsockname()[1])
+        relay.syn(*key, None, "a", time.time())
+        _pump_syns(relay, sel, lambda: len(answers) == 1)
+        assert answers == [("a", SynOutcome.PASS)]
+        leg = relay.preconnected[key][0]
+        assert leg.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert leg.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPIDLE_S
+        assert leg.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == USER_TIMEOUT_MS
+        assert leg.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        onoff, linger = struct.unpack("ii", leg.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8))
+        assert (onoff, linger) == (1, 0)
+    finally:
+        relay.close()
+        cloud.close()
+        sel.close()
+
+
 def test_a_syn_the_rules_refuse_anyway_passes_without_any_upstream_connect() -> None:
     engine = FakeEngine()
     engine.connect_first = False
