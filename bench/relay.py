@@ -533,8 +533,7 @@ class Bench:
         }
         if "floor" not in self.pids:  # once per run: it outlives the guards of --profile
             self.start_floor()
-        self.paths["floor"] = Route("floor", "lan", FLOOR_ADDR,
-                                    {"echo": ECHO_PORT, "source": SOURCE_PORT, "sink": SINK_PORT})
+        self.paths["floor"] = Route("floor", "lan", FLOOR_ADDR, std)
         if not shutil.which("haproxy"):
             del self.paths["haproxy"]
         if not shutil.which("socat"):

@@ -985,12 +985,12 @@ class Relay:
                 if self.preconnected.pop(syn.key, None) is not None:
                     self._syn_count(syn.device_id, -1)
                 _close_abort(syn.sock)
-        if outcome is SynOutcome.PASS and verdict is not None:
-            # A device next door completes its handshake within the verdict call: take its
-            # connection now rather than a loop turn later (nothing waiting costs one accept).
-            listener = self.listeners.get(_AF6 if ":" in syn.key[0] else _AF4)
-            if listener is not None:
-                self._accept(listener, self.clock(), limit=1)
+            if verdict is not None:
+                # A device next door completes its handshake within the verdict call: take its
+                # connection now rather than a loop turn later (nothing waiting costs one accept).
+                listener = self.listeners.get(_AF6 if ":" in syn.key[0] else _AF4)
+                if listener is not None:
+                    self._accept(listener, self.clock(), limit=1)
 
     def _syn_tick(self, now: float) -> None:
         timers = self._syn_timers
