@@ -95,14 +95,15 @@ def test_slow_command_is_killed_at_its_timeout_and_emit_never_waits(
     t0 = time.perf_counter()
     hooks.emit("upload-held", UPLOAD)
     first_emit_s = time.perf_counter() - t0
-    wait_for(pid_file.exists, 5.0)  # the hook is running now ...
+    wait_for(lambda: pid_file.exists() and pid_file.read_text() != "", 5.0)
+    # the hook is running now (its pid read before the second run can overwrite the file) ...
+    pid = int(pid_file.read_text())
     t0 = time.perf_counter()
     hooks.emit("upload-held", UPLOAD)  # ... and emit still returns at once
     second_emit_s = time.perf_counter() - t0
     assert first_emit_s < 0.010 and second_emit_s < 0.010, (first_emit_s, second_emit_s)
     wait_for(lambda: hooks.stats()["timeouts"] >= 1, 5.0)
     assert time.monotonic() - started < 5.0
-    pid = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):  # killed and reaped, not left sleeping
         os.kill(pid, 0)
     wait_for(lambda: hooks.stats()["timeouts"] == 2, 5.0)
